@@ -1,0 +1,486 @@
+"""The one command line: ``aquameter <group> <command>``. Every command prints what it did in
+numbers, so a run in CI or cron leaves a readable record."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from aquameter.registry import load_registry
+from aquameter.runtime import broker, database_url
+from aquameter.settings import Settings
+
+app = typer.Typer(help="Aquameter: smart-water telemetry pipeline.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+devices_app = typer.Typer(help="Device registry.", no_args_is_help=True)
+simulate_app = typer.Typer(
+    help="Simulators: fleets, DMAs, stations, CoAP meters.", no_args_is_help=True
+)
+flow_app = typer.Typer(help="Analytics flows (Prefect).", no_args_is_help=True)
+export_app = typer.Typer(help="Exports for other systems.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(devices_app, name="devices")
+app.add_typer(simulate_app, name="simulate")
+app.add_typer(flow_app, name="flow")
+app.add_typer(export_app, name="export")
+
+console = Console()
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pymodbus logs every timeout as an ERROR with a frame dump; the poller's own counted
+    # warnings say the same more plainly.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending migrations (idempotent), create partitions ahead, (re)apply policies."""
+    from sql.connect import connect
+    from sql.migrate import migrate
+
+    s = _settings()
+    with connect(database_url(s)) as conn:
+        r = migrate(
+            conn,
+            timescale=s.timescale,
+            partition_days=s.partition_interval_days,
+            partitions_ahead=s.partitions_ahead,
+            compress_after_days=s.compress_after_days,
+            retention_days=s.retention_days,
+        )
+    console.print(
+        f"backend={r.backend} applied={len(r.applied)} already_applied={r.already} "
+        f"partitions_created={r.partitions_created}"
+    )
+    for name in r.applied:
+        console.print(f"  applied {name}")
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """Row counts of the main tables and the quarantine by reason."""
+    from sql.connect import connect
+
+    s = _settings()
+    with connect(database_url(s)) as conn:
+        table = Table("table", "rows")
+        for name in ("dmas", "devices", "meters", "channels", "readings", "quarantine"):
+            row = conn.execute(f"SELECT count(*) FROM {name}").fetchone()  # noqa: S608
+            table.add_row(name, f"{row[0] if row else 0:,}")
+        console.print(table)
+        reasons = conn.execute(
+            "SELECT reason, count(*) FROM quarantine GROUP BY 1 ORDER BY 2 DESC"
+        ).fetchall()
+        for reason, n in reasons:
+            console.print(f"  quarantine {reason}: {n:,}")
+
+
+@devices_app.command("sync")
+def devices_sync(
+    registry: Annotated[Path | None, typer.Option(help="Registry TOML file.")] = None,
+) -> None:
+    """Load the declarative device registry into the database."""
+    from ingest.registry_sync import sync_registry
+    from sql.connect import connect
+
+    s = _settings()
+    reg = load_registry(registry or s.registry)
+    with connect(database_url(s)) as conn:
+        r = sync_registry(conn, reg)
+    console.print(
+        f"dmas={r.dmas} vendors={r.vendors} devices={r.devices} meters={r.meters} "
+        f"sensors={r.sensors} channels={r.channels} deactivated={r.deactivated}"
+    )
+
+
+def _counters_table(counters: object) -> Table:
+    from ingest.counters import IngestCounters
+
+    assert isinstance(counters, IngestCounters)
+    snap = counters.snapshot()
+    table = Table("counter", "value", title="ingest")
+    for key in ("frames", "readings_received", "stored", "duplicates", "batches", "db_errors"):
+        table.add_row(key, f"{snap[key]:,}")
+    quarantined = snap["quarantined"]
+    assert isinstance(quarantined, dict)
+    table.add_row("quarantined", f"{sum(quarantined.values()):,}")
+    for reason, n in sorted(quarantined.items()):
+        table.add_row(f"  {reason}", f"{n:,}")
+    return table
+
+
+@app.command("ingest")
+def ingest_cmd(
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    registry: Annotated[Path | None, typer.Option(help="Registry TOML file.")] = None,
+    mqtt: Annotated[bool, typer.Option(help="Subscribe to MQTT meter traffic.")] = True,
+) -> None:
+    """Run every adapter the registry asks for into the validated write path until Ctrl-C."""
+    from ingest.service import adapter_options, build_async_adapters, make_pipeline, start_mqtt
+
+    s = _settings()
+    reg = load_registry(registry or s.registry)
+    pipeline = make_pipeline(s, database_url(s))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def tick() -> None:
+        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {pipeline.counters.line()}")
+
+    try:
+        with broker(s) as (url, v5):
+            client = start_mqtt(s, reg, pipeline, url, v5) if mqtt else None
+            console.print(
+                f"ingest: broker {url} (MQTT {'v5' if v5 else '3.1.1'}), "
+                f"{len(pipeline.index()):,} channels"
+            )
+            adapters = build_async_adapters(reg, pipeline, options=adapter_options(s))
+            try:
+                asyncio.run(_until(stop, duration, adapters, tick, s.stats_interval_s))
+            except KeyboardInterrupt:
+                pass
+            finally:
+                if client is not None:
+                    client.stop()
+    finally:
+        pipeline.close()
+        console.print(_counters_table(pipeline.counters))
+
+
+async def _until(
+    stop: threading.Event,
+    duration: float | None,
+    adapters: dict[str, object],
+    tick: Callable[[], None],
+    every: float,
+) -> None:
+    from ingest.service import run_adapters
+
+    task = asyncio.create_task(run_adapters(adapters, duration, tick, every))
+    while not task.done():
+        if stop.is_set():
+            task.cancel()
+        await asyncio.sleep(0.2)
+    await asyncio.gather(task, return_exceptions=True)
+
+
+@app.command("import")
+def import_cmd(
+    files: Annotated[list[Path], typer.Argument(help="CSV or Parquet files of readings.")],
+) -> None:
+    """Load historical readings through validation, de-duplication and the quarantine."""
+    import polars as pl
+
+    from ingest.importer import import_file
+    from ingest.service import make_pipeline
+
+    s = _settings()
+    pipeline = make_pipeline(s, database_url(s))
+    try:
+        for path in files:
+            rows = (
+                (
+                    pl.scan_parquet(path)
+                    if path.suffix.lower() in (".parquet", ".pq")
+                    else pl.scan_csv(path)
+                )
+                .select(pl.len())
+                .collect()
+                .item()
+            )
+            with Progress(
+                TextColumn(f"{path.name}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+            ) as progress:
+                task = progress.add_task("import", total=rows)
+
+                def advance(n: int, t: TaskID = task, p: Progress = progress) -> None:
+                    p.advance(t, n)
+
+                r = import_file(path, pipeline, progress=advance)
+            console.print(
+                f"{path}: rows={r.rows:,} accepted={r.accepted:,} quarantined={r.quarantined:,}"
+            )
+    finally:
+        pipeline.close()
+        console.print(_counters_table(pipeline.counters))
+
+
+def _when(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@simulate_app.command("fleet")
+def simulate_fleet_cmd(
+    days: Annotated[int, typer.Option(help="Days of 15-minute reads to simulate.")] = 2,
+    start: Annotated[str | None, typer.Option(help="UTC start (ISO); default: days ago.")] = None,
+    seed: Annotated[int, typer.Option()] = 1,
+    faults: Annotated[bool, typer.Option(help="Inject a random mix of faults.")] = True,
+    reads_per_message: Annotated[int | None, typer.Option()] = None,
+    malformed: Annotated[int, typer.Option(help="Malformed frames to inject.")] = 0,
+    duplicate_fraction: Annotated[float, typer.Option()] = 0.0,
+    manifest: Annotated[Path | None, typer.Option(help="Write the ground truth here.")] = None,
+    registry: Annotated[Path | None, typer.Option(help="Registry TOML file.")] = None,
+) -> None:
+    """Simulate the registry's meter fleet and DMAs and publish the traffic over MQTT."""
+    from aquameter.runtime import known_broker
+    from simulators.faults import random_faults
+    from simulators.fleet import customer_meters, meter_id_of, simulate_fleet, write_manifest
+    from simulators.publish import publish
+    from simulators.traffic import TrafficParams, build_traffic, with_traffic
+
+    s = _settings()
+    reg = load_registry(registry or s.registry)
+    found = known_broker(s)
+    if found is None:
+        console.print("no broker: set AQUAMETER_MQTT_URL or start `aquameter ingest` first")
+        raise typer.Exit(2)
+    t0 = _when(start) or (datetime.now(UTC) - timedelta(days=days)).replace(
+        minute=0, second=0, microsecond=0
+    )
+    ids = [meter_id_of(d) for d, _ in customer_meters(reg)]
+    injected = (
+        random_faults(ids, [d.id for d in reg.dmas], t0, int(max(1, days)), seed) if faults else []
+    )
+    fleet = simulate_fleet(reg, t0, days, seed=seed, faults=injected)
+    traffic = build_traffic(
+        fleet,
+        reg,
+        TrafficParams(
+            root=s.mqtt_topic_root,
+            reads_per_message=reads_per_message,
+            seed=seed,
+            malformed=malformed,
+            duplicate_fraction=duplicate_fraction,
+        ),
+    )
+    stats = publish(found[0], traffic.publishes, client_id=f"aquameter-sim-{seed}")
+    console.print(
+        f"simulated {len(ids):,} meters x {days:g} days: {fleet.reads.height:,} reads, "
+        f"{len(injected)} faults; published {stats.sent:,} messages ({stats.readings:,} "
+        f"readings), acked {stats.acked:,}, failed {stats.failed}, in {stats.seconds:.1f} s"
+    )
+    if manifest:
+        write_manifest(with_traffic(fleet.manifest, traffic), manifest)
+        console.print(f"ground truth: {manifest}")
+
+
+@simulate_app.command("history")
+def simulate_history_cmd(
+    out: Annotated[Path, typer.Argument(help="Parquet file to write (for `aquameter import`).")],
+    days: Annotated[int, typer.Option()] = 30,
+    seed: Annotated[int, typer.Option()] = 1,
+    manifest: Annotated[Path | None, typer.Option()] = None,
+    registry: Annotated[Path | None, typer.Option(help="Registry TOML file.")] = None,
+) -> None:
+    """Generate days of history in seconds, as a file the bulk importer loads."""
+    import polars as pl
+
+    from simulators.faults import random_faults
+    from simulators.fleet import customer_meters, meter_id_of, simulate_fleet, write_manifest
+
+    s = _settings()
+    reg = load_registry(registry or s.registry)
+    t0 = (datetime.now(UTC) - timedelta(days=days + 1)).replace(
+        hour=0, minute=0, second=0, microsecond=0
+    )
+    ids = [meter_id_of(d) for d, _ in customer_meters(reg)]
+    injected = random_faults(ids, [d.id for d in reg.dmas], t0, int(max(1, days)), seed)
+    fleet = simulate_fleet(reg, t0, days, seed=seed, faults=injected)
+    device_of = {meter_id_of(d): d.id for d, _ in customer_meters(reg)}
+    table = fleet.reads.select(
+        pl.col("meter_id").replace_strict(device_of, default=pl.col("meter_id")).alias("device"),
+        pl.lit("register").alias("channel"),
+        pl.col("ts"),
+        pl.col("register").alias("value"),
+        pl.lit("m3").alias("unit"),
+        pl.col("quality").cast(pl.Int64).alias("status"),
+    )
+    table.write_parquet(out)
+    console.print(f"wrote {table.height:,} readings of {len(ids):,} meters to {out}")
+    if manifest:
+        write_manifest(fleet.manifest, manifest)
+
+
+@simulate_app.command(
+    "coap-meters", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def simulate_coap_cmd(ctx: typer.Context) -> None:
+    """CoAP NB-IoT meter client (options: see `--help` of simulators.coap_meter)."""
+    from simulators.coap_meter import main
+
+    result = main(list(ctx.args))
+    console.print({k: v for k, v in result.items() if not isinstance(v, list | dict)})
+
+
+@simulate_app.command("wq-station")
+def simulate_wq_cmd(
+    port: Annotated[int, typer.Option()] = 4840,
+    station: Annotated[str, typer.Option()] = "WQ1",
+    duration: Annotated[float | None, typer.Option()] = None,
+    fault: Annotated[
+        list[str] | None, typer.Option(help="e.g. excursion:Turbidity:start=60")
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    manifest: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Water-quality station OPC-UA server on 127.0.0.1 until Ctrl-C or --duration."""
+    from simulators.wq_station import main
+
+    result = main(
+        port=port,
+        station=station,
+        duration_s=duration,
+        faults=tuple(fault or ()),
+        seed=seed,
+        manifest_path=manifest,
+    )
+    console.print(f"wq-station {station}: served; manifest keys {sorted(result)}")
+
+
+@simulate_app.command("pump-station")
+def simulate_pump_cmd(
+    port: Annotated[int, typer.Option(help="First station's port; others follow.")] = 5020,
+    stations: Annotated[int, typer.Option()] = 1,
+    pumps: Annotated[int, typer.Option()] = 3,
+    time_scale: Annotated[float, typer.Option(help="Simulated seconds per real second.")] = 60.0,
+    duration: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    manifest: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Pump station Modbus TCP server(s) on 127.0.0.1 until Ctrl-C or --duration."""
+    from simulators.pump_station import main
+
+    result = main(
+        port=port,
+        stations=stations,
+        pumps=pumps,
+        time_scale=time_scale,
+        duration_s=duration,
+        seed=seed,
+        manifest_path=str(manifest) if manifest else None,
+    )
+    console.print(f"pump-station: served {stations} station(s); manifest keys {sorted(result)}")
+
+
+@flow_app.command("list")
+def flow_list() -> None:
+    """The flows and their default schedules."""
+    from flows.runner import DEFAULT_SCHEDULES, flow_names
+
+    for name in flow_names():
+        console.print(f"{name:18} {DEFAULT_SCHEDULES.get(name) or '-'}")
+
+
+@flow_app.command("run")
+def flow_run(
+    name: Annotated[str, typer.Argument(help="Flow name (see `aquameter flow list`).")],
+    since: Annotated[str | None, typer.Option(help="Window start (ISO date/time, UTC).")] = None,
+    until: Annotated[str | None, typer.Option(help="Window end (ISO date/time, UTC).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Threshold override, e.g. vee.spike_k=6")
+    ] = None,
+    full: Annotated[bool, typer.Option(help="Recompute every unit, not only stale ones.")] = False,
+) -> None:
+    """Run one flow once under Prefect and print its summary."""
+    from flows.overrides import parse_assignments
+    from flows.runner import run_flow
+
+    s = _settings()
+    result = run_flow(
+        name,
+        _when(since),
+        _when(until),
+        database_url(s),
+        overrides=parse_assignments(set_ or []),
+        full=full,
+    )
+    table = Table("key", "value", title=f"flow {name}")
+    for key, value in result.items():
+        table.add_row(str(key), f"{value:,}" if isinstance(value, int) else str(value))
+    console.print(table)
+
+
+@flow_app.command("serve")
+def flow_serve(
+    only: Annotated[list[str] | None, typer.Option(help="Serve only these flows.")] = None,
+) -> None:
+    """Serve every flow on its schedule (Prefect) until Ctrl-C."""
+    from flows.runner import serve_all
+
+    serve_all(database_url(_settings()), names=only)
+
+
+@export_app.command("billing")
+def export_billing_cmd(
+    period: Annotated[str, typer.Option(help="YYYY-MM or YYYY-MM-DD..YYYY-MM-DD (local dates).")],
+    format_: Annotated[str, typer.Option("--format", help="csv or parquet")] = "csv",
+    output: Annotated[Path | None, typer.Option(help="Output file.")] = None,
+) -> None:
+    """Write the current billing determinants of a period, with replacements listed."""
+    from flows.export import export_billing
+
+    if format_ not in ("csv", "parquet"):
+        raise typer.BadParameter("--format must be csv or parquet")
+    r = export_billing(database_url(_settings()), period, format_, output)  # type: ignore[arg-type]
+    console.print(f"billing export {r.path}: rows={r.rows:,} replacements={r.replacements:,}")
+
+
+@app.command("demo")
+def demo_cmd(
+    duration: Annotated[float, typer.Option(help="Seconds of live traffic.")] = 120.0,
+    days: Annotated[int, typer.Option(help="Days of history.")] = 30,
+    meters: Annotated[int | None, typer.Option(help="Override the number of meters.")] = None,
+    report_dir: Annotated[Path, typer.Option()] = Path("demo-report"),
+    seed: Annotated[int, typer.Option()] = 7,
+) -> None:
+    """A living utility on embedded defaults: simulate, ingest, analyse, report."""
+    from aquameter.demo import run_demo
+
+    run_demo(
+        _settings(),
+        duration_s=duration,
+        days=days,
+        meters=meters,
+        report_dir=report_dir,
+        seed=seed,
+    )
+
+
+if __name__ == "__main__":
+    app()

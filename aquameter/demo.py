@@ -1,0 +1,619 @@
+"""``aquameter demo``: the whole system on embedded defaults, on real servers it starts itself.
+
+A newcomer should see a living utility in about three minutes: the demo estate
+(``examples/estate.toml``) is synced into PostgreSQL, ingest listens on MQTT, CoAP, OPC-UA and
+Modbus, a water-quality station serves OPC-UA and a pump station Modbus TCP, and a simulated fleet
+with injected faults supplies 30 days of history: older days through the bulk importer, the last
+day through the real protocols while the stations stream live. Then every analytics flow runs
+under Prefect, and the report compares what was injected with what was detected, so the demo is
+also an end-to-end check of detection.
+
+Time is compressed in one place only: the station's turbidity excursion lasts under a minute, so
+the water-quality limit's minimum duration is shortened for the demo (``DemoParams``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import polars as pl
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from aquameter.embedded import free_port
+from aquameter.registry import Registry, load_registry
+from aquameter.runtime import broker, database_url
+from aquameter.settings import Settings
+
+log = logging.getLogger("aquameter.demo")
+
+ESTATE = Path(__file__).resolve().parent.parent / "examples" / "estate.toml"
+WQ_DEVICE = "WQ-HILL-RESERVOIR"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    """The demo's knobs beyond the CLI options, each with its default.
+
+    dma_leak_m3h_per_meter: size of the injected DMA leak per customer meter of the DMA (at night
+        pressure), so the leak stays visible against night use at any ``meters`` scale;
+        at least ``dma_leak_min_m3h`` (the night-flow CUSUM decides at 3 m³/h·nights).
+    live_days: most recent days sent through MQTT/CoAP instead of the bulk importer.
+    publish_slices: the live MQTT traffic is spread over the live phase in this many slices.
+    wq_excursion: the station's fault, in ``simulators.wq_station.parse_fault`` syntax (seconds
+        after the station starts).
+    wq_limit_min_duration_s: WQ_LIMIT minimum episode length (production default 15 min; the
+        demo's excursion is compressed to under a minute).
+    drain_timeout_s: how long to wait for ingest to go quiet after the last publish.
+    """
+
+    dma_leak_m3h_per_meter: float = 0.004
+    dma_leak_min_m3h: float = 3.0
+    live_days: int = 1
+    publish_slices: int = 8
+    wq_excursion: str = "excursion:Turbidity:start=8:duration=40:level=2.5"
+    wq_limit_min_duration_s: float = 20.0
+    drain_timeout_s: float = 30.0
+    faults_extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- estate ------------------------------------------------------------------------------------
+
+
+def demo_registry(
+    meters: int | None, opcua_port: int, modbus_port: int = 5020, path: Path = ESTATE
+) -> Registry:
+    """The estate with meter-group counts scaled to ``meters`` (None: as written), service
+    connections following the meters, the OPC-UA endpoint on ``opcua_port`` and the Modbus
+    pump station on ``modbus_port``."""
+    reg = load_registry(path)
+    if meters is not None:
+        total = sum(g.count for g in reg.meter_groups)
+        scale = meters / total
+        per_dma: dict[str, int] = {}
+        for g in reg.meter_groups:
+            g.count = max(2, round(g.count * scale))
+            per_dma[g.dma] = per_dma.get(g.dma, 0) + g.count
+        for d in reg.dmas:
+            d.service_connections = per_dma.get(d.id, 0) + d.unmetered_households
+            d.mains_km = round(d.mains_km * scale, 3) or 0.5
+            d.private_pipe_km = round(d.private_pipe_km * scale, 3)
+    for dev in reg.devices:
+        if dev.protocol == "opcua":
+            dev.params["endpoint"] = f"opc.tcp://127.0.0.1:{opcua_port}/aquameter/wq/"
+        elif dev.protocol == "modbus":
+            dev.params["port"] = modbus_port
+    return reg
+
+
+def demo_faults(registry: Registry, start: datetime, days: int, params: DemoParams) -> list[Any]:
+    """The injected faults: one DMA leak late enough for a night-flow baseline, two customer
+    leaks, a stuck meter, a reverse flow and a comms outage, on MQTT meters of the estate."""
+    from simulators.faults import Fault
+    from simulators.fleet import customer_meters, meter_id_of
+
+    mqtt = [meter_id_of(d) for d, m in customer_meters(registry)
+            if d.protocol == "mqtt" and m.customer_type == "household"]  # fmt: skip
+    by_prefix: dict[str, list[str]] = {}
+    for mid in mqtt:
+        by_prefix.setdefault(mid[:2], []).append(mid)
+    pick = iter(sorted(by_prefix.get("HJ", []))[3::7] + sorted(by_prefix.get("VB", []))[5::7])
+    leak_dma = registry.dmas[1]
+    n_leak_dma = sum(1 for d, _ in customer_meters(registry) if d.dma == leak_dma.id)
+    onset_day = max(min(12, days - 4), days - 10)
+    d = timedelta(days=1)
+    leak_rate = max(params.dma_leak_min_m3h, params.dma_leak_m3h_per_meter * n_leak_dma)
+    return [
+        Fault("DMA_LEAK", leak_dma.id, start + onset_day * d + timedelta(hours=13), None,
+              {"rate_m3h": leak_rate}),
+        Fault("LEAK_CONTINUOUS", next(pick), start + 3 * d + timedelta(hours=5), None),
+        Fault("LEAK_CONTINUOUS", next(pick), start + 4 * d + timedelta(hours=2), None,
+              {"rate_lph": 35.0}),
+        Fault("STUCK_METER", next(pick), start + 2 * d + timedelta(hours=9), None),
+        Fault("REVERSE_FLOW", next(pick), start + 5 * d + timedelta(hours=20),
+              start + 6 * d + timedelta(hours=2)),
+        Fault("COMMS_LOSS", next(pick), start + 6 * d, start + 8 * d + timedelta(hours=6)),
+    ]  # fmt: skip
+
+
+# --- asyncio side: adapters, station, CoAP meters ----------------------------------------------
+
+
+class _Loop:
+    """One asyncio loop on a thread for the adapters and the simulated station, so the main
+    thread stays free for progress bars, publishing and Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="demo-asyncio")
+        self.thread.daemon = True
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+async def _create_tasks(coros: list[Coroutine[Any, Any, Any]]) -> list[asyncio.Task[Any]]:
+    return [asyncio.create_task(c) for c in coros]
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel the adapters and wait for their own clean-up (sessions closed before the
+    station goes away, so nothing logs a lost connection)."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _post_coap(port: int, payloads: list[bytes], concurrency: int = 16) -> dict[str, int]:
+    import aiocoap
+
+    from protocols.coap import FORMAT_CONTENT
+
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+    codes: dict[str, int] = {}
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(payload: bytes) -> None:
+        async with sem:
+            msg = aiocoap.Message(
+                code=aiocoap.POST,
+                uri=f"coap://127.0.0.1:{port}/up",
+                payload=payload,
+                content_format=FORMAT_CONTENT["json"],
+            )
+            try:
+                resp = await asyncio.wait_for(ctx.request(msg).response, 30.0)
+                code = str(resp.code)
+            except (TimeoutError, aiocoap.error.Error) as exc:
+                code = f"error:{type(exc).__name__}"
+            codes[code] = codes.get(code, 0) + 1
+
+    try:
+        await asyncio.gather(*(one(p) for p in payloads))
+    finally:
+        await ctx.shutdown()
+    return codes
+
+
+def coap_payloads(reads: pl.DataFrame, step_s: int, reads_per_uplink: int = 24) -> list[bytes]:
+    """JSON uplinks (``simulators.coap_meter.encode_uplink``) of CoAP meters' reads: runs of
+    consecutive reads, ``reads_per_uplink`` per uplink, registers in whole litres."""
+    from simulators.coap_meter import SimMeter, encode_uplink
+
+    out: list[bytes] = []
+    for (meter,), part in reads.sort("meter_id", "ts").group_by(["meter_id"], maintain_order=True):
+        ts = (part["ts"].dt.epoch("us") // 1_000_000).to_list()
+        litres = [round(v * 1000.0) for v in part["register"].to_list()]
+        i = 0
+        while i < len(ts):
+            j = i + 1
+            while j < len(ts) and j - i < reads_per_uplink and ts[j] - ts[j - 1] == step_s:
+                j += 1
+            out.append(encode_uplink(SimMeter(str(meter)), int(ts[i]), step_s, litres[i:j]))
+            i = j
+    return out
+
+
+# --- history through the bulk importer ----------------------------------------------------------
+
+
+def history_table(reads: pl.DataFrame, inlets: pl.DataFrame) -> pl.DataFrame:
+    """Reads and inlet logger values in the importer's columns."""
+    meters = reads.select(
+        pl.col("meter_id").alias("device"),
+        pl.lit("register").alias("channel"),
+        "ts",
+        pl.col("register").alias("value"),
+        pl.lit(None, dtype=pl.String).alias("unit"),
+        pl.col("quality").cast(pl.Int64).alias("status"),
+    )
+    inst = inlets.select(
+        pl.col("device_id").alias("device"),
+        "channel",
+        "ts",
+        "value",
+        "unit",
+        pl.lit(0, dtype=pl.Int64).alias("status"),
+    )
+    return pl.concat([meters, inst])
+
+
+# --- the demo -----------------------------------------------------------------------------------
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_prefect() -> Iterator[None]:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    yield
+
+
+def run_demo(
+    settings: Settings,
+    *,
+    duration_s: float = 120.0,
+    days: int = 30,
+    meters: int | None = None,
+    report_dir: Path = Path("demo-report"),
+    seed: int = 7,
+    params: DemoParams | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the demo; returns the summary (also written to ``report_dir/summary.json``).
+
+    ``duration_s`` bounds the live phase: live traffic flows from the end of the history import
+    until ``duration_s`` after the demo started (at least until the last day's traffic is sent).
+    Ctrl-C ends the live phase early; the flows and the report still run on what arrived.
+    """
+    p = params or DemoParams()
+    con = console or Console()
+    t0 = time.monotonic()
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    with _quiet_prefect():
+        return _run(settings, p, con, t0, duration_s, days, meters, report_dir, seed)
+
+
+def _run(
+    settings: Settings,
+    p: DemoParams,
+    con: Console,
+    t0: float,
+    duration_s: float,
+    days: int,
+    meters: int | None,
+    report_dir: Path,
+    seed: int,
+) -> dict[str, Any]:
+    from ingest.importer import import_file
+    from ingest.registry_sync import sync_registry
+    from ingest.service import build_async_adapters, make_pipeline, start_mqtt
+    from simulators.fleet import simulate_fleet, write_manifest
+    from simulators.pump_station import PumpStation, PumpStationConfig
+    from simulators.wq_station import WqStation, WqStationConfig, parse_fault
+    from sql.connect import connect
+    from sql.migrate import migrate
+
+    opcua_port, coap_port, modbus_port = free_port(), free_port(), free_port()
+    registry = demo_registry(meters, opcua_port, modbus_port)
+    url = database_url(settings)
+    con.rule("[bold cyan]Aquameter demo")
+    with con.status("migrating the database and syncing the estate"):
+        with connect(url) as conn:
+            migrate(conn, timescale=settings.timescale, partitions_ahead=settings.partitions_ahead)
+            sync_registry(conn, registry)
+            conn.commit()
+    n_meters = sum(g.count for g in registry.meter_groups)
+    con.print(
+        f"estate: {len(registry.dmas)} DMAs, {n_meters:,} customer meters, database {_safe(url)}"
+    )
+
+    now = datetime.now(UTC)
+    end = now.replace(minute=now.minute - now.minute % 15, second=0, microsecond=0)
+    start = end - timedelta(days=days)
+    faults = demo_faults(registry, start, days, p)
+    summary: dict[str, Any] = {"window": [start.isoformat(), end.isoformat()], "meters": n_meters}
+    loop = _Loop()
+    station: WqStation | None = None
+    pumps: PumpStation | None = None
+    adapter_tasks: list[asyncio.Task[Any]] = []
+    interrupted = False
+    with broker(settings) as (mqtt_url, v5):
+        pipeline = make_pipeline(settings, url)
+        mqtt = None
+        try:
+            mqtt = start_mqtt(settings, registry, pipeline, mqtt_url, v5)
+            station = WqStation(
+                WqStationConfig(
+                    port=opcua_port, station="WQ1", pump=False, seed=seed,
+                    faults=(parse_fault(p.wq_excursion),), record_history=False,
+                )
+            )  # fmt: skip
+            loop.run(station.start())
+            pumps = PumpStation(PumpStationConfig(name="PS-HILL", port=modbus_port, seed=seed))
+            loop.run(pumps.start())
+            adapters = build_async_adapters(
+                registry, pipeline, {"coap", "opcua", "modbus"}, {"coap": {"port": coap_port}}
+            )
+            adapter_tasks = loop.run(_create_tasks([a.run() for a in adapters.values()]))
+            con.print(
+                f"servers: PostgreSQL, MQTT {mqtt_url}, CoAP :{coap_port}, "
+                f"OPC-UA station :{opcua_port}, Modbus pump station :{modbus_port}"
+            )
+            with con.status(f"simulating {n_meters:,} meters x {days} days with faults"):
+                fleet = simulate_fleet(registry, start, days, seed=seed, faults=faults)
+            write_manifest(fleet.manifest, report_dir / "manifest.json")
+            cut = end - timedelta(days=p.live_days)
+            hist = history_table(
+                fleet.reads.filter(pl.col("ts") <= cut),
+                fleet.inlet_values.filter(pl.col("ts") < cut),
+            )
+            live_reads = fleet.reads.filter(pl.col("ts") > cut)
+            live_inlets = fleet.inlet_values.filter(pl.col("ts") >= cut)
+            parquet = settings.data_path("demo") / "history.parquet"
+            hist.write_parquet(parquet)
+            with _progress(con) as bar:
+                task = bar.add_task("bulk import (Parquet)", total=hist.height)
+                result = import_file(parquet, pipeline, progress=lambda n: bar.advance(task, n))
+            summary["imported"] = dataclasses.asdict(result)
+            interrupted = _live(
+                con, p, registry, fleet, live_reads, live_inlets, mqtt_url, coap_port,
+                loop, settings, t0, duration_s, pipeline, summary,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            interrupted = True
+            con.print("[yellow]interrupted: stopping the live phase")
+        finally:
+            with con.status("stopping ingest and simulators"):
+                with contextlib.suppress(Exception):
+                    loop.run(_cancel(adapter_tasks), timeout=15)
+                if station is not None:
+                    with contextlib.suppress(Exception):
+                        loop.run(station.stop(), timeout=10)
+                if pumps is not None:
+                    with contextlib.suppress(Exception):
+                        loop.run(pumps.close(), timeout=10)
+                if mqtt is not None:
+                    mqtt.stop()
+                pipeline.close()
+                loop.close()
+        summary["ingest"] = pipeline.counters.snapshot()
+    summary["interrupted"] = interrupted
+    _analyse(con, p, url, registry, fleet, start, end, report_dir, summary)
+    summary["elapsed_s"] = round(time.monotonic() - t0, 1)
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _print_summary(con, summary, report_dir)
+    return summary
+
+
+def _safe(url: str) -> str:
+    return url.split("@")[-1]
+
+
+def _live(
+    con: Console,
+    p: DemoParams,
+    registry: Registry,
+    fleet: Any,
+    live_reads: pl.DataFrame,
+    live_inlets: pl.DataFrame,
+    mqtt_url: str,
+    coap_port: int,
+    loop: _Loop,
+    settings: Settings,
+    t0: float,
+    duration_s: float,
+    pipeline: Any,
+    summary: dict[str, Any],
+) -> bool:
+    """The live phase: the last day over MQTT (in slices) and CoAP while the station streams."""
+    from simulators.publish import publish
+    from simulators.traffic import TrafficParams, build_traffic
+
+    coap_ids = {d.id for d in registry.devices_by_protocol("coap")}
+    mqtt_reads = live_reads.filter(~pl.col("meter_id").is_in(list(coap_ids)))
+    coap_reads = live_reads.filter(pl.col("meter_id").is_in(list(coap_ids)))
+    live = dataclasses.replace(
+        fleet, reads=mqtt_reads, inlet_values=live_inlets, late=fleet.late.clear()
+    )
+    traffic = build_traffic(live, registry, TrafficParams(root=settings.mqtt_topic_root))
+    pubs = traffic.publishes
+    coap = coap_payloads(coap_reads, fleet.interval_s)
+    n = max(1, p.publish_slices)
+    slices = [pubs[i * len(pubs) // n : (i + 1) * len(pubs) // n] for i in range(n)]
+    deadline = t0 + duration_s
+    stored0 = pipeline.counters.stored
+    summary["live"] = {"mqtt_publishes": len(pubs), "coap_uplinks": len(coap)}
+    try:
+        with _progress(con) as bar:
+            t_pub = bar.add_task("live MQTT publishes", total=len(pubs))
+            t_coap = bar.add_task("live CoAP uplinks", total=len(coap))
+            t_live = bar.add_task("live phase (s)", total=max(1.0, deadline - time.monotonic()))
+            coap_fut = loop.spawn(_post_coap(coap_port, coap))
+            started = time.monotonic()
+            for i, chunk in enumerate(slices):
+                if chunk:
+                    publish(mqtt_url, chunk, client_id=f"aquameter-demo-{i}", progress=False)
+                bar.advance(t_pub, len(chunk))
+                # Spread the slices over the live phase: a head-end's day, compressed.
+                pause = (deadline - time.monotonic()) / max(1, n - i) * 0.5
+                _sleep_ticking(bar, t_live, started, min(max(0.0, pause), 10.0))
+            codes = coap_fut.result(120)
+            bar.update(t_coap, completed=len(coap))
+            summary["live"]["coap_responses"] = codes
+            while time.monotonic() < deadline:
+                _sleep_ticking(bar, t_live, started, min(1.0, deadline - time.monotonic()))
+            _drain(pipeline, p.drain_timeout_s)
+            bar.update(t_live, completed=bar.tasks[t_live].total)
+    except KeyboardInterrupt:
+        con.print("[yellow]interrupted: ending the live phase early")
+        return True
+    finally:
+        summary["live"]["stored"] = pipeline.counters.stored - stored0
+    return False
+
+
+def _sleep_ticking(bar: Progress, task: Any, started: float, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(min(0.25, max(0.0, end - time.monotonic())))
+        bar.update(task, completed=time.monotonic() - started)
+
+
+def _drain(pipeline: Any, timeout_s: float) -> None:
+    """Wait until the pipeline stored nothing new for a second (MQTT messages still queued
+    in the broker or the adapter reach the database first)."""
+    end = time.monotonic() + timeout_s
+    last = -1
+    while time.monotonic() < end:
+        now = pipeline.counters.stored + pipeline.counters.quarantined_total
+        if now == last:
+            return
+        last = now
+        time.sleep(1.0)
+
+
+# --- analytics, report, summary -----------------------------------------------------------------
+
+
+def _analyse(
+    con: Console,
+    p: DemoParams,
+    url: str,
+    registry: Registry,
+    fleet: Any,
+    start: datetime,
+    end: datetime,
+    report_dir: Path,
+    summary: dict[str, Any],
+) -> None:
+    from flows.runner import flow_names, run_flow
+
+    until = datetime.now(UTC) + timedelta(minutes=1)
+    bill_start = (start + timedelta(days=1)).date()
+    bill_end = (end - timedelta(days=1)).date()
+    results: dict[str, Any] = {}
+    with _progress(con) as bar:
+        names = flow_names()
+        task = bar.add_task("analytics flows (Prefect)", total=len(names) + 1)
+        for name in names:
+            bar.update(task, description=f"flow {name}")
+            kw: dict[str, Any] = {}
+            if name == "water_balance":
+                kw["overrides"] = {"period": "window"}
+            if name == "billing_export":
+                kw.update(period_start=bill_start, period_end=bill_end,
+                          export_dir=str(report_dir.resolve()))  # fmt: skip
+            try:
+                results[name] = run_flow(name, start, until, url, full=True, **kw)
+            except Exception as exc:  # a failed flow is reported, the demo goes on
+                log.exception("flow %s failed", name)
+                results[name] = {"error": repr(exc)}
+            bar.advance(task)
+        bar.update(task, description="water-quality limits")
+        summary["wq_alerts"] = _water_quality(url, start, until, p)
+        bar.advance(task)
+    summary["flows"] = {k: _jsonable(v) for k, v in results.items()}
+    summary["billing_export"] = results.get("billing_export", {}).get("export_path")
+
+    from aquameter.report import build_report, compare_faults, load_report_frames
+
+    frames = load_report_frames(url, start, until)
+    wq_truth = [{"code": "WQ_LIMIT", "alert": "WQ_LIMIT", "subject": f"{WQ_DEVICE}:turbidity",
+                 "start": None, "end": None, "params": {"fault": p.wq_excursion}}]  # fmt: skip
+    faults = list(fleet.manifest["faults"]) + wq_truth
+    table = compare_faults(faults, frames["alerts"], frames["meters"])
+    summary["faults"] = table.to_dicts()
+    summary["alerts_by_code"] = dict(
+        frames["alerts"].group_by("code").len().sort("code").iter_rows()
+    )
+    with con.status("building the report"):
+        summary["report"] = str(
+            build_report(frames, fleet.dma_flow, fleet.manifest, table, report_dir)
+        )
+
+
+def _water_quality(url: str, since: datetime, until: datetime, p: DemoParams) -> int:
+    """WQ_LIMIT episodes of the quality channels (no scheduled flow computes them yet), upserted
+    into ``alerts`` like the flows' own."""
+    from flows.store import upsert_alerts
+    from pipelines.water_quality import WaterQualityParams, wq_limits
+    from sql.connect import connect
+
+    wq = WaterQualityParams(
+        limit_min_duration=timedelta(seconds=p.wq_limit_min_duration_s),
+        limit_quiet_time=timedelta(seconds=p.wq_limit_min_duration_s),
+        sample_period=timedelta(seconds=1),
+        max_gap=timedelta(seconds=30),
+    )
+    with connect(url) as conn:
+        rows = conn.execute(
+            """SELECT c.device_id, c.name, r.ts, r.value, r.quality
+               FROM readings r JOIN channels c ON c.id = r.channel_id
+               WHERE c.role = 'quality' AND r.ts >= %s AND r.ts < %s""",
+            (since, until),
+        ).fetchall()
+        values = pl.DataFrame(
+            rows,
+            schema={
+                "sensor_id": pl.String,
+                "quantity": pl.String,
+                "ts": pl.Datetime("us", "UTC"),
+                "value": pl.Float64,
+                "quality": pl.Int32,
+            },  # fmt: skip
+            orient="row",
+        )
+        alerts = wq_limits(values, wq)
+        with conn.cursor() as cur:
+            upsert_alerts(cur, alerts)
+        conn.commit()
+    return alerts.height
+
+
+def _jsonable(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
+
+
+def _print_summary(con: Console, s: dict[str, Any], report_dir: Path) -> None:
+    ing = s.get("ingest", {})
+    t = Table(title="Aquameter demo: what it found", show_lines=False)
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("customer meters", f"{s['meters']:,}")
+    t.add_row("readings stored", f"{ing.get('stored', 0):,}")
+    t.add_row("duplicates ignored", f"{ing.get('duplicates', 0):,}")
+    q = ing.get("quarantined", {})
+    t.add_row("quarantined", f"{sum(q.values()):,} {q or ''}")
+    t.add_row("live readings (MQTT/CoAP/OPC-UA)", f"{s.get('live', {}).get('stored', 0):,}")
+    for code, n in s.get("alerts_by_code", {}).items():
+        t.add_row(f"alerts {code}", str(n))
+    con.print(t)
+    f = Table(title="injected faults vs detected alerts")
+    for col in ("fault", "subject", "expected alert", "outcome"):
+        f.add_column(col)
+    for row in s.get("faults", []):
+        colour = {"detected": "green", "missed": "red", "false": "yellow"}[row["outcome"]]
+        f.add_row(row["fault"], row["subject"], row["expected"], f"[{colour}]{row['outcome']}")
+    con.print(f)
+    con.print(
+        f"report: {report_dir / 'index.html'}  billing export: {s.get('billing_export')}  "
+        f"({s.get('elapsed_s')} s)"
+    )

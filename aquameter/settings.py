@@ -1,0 +1,76 @@
+"""One typed settings object for every Aquameter process.
+
+Everything a utility may tune is a field here (env prefix ``AQUAMETER_``) so that thresholds never
+hide as literals in code, and so that several ingest workers on several machines are configured the
+same way from their environment.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("aquameter"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AQUAMETER_", env_file=None, extra="ignore")
+
+    # --- where things are -------------------------------------------------------------------
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL/TimescaleDB URL; unset starts an embedded PostgreSQL in data_dir.",
+    )
+    mqtt_url: str | None = Field(
+        default=None,
+        description="mqtt://host:port; unset starts mosquitto from PATH or embedded amqtt.",
+    )
+    registry: Path = Field(default=Path("examples/registry.toml"))
+    data_dir: Path = Field(default_factory=_default_data_dir)
+
+    # --- schema ---------------------------------------------------------------------------
+    timescale: Literal["auto", "on", "off"] = "auto"
+    partition_interval_days: int = 7
+    partitions_ahead: int = 4
+    compress_after_days: int = 7
+    retention_days: int = 3650
+
+    # --- MQTT -----------------------------------------------------------------------------
+    mqtt_topic_root: str = "aquameter/v1"
+    mqtt_shared_group: str | None = "aquameter"
+    mqtt_client_id: str = "aquameter-ingest"
+    mqtt_session_expiry_s: int = 3600
+    mqtt_qos: int = 1
+    # In-flight QoS 1 messages the broker may send before our acks (MQTT v5 Receive Maximum).
+    mqtt_receive_maximum: int = 20_000
+    mqtt_reconnect_min_s: float = 0.5
+    mqtt_reconnect_max_s: float = 30.0
+
+    # --- CoAP (NB-IoT uplinks; DTLS-PSK on port + 1 when devices have keys) ----------------
+    coap_host: str = "127.0.0.1"
+    coap_port: int = 5683
+    coap_path: str = "up"
+
+    # --- ingest ---------------------------------------------------------------------------
+    batch_rows: int = 20_000
+    batch_seconds: float = 0.25
+    queue_frames: int = 5_000
+    future_tolerance_s: float = 300.0
+    earliest_timestamp: datetime = datetime(2000, 1, 1, tzinfo=UTC)
+    stats_interval_s: float = 10.0
+
+    def data_path(self, *parts: str) -> Path:
+        path = self.data_dir.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def get_settings() -> Settings:
+    return Settings()
