@@ -1,0 +1,90 @@
+"""The in-memory index ingest resolves readings against: (device, channel name) -> channel.
+
+Loaded from the database (the registry after ``devices sync``), so every ingest worker on every
+machine resolves the same way. Replaced atomically on reload; readers never lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, time
+
+import psycopg
+
+from ingest.units import UnknownUnit, conversion
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelInfo:
+    id: int
+    device_id: str
+    name: str
+    quantity: str
+    unit: str
+    device_unit: str
+    min_value: float
+    max_value: float
+    install_epoch: float | None
+    active: bool
+
+
+class ChannelIndex:
+    def __init__(self, channels: list[ChannelInfo], aliases: dict[str, str]) -> None:
+        self.by_key = {(c.device_id, c.name): c for c in channels}
+        self.devices = {c.device_id for c in channels}
+        self.aliases = aliases
+        self._conv: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def device_id(self, device: str) -> str:
+        return self.aliases.get(device, device)
+
+    def get(self, device: str, channel: str) -> ChannelInfo | None:
+        return self.by_key.get((device, channel))
+
+    def conversion(self, info: ChannelInfo, unit: str | None) -> tuple[float, float]:
+        """Cached (factor, offset) from ``unit`` (None: the channel's device unit) to canonical."""
+        key = (info.quantity, info.device_unit if unit is None else unit)
+        conv = self._conv.get(key)
+        if conv is None:
+            conv = conversion(*key)  # raises UnknownUnit
+            self._conv[key] = conv
+        return conv
+
+    @classmethod
+    def load(cls, conn: psycopg.Connection) -> ChannelIndex:
+        rows = conn.execute(
+            """SELECT c.id, c.device_id, c.name, c.quantity, c.unit,
+                      coalesce(c.params->>'unit', c.unit), c.min_value, c.max_value,
+                      m.install_date, d.active
+               FROM channels c JOIN devices d ON d.id = c.device_id
+               LEFT JOIN meters m ON m.id = c.meter_id"""
+        ).fetchall()
+        channels = [
+            ChannelInfo(
+                id=r[0],
+                device_id=r[1],
+                name=r[2],
+                quantity=r[3],
+                unit=r[4],
+                device_unit=r[5],
+                min_value=r[6] if r[6] is not None else float("-inf"),
+                max_value=r[7] if r[7] is not None else float("inf"),
+                install_epoch=(datetime.combine(r[8], time(0), UTC).timestamp() if r[8] else None),
+                active=r[9],
+            )
+            for r in rows
+        ]
+        aliases = {
+            f"serial:{serial}": dev
+            for dev, serial in conn.execute(
+                "SELECT id, serial FROM devices WHERE serial IS NOT NULL"
+            ).fetchall()
+        }
+        conn.commit()
+        return cls(channels, aliases)
+
+
+__all__ = ["ChannelIndex", "ChannelInfo", "UnknownUnit"]

@@ -1,0 +1,52 @@
+"""Counters every ingest process keeps and prints: what came in and what became of it."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class IngestCounters:
+    frames: int = 0
+    readings_received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    batches: int = 0
+    db_errors: int = 0
+    quarantined: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def add_quarantined(self, reasons: dict[str, int]) -> None:
+        with self._lock:
+            self.quarantined.update(reasons)
+
+    @property
+    def quarantined_total(self) -> int:
+        return sum(self.quarantined.values())
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "frames": self.frames,
+                "readings_received": self.readings_received,
+                "stored": self.stored,
+                "duplicates": self.duplicates,
+                "quarantined": dict(self.quarantined),
+                "batches": self.batches,
+                "db_errors": self.db_errors,
+            }
+
+    def line(self) -> str:
+        q = ", ".join(f"{k}={v}" for k, v in sorted(self.quarantined.items())) or "none"
+        return (
+            f"frames={self.frames} readings={self.readings_received} stored={self.stored} "
+            f"duplicates={self.duplicates} quarantined={self.quarantined_total} ({q}) "
+            f"batches={self.batches} db_errors={self.db_errors}"
+        )

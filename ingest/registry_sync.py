@@ -1,0 +1,192 @@
+"""Load the declarative registry into the database (``aquameter devices sync``).
+
+Upserts are keyed on the registry's own ids, so a sync is idempotent and a re-sync after editing the
+file updates in place. Devices that disappeared from the file are marked inactive, not deleted:
+their readings stay valid history.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+
+from aquameter.registry import Registry
+from ingest.units import CANONICAL, DEFAULT_RANGES
+
+
+@dataclass
+class SyncResult:
+    dmas: int
+    vendors: int
+    devices: int
+    meters: int
+    sensors: int
+    channels: int
+    deactivated: int
+
+
+def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
+    devices = registry.all_devices()
+    serials = [d.serial for d in devices if d.serial is not None]
+    if len(serials) != len(set(serials)):
+        raise ValueError("device serials must be unique across the registry")
+    dma_rows = [
+        (
+            d.id,
+            d.name,
+            d.timezone,
+            d.mains_km,
+            d.service_connections,
+            d.private_pipe_km,
+            d.avg_pressure_m,
+            d.unmetered_households,
+            d.unmetered_non_households,
+        )
+        for d in registry.dmas
+    ]
+    vendor_rows = [(v.id, v.name, v.payload) for v in registry.vendors]
+    device_rows, meter_rows, exchange_rows, sensor_rows, channel_rows = [], [], [], [], []
+    for dev in devices:
+        params = dict(dev.params)
+        if dev.psk:
+            params["psk"] = dev.psk
+        device_rows.append(
+            (dev.id, dev.vendor, dev.protocol, dev.dma, dev.gateway, dev.serial, json.dumps(params))
+        )
+        meter_id = None
+        if dev.meter is not None:
+            m = dev.meter
+            meter_id = m.id or dev.id
+            meter_rows.append(
+                (
+                    meter_id,
+                    dev.id,
+                    dev.dma,
+                    m.account,
+                    m.customer_type,
+                    m.dn,
+                    m.q3,
+                    m.q4,
+                    m.register_digits,
+                    m.install_date,
+                )
+            )
+            for ex in m.exchanges:
+                exchange_rows.append(
+                    (
+                        meter_id,
+                        datetime.fromisoformat(ex.at),
+                        ex.old_register_final,
+                        ex.new_register_start,
+                    )
+                )
+        for ch in registry.channels_of(dev):
+            if ch.quantity not in CANONICAL:
+                raise ValueError(
+                    f"device {dev.id} channel {ch.name}: unknown quantity {ch.quantity}"
+                )
+            is_meter_channel = meter_id is not None and ch.kind in ("register", "")
+            sensor_id = None if is_meter_channel else f"{dev.id}:{ch.name}"
+            if sensor_id is not None:
+                sensor_rows.append((sensor_id, dev.id, dev.dma, ch.kind or ch.quantity))
+            lo, hi = DEFAULT_RANGES[ch.quantity]
+            channel_rows.append(
+                (
+                    dev.id,
+                    ch.name,
+                    ch.quantity,
+                    CANONICAL[ch.quantity],
+                    ch.kind,
+                    ch.role,
+                    meter_id if is_meter_channel else None,
+                    sensor_id,
+                    dev.dma,
+                    lo if ch.min is None else ch.min,
+                    hi if ch.max is None else ch.max,
+                    json.dumps({**ch.params, "unit": ch.unit or CANONICAL[ch.quantity]}),
+                )
+            )
+
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(
+            """INSERT INTO dmas (id, name, timezone, mains_km, service_connections, private_pipe_km,
+                   avg_pressure_m, unmetered_households, unmetered_non_households)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT (id) DO UPDATE SET name = excluded.name, timezone = excluded.timezone,
+                   mains_km = excluded.mains_km, service_connections = excluded.service_connections,
+                   private_pipe_km = excluded.private_pipe_km,
+                   avg_pressure_m = excluded.avg_pressure_m,
+                   unmetered_households = excluded.unmetered_households,
+                   unmetered_non_households = excluded.unmetered_non_households,
+                   updated_at = now()""",
+            dma_rows,
+        )
+        cur.executemany(
+            """INSERT INTO vendors (id, name, payload) VALUES (%s, %s, %s)
+               ON CONFLICT (id) DO UPDATE SET name = excluded.name, payload = excluded.payload""",
+            vendor_rows,
+        )
+        cur.executemany(
+            """INSERT INTO devices
+                   (id, vendor_id, protocol, dma_id, gateway, serial, params, active)
+               VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, true)
+               ON CONFLICT (id) DO UPDATE SET vendor_id = excluded.vendor_id,
+                   protocol = excluded.protocol, dma_id = excluded.dma_id,
+                   gateway = excluded.gateway, serial = excluded.serial, params = excluded.params,
+                   active = true, updated_at = now()""",
+            device_rows,
+        )
+        cur.executemany(
+            """INSERT INTO meters (id, device_id, dma_id, account, customer_type, dn, q3, q4,
+                   register_digits, install_date)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT (id) DO UPDATE SET device_id = excluded.device_id,
+                   dma_id = excluded.dma_id, account = excluded.account,
+                   customer_type = excluded.customer_type, dn = excluded.dn, q3 = excluded.q3,
+                   q4 = excluded.q4, register_digits = excluded.register_digits,
+                   install_date = excluded.install_date, active = true""",
+            meter_rows,
+        )
+        cur.executemany(
+            """INSERT INTO meter_exchanges VALUES (%s, %s, %s, %s)
+               ON CONFLICT (meter_id, exchanged_at) DO UPDATE SET
+                   old_register_final = excluded.old_register_final,
+                   new_register_start = excluded.new_register_start""",
+            exchange_rows,
+        )
+        cur.executemany(
+            """INSERT INTO sensors (id, device_id, dma_id, kind) VALUES (%s, %s, %s, %s)
+               ON CONFLICT (id) DO UPDATE SET device_id = excluded.device_id,
+                   dma_id = excluded.dma_id, kind = excluded.kind""",
+            sensor_rows,
+        )
+        cur.executemany(
+            """INSERT INTO channels (device_id, name, quantity, unit, kind, role, meter_id,
+                   sensor_id, dma_id, min_value, max_value, params)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)
+               ON CONFLICT (device_id, name) DO UPDATE SET quantity = excluded.quantity,
+                   unit = excluded.unit, kind = excluded.kind, role = excluded.role,
+                   meter_id = excluded.meter_id, sensor_id = excluded.sensor_id,
+                   dma_id = excluded.dma_id, min_value = excluded.min_value,
+                   max_value = excluded.max_value, params = excluded.params""",
+            channel_rows,
+        )
+        ids = [r[0] for r in device_rows]
+        cur.execute(
+            "UPDATE devices SET active = false, updated_at = now() "
+            "WHERE active AND NOT (id = ANY(%s))",
+            (ids,),
+        )
+        deactivated = cur.rowcount
+    return SyncResult(
+        len(dma_rows),
+        len(vendor_rows),
+        len(device_rows),
+        len(meter_rows),
+        len(sensor_rows),
+        len(channel_rows),
+        deactivated,
+    )

@@ -1,0 +1,1 @@
+"""Schema, ordered migrations and the few database-side operations everyone shares."""
