@@ -1,0 +1,516 @@
+"""CoAP server for NB-IoT meter uplinks (aiocoap 0.4.17), optionally over DTLS with per-device keys.
+
+Resource (``path`` defaults to ``up``)::
+
+    POST|PUT coap://HOST:PORT/up              device named by the payload (``dev``, or a serial)
+    POST|PUT coap://HOST:PORT/up/{device_id}  device_id is the default for payloads without ``dev``
+    the same on coaps://HOST:PORT+1/...       DTLS-PSK; identity = device id, key = ``device.psk``
+
+Payloads are the formats of :mod:`protocols.payloads`, chosen by the Content-Format option:
+50 ``application/json``, 60 ``application/cbor``, 42 ``application/octet-stream`` (``binary-v1``);
+no option (or 0 ``text/plain``) sniffs the payload. Any other option answers 4.15.
+
+Why the response waits for the database: a meter keeps its readings until it sees 2.04, so the
+server answers only once ingest reports every reading committed or quarantined
+(:func:`protocols.uplink.submit_and_wait`). aiocoap sends an empty ACK after 0.1 s and the answer as
+a separate confirmable response, so a slow commit costs the meter no retransmissions.
+
+Response codes (bad input is always quarantined by ingest first, never dropped):
+
+=====================  ==================================================================
+2.04 Changed           all readings stored (empty payload), or some stored and some
+                       quarantined (diagnostic ``accepted=N quarantined=M REASON=K ...``)
+4.00 Bad Request       nothing stored: undecodable (MALFORMED, BAD_CRC, UNSUPPORTED_FORMAT, the
+                       decoder's detail is the diagnostic) or every reading failed validation
+4.03 Forbidden         UNAUTHORIZED: readings for a device other than the DTLS identity (or one
+                       of the gateway's meters), or a keyed device's readings over plain CoAP
+4.04 Not Found         UNKNOWN_DEVICE / UNKNOWN_CHANNEL / INACTIVE_DEVICE; or another path
+4.08 Incomplete        a Block1 block out of sequence (nothing reached ingest; restart upload)
+4.13 Too Large         an upload over ``max_payload_bytes`` (refused while its blocks arrive)
+4.15 Unsupported CF    a Content-Format other than the four above
+5.00 / 5.03            the write failed / the sink is unavailable (the meter retries later)
+=====================  ==================================================================
+
+Block-wise uploads (RFC 7959 Block1) of large concentrator batches are reassembled by aiocoap
+before the resource sees them (2.31 Continue per block); a block out of sequence answers 4.08 and
+counts ``stats.blockwise_incomplete`` (a client must not interleave two uploads to the same
+resource from one endpoint without a Request-Tag: aiocoap keys the assembly on endpoint and
+options). Retransmitted confirmable requests (a lost ACK) are answered from aiocoap's message-layer
+de-duplication cache without a second render, and a meter that resends an uplink as a new request
+stores nothing twice (ingest's ON CONFLICT).
+
+DTLS (``aiocoap[tinydtls]``, the ``DTLSSocket`` package): PSK only; aiocoap binds it on ``port + 1``
+and only to a specific address. tinydtls silently drops the records of a handshake made with a
+wrong key (RFC 6347 allows it) and reports nothing, so a refused handshake is counted here: a key
+lookup for a known identity that is not followed by an authenticated request within
+``dtls_handshake_timeout_s`` counts once in ``stats.dtls_handshakes_refused`` (once per identity
+and window; unknown identities in ``stats.dtls_unknown_identity``). Registry keys are documented
+in ``protocols/coap.sample.toml``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiocoap
+import aiocoap.resource as resource
+from aiocoap.credentials import DTLS, CredentialsMap
+from aiocoap.numbers.codes import Code
+
+from aquameter.registry import Device, Registry
+from protocols.payloads import BAD_CRC, MALFORMED, UNSUPPORTED_FORMAT, decode
+from protocols.uplink import Frame, FrameOutcome, FrameSink, PayloadError, Uplink, submit_and_wait
+
+log = logging.getLogger("aquameter.coap")
+
+# Content-Format numbers (IANA CoRE registry) -> payload format; None means "sniff".
+CONTENT_FORMATS: dict[int, str | None] = {0: None, 42: "binary-v1", 50: "json", 60: "cbor"}
+FORMAT_CONTENT: dict[str, int] = {"binary-v1": 42, "json": 50, "cbor": 60}
+
+# Quarantine reason codes (documented in ingest/validate.py; protocols/ does not import ingest).
+DECODE_REASONS = frozenset({MALFORMED, BAD_CRC, UNSUPPORTED_FORMAT})
+NOT_FOUND_REASONS = frozenset({"UNKNOWN_DEVICE", "UNKNOWN_CHANNEL", "INACTIVE_DEVICE"})
+UNAUTHORIZED = "UNAUTHORIZED"
+WRITE_FAILED = "WRITE_FAILED"
+
+# The authenticated_device given to ingest for a keyed device's readings over plain CoAP: no
+# device id can equal it (ids have no spaces), so ingest quarantines them as UNAUTHORIZED.
+UNAUTHENTICATED = "(unauthenticated coap)"
+
+MAX_DIAGNOSTIC_BYTES = 200
+
+
+@dataclass
+class CoapStats:
+    """Counters of the CoAP adapter; all updated on the event loop thread."""
+
+    requests: int = 0
+    dtls_requests: int = 0
+    changed: int = 0
+    partial: int = 0
+    bad_request: int = 0
+    forbidden: int = 0
+    not_found: int = 0
+    unsupported_content_format: int = 0
+    server_errors: int = 0
+    unknown_path: int = 0
+    blockwise_incomplete: int = 0
+    too_large: int = 0
+    bind_failures: int = 0
+    readings_accepted: int = 0
+    readings_quarantined: int = 0
+    quarantined: Counter[str] = field(default_factory=Counter)
+    dtls_handshakes_refused: int = 0
+    dtls_unknown_identity: int = 0
+
+
+# --- pure parts: formats, authorisation, response codes ------------------------------------
+def payload_format(content_format: int | None) -> tuple[str | None, bool]:
+    """(format for :func:`protocols.payloads.decode`, supported?) of a Content-Format option."""
+    if content_format is None:
+        return None, True
+    if content_format in CONTENT_FORMATS:
+        return CONTENT_FORMATS[content_format], True
+    return f"content-format {content_format}", False
+
+
+def psk_bytes(psk: str) -> bytes:
+    """A registry ``psk``: UTF-8 text, or ``hex:...`` for binary keys."""
+    if psk.startswith("hex:"):
+        return bytes.fromhex(psk[4:].replace(":", "").replace(" ", ""))
+    return psk.encode()
+
+
+@dataclass(frozen=True)
+class Authorisation:
+    """Who may send readings for whom: a DTLS identity sends its own readings, a gateway's
+    identity also those of the meters whose ``gateway`` it is; keyed devices must use DTLS."""
+
+    keyed: frozenset[str]
+    gateway_of: dict[str, str]
+    aliases: dict[str, str]
+    require_dtls_for_keyed: bool = True
+
+    @classmethod
+    def from_registry(
+        cls, devices: list[Device], registry: Registry, require_dtls_for_keyed: bool = True
+    ) -> Authorisation:
+        everyone = registry.all_devices()
+        return cls(
+            keyed=frozenset(d.id for d in devices if d.psk),
+            gateway_of={d.id: d.gateway for d in everyone if d.gateway},
+            aliases={f"serial:{d.serial}": d.id for d in everyone if d.serial is not None},
+            require_dtls_for_keyed=require_dtls_for_keyed,
+        )
+
+    def authenticated_device(self, identity: str | None, uplinks: list[Uplink]) -> str | None:
+        """The ``Frame.authenticated_device`` for ingest: None when every reading is allowed."""
+        devices = {self.aliases.get(u.device, u.device) for u in uplinks}
+        if identity is None:
+            if self.require_dtls_for_keyed and devices & self.keyed:
+                return UNAUTHENTICATED
+            return None
+        if all(d == identity or self.gateway_of.get(d) == identity for d in devices):
+            return None
+        return identity
+
+
+def diagnostic(outcome: FrameOutcome) -> bytes:
+    counts = Counter(outcome.reasons)
+    parts = [f"accepted={outcome.accepted}", f"quarantined={outcome.quarantined}"]
+    parts += [f"{reason}={n}" for reason, n in sorted(counts.items())]
+    return " ".join(parts).encode()[:MAX_DIAGNOSTIC_BYTES]
+
+
+def response_for(
+    outcome: FrameOutcome, *, decode_detail: str | None = None, supported: bool = True
+) -> tuple[Code, bytes]:
+    """Map a durable frame outcome to a CoAP response code and diagnostic payload."""
+    if outcome.error is not None:
+        return Code.INTERNAL_SERVER_ERROR, outcome.error.encode()[:MAX_DIAGNOSTIC_BYTES]
+    if outcome.accepted and not outcome.quarantined:
+        return Code.CHANGED, b""
+    if outcome.accepted:
+        return Code.CHANGED, diagnostic(outcome)
+    reasons = set(outcome.reasons)
+    if not reasons:
+        return Code.CHANGED, diagnostic(outcome)  # an empty batch: nothing to store
+    if WRITE_FAILED in reasons:
+        return Code.INTERNAL_SERVER_ERROR, diagnostic(outcome)
+    if not supported:
+        return Code.UNSUPPORTED_CONTENT_FORMAT, diagnostic(outcome)
+    if reasons & DECODE_REASONS:
+        detail = f"{outcome.reasons[0]}: {decode_detail}" if decode_detail else None
+        body = detail.encode()[:MAX_DIAGNOSTIC_BYTES] if detail else diagnostic(outcome)
+        return Code.BAD_REQUEST, body
+    if UNAUTHORIZED in reasons:
+        return Code.FORBIDDEN, diagnostic(outcome)
+    if reasons & NOT_FOUND_REASONS:
+        return Code.NOT_FOUND, diagnostic(outcome)
+    return Code.BAD_REQUEST, diagnostic(outcome)
+
+
+# --- DTLS keys and refused-handshake accounting ----------------------------------------------
+class HandshakeWatch:
+    """Notices DTLS handshakes that looked a key up but never authenticated a request."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._pending: dict[str, float] = {}
+        self._unknown: dict[str, float] = {}
+
+    def key_lookup(self, identity: str, known: bool, now: float) -> bool:
+        """Record a lookup; True when it is a new unknown identity (to be counted)."""
+        if known:
+            self._pending.setdefault(identity, now)
+            return False
+        if identity in self._unknown:
+            return False
+        self._unknown[identity] = now
+        return True
+
+    def authenticated(self, identity: str) -> None:
+        self._pending.pop(identity, None)
+
+    def expire(self, now: float) -> list[str]:
+        """Identities whose handshake did not complete within the timeout (wrong key)."""
+        failed = [i for i, t in self._pending.items() if now - t > self.timeout_s]
+        for identity in failed:
+            del self._pending[identity]
+        for identity in [i for i, t in self._unknown.items() if now - t > self.timeout_s]:
+            del self._unknown[identity]
+        return failed
+
+
+class PskCredentials(CredentialsMap):
+    """The server's DTLS keys (identity = device id) with an O(1) lookup that reports every
+    lookup, so refused handshakes can be counted (tinydtls itself reports none)."""
+
+    def __init__(self, keys: dict[str, bytes], on_lookup: Any = None) -> None:
+        super().__init__()
+        self._by_identity: dict[bytes, tuple[bytes, str]] = {}
+        for device_id, key in keys.items():
+            identity = device_id.encode()
+            self[device_id] = DTLS(psk=key, client_identity=identity)
+            self._by_identity[identity] = (key, device_id)
+        self._on_lookup = on_lookup
+
+    def find_dtls_psk(self, identity: bytes) -> tuple[bytes, str]:
+        found = self._by_identity.get(bytes(identity))
+        if self._on_lookup is not None:
+            self._on_lookup(bytes(identity), found is not None)
+        if found is None:
+            raise KeyError(identity)
+        return found
+
+
+def dtls_available() -> str | None:
+    """None when DTLS can run here, else why not."""
+    try:
+        from DTLSSocket import dtls  # noqa: F401
+    except ImportError as exc:
+        return f"DTLSSocket not importable ({exc}); pip install 'aiocoap[tinydtls]'"
+    return None
+
+
+# --- the server -------------------------------------------------------------------------------
+class _UplinkEndpoint(resource.Resource, resource.PathCapable):  # type: ignore[misc]
+    """Root resource: parses the path itself so ``/up`` and ``/up/{device}`` share one handler."""
+
+    def __init__(self, adapter: CoapIngest) -> None:
+        super().__init__()
+        self._adapter = adapter
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        # Every message (each Block1 block too) passes here: a DTLS request proves its handshake.
+        request = pipe.request
+        self._adapter._note_request(request)
+        limit = self._adapter.max_payload_bytes
+        block1 = request.opt.block1
+        size = (block1.start if block1 is not None else 0) + len(request.payload)
+        if size > limit or (request.opt.size1 or 0) > limit:
+            self._adapter.stats.too_large += 1
+            log.warning("upload from %s over %d bytes refused", request.remote.hostinfo, limit)
+            response = aiocoap.Message(
+                code=Code.REQUEST_ENTITY_TOO_LARGE, payload=f"max {limit} bytes".encode()
+            )
+            response.opt.size1 = limit
+            pipe.add_response(response, is_last=True)
+            return
+        try:
+            await super().render_to_pipe(pipe)
+        except ValueError:
+            # aiocoap's Block1 spool raises a bare ValueError for a block that does not continue
+            # the upload it has for this endpoint and resource (a lost block, or two uploads
+            # interleaved without Request-Tag). Nothing reached ingest: the client must restart.
+            self._adapter.stats.blockwise_incomplete += 1
+            log.warning("Block1 upload from %s out of sequence", pipe.request.remote.hostinfo)
+            pipe.add_response(
+                aiocoap.Message(
+                    code=Code.REQUEST_ENTITY_INCOMPLETE, payload=b"block out of sequence"
+                ),
+                is_last=True,
+            )
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await self._adapter.handle(request)
+
+    async def render_put(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await self._adapter.handle(request)
+
+
+class CoapIngest:
+    """CoAP (and CoAPS) uplink server feeding a :class:`FrameSink`; answers when durable."""
+
+    def __init__(
+        self,
+        devices: list[Device],
+        registry: Registry,
+        sink: FrameSink,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 5683,
+        path: str = "up",
+        dtls: bool | None = None,
+        require_dtls_for_keyed: bool = True,
+        dtls_handshake_timeout_s: float = 30.0,
+        sweep_every_s: float = 1.0,
+        max_payload_bytes: int = 1 << 20,
+        bind_retry_max_s: float = 30.0,
+    ) -> None:
+        """``dtls`` None: serve coaps on ``port + 1`` when a device has a ``psk`` and DTLSSocket
+        is installed; True: required (run() raises without DTLSSocket); False: plain CoAP only.
+        ``host`` must be a specific address when DTLS runs (an aiocoap limitation).
+        ``max_payload_bytes`` bounds a (block-wise) upload: larger ones get 4.13 while they
+        arrive, so a client cannot make the Block1 spool grow without limit. While the ports
+        cannot be bound, run() retries with backoff up to ``bind_retry_max_s`` apart."""
+        self.devices = devices
+        self.registry = registry
+        self.sink = sink
+        self.host = host
+        self.port = port
+        self.path = tuple(p for p in path.strip("/").split("/") if p)
+        self.stats = CoapStats()
+        self.auth = Authorisation.from_registry(devices, registry, require_dtls_for_keyed)
+        self.keys = {d.id: psk_bytes(d.psk) for d in devices if d.psk}
+        self.dtls = bool(self.keys) if dtls is None else dtls
+        self._dtls_required = dtls is True
+        self.dtls_port: int | None = port + 1 if self.dtls else None
+        self.sweep_every_s = sweep_every_s
+        self.max_payload_bytes = max_payload_bytes
+        self.bind_retry_max_s = bind_retry_max_s
+        self.watch = HandshakeWatch(dtls_handshake_timeout_s)
+        self.ready = asyncio.Event()
+        self._context: Any = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        transports = ["udp6"]
+        if self.dtls:
+            missing = dtls_available()
+            if missing is not None:
+                if self._dtls_required:
+                    raise RuntimeError(f"DTLS requested but unavailable: {missing}")
+                log.error("DTLS disabled, keyed devices will be refused: %s", missing)
+                self.dtls, self.dtls_port = False, None
+            else:
+                transports.append("tinydtls_server")
+        # aiocoap leaks the transports it bound when a later one fails (and udp6 binds with
+        # SO_REUSEPORT, so a leaked socket would quietly share the port): check both first.
+        _check_bindable(self.host, self.port)
+        if self.dtls_port is not None:
+            _check_bindable(self.host, self.dtls_port)
+        credentials = PskCredentials(self.keys, self._key_lookup)
+        self._context = await aiocoap.Context.create_server_context(
+            _UplinkEndpoint(self),
+            bind=(self.host, self.port),
+            loggername="aquameter.coap.aiocoap",
+            server_credentials=credentials,
+            transports=transports,
+        )
+        log.info(
+            "CoAP uplinks on coap://%s:%d/%s%s",
+            self.host,
+            self.port,
+            "/".join(self.path),
+            f" and coaps port {self.dtls_port}" if self.dtls_port else "",
+        )
+        self.ready.set()
+
+    async def stop(self) -> None:
+        if self._context is not None:
+            await self._context.shutdown()
+            self._context = None
+        self.ready.clear()
+
+    async def run(self) -> None:
+        """Serve until cancelled."""
+        delay = 0.5
+        while True:
+            try:
+                await self.start()
+                break
+            except OSError as err:  # the port is still held, the address not up yet, ...
+                self.stats.bind_failures += 1
+                ports = f"{self.port}" + (f"/{self.dtls_port}" if self.dtls_port else "")
+                log.error(
+                    "CoAP cannot bind %s:%s (%s); retry in %.1fs", self.host, ports, err, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.bind_retry_max_s)
+        try:
+            while True:
+                await asyncio.sleep(self.sweep_every_s)
+                self._sweep()
+        finally:
+            await self.stop()
+
+    # --- DTLS accounting ---------------------------------------------------------------------
+    def _key_lookup(self, identity: bytes, known: bool) -> None:
+        name = identity.decode(errors="replace")
+        if self.watch.key_lookup(name, known, time.monotonic()):
+            self.stats.dtls_unknown_identity += 1
+            log.warning("DTLS handshake with unknown PSK identity %r refused", name)
+
+    def _note_request(self, request: aiocoap.Message) -> None:
+        identity = _identity(request)
+        if identity is not None:
+            self.watch.authenticated(identity)
+
+    def _sweep(self) -> None:
+        for identity in self.watch.expire(time.monotonic()):
+            self.stats.dtls_handshakes_refused += 1
+            log.warning(
+                "DTLS handshake of %r did not complete within %.0fs: wrong key, refused",
+                identity,
+                self.watch.timeout_s,
+            )
+
+    # --- requests ----------------------------------------------------------------------------
+    async def handle(self, request: aiocoap.Message) -> aiocoap.Message:
+        try:
+            return await self._handle(request)
+        except Exception as exc:  # never let one request take the server down
+            log.exception("CoAP uplink failed")
+            self.stats.server_errors += 1
+            return aiocoap.Message(
+                code=Code.SERVICE_UNAVAILABLE, payload=str(exc).encode()[:MAX_DIAGNOSTIC_BYTES]
+            )
+
+    async def _handle(self, request: aiocoap.Message) -> aiocoap.Message:
+        path = tuple(request.opt.uri_path)
+        n = len(self.path)
+        if path[:n] != self.path or len(path) > n + 1 or (len(path) == n + 1 and not path[n]):
+            self.stats.unknown_path += 1
+            return aiocoap.Message(code=Code.NOT_FOUND, payload=b"no such resource")
+        hint = path[n] if len(path) == n + 1 else None
+        identity = _identity(request)
+        self.stats.requests += 1
+        self.stats.dtls_requests += identity is not None
+        cf = request.opt.content_format
+        fmt, supported = payload_format(None if cf is None else int(cf))
+        frame = Frame(
+            source="coaps" if identity is not None else "coap",
+            address=f"{request.remote.hostinfo}/{'/'.join(path)}",
+            payload=bytes(request.payload),
+            payload_format=fmt,
+            device_hint=hint,
+        )
+        decode_detail = None
+        if supported:
+            try:
+                uplinks = decode(frame.payload, fmt, hint)
+            except PayloadError as err:
+                decode_detail = err.detail  # ingest decodes again and quarantines the payload
+            else:
+                frame.uplinks = uplinks
+                frame.authenticated_device = self.auth.authenticated_device(identity, uplinks)
+        outcome = await submit_and_wait(self.sink, frame)
+        code, body = response_for(outcome, decode_detail=decode_detail, supported=supported)
+        self._count(code, outcome)
+        if code != Code.CHANGED or body:
+            log.info("CoAP %s from %s: %s %s", path, frame.address, code, body.decode())
+        return aiocoap.Message(code=code, payload=body)
+
+    def _count(self, code: Code, outcome: FrameOutcome) -> None:
+        s = self.stats
+        s.readings_accepted += outcome.accepted
+        s.readings_quarantined += outcome.quarantined
+        s.quarantined.update(outcome.reasons)
+        if code == Code.CHANGED:
+            if outcome.quarantined:
+                s.partial += 1
+            else:
+                s.changed += 1
+        elif code == Code.BAD_REQUEST:
+            s.bad_request += 1
+        elif code == Code.FORBIDDEN:
+            s.forbidden += 1
+        elif code == Code.NOT_FOUND:
+            s.not_found += 1
+        elif code == Code.UNSUPPORTED_CONTENT_FORMAT:
+            s.unsupported_content_format += 1
+        else:
+            s.server_errors += 1
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Raise OSError when (host, port) cannot be bound for UDP right now."""
+    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.bind(addr)
+
+
+def _identity(request: aiocoap.Message) -> str | None:
+    """The DTLS PSK identity (our credentials name entries by device id), None over plain UDP."""
+    claims = getattr(request.remote, "authenticated_claims", None) or ()
+    for claim in claims:
+        if isinstance(claim, str):
+            return claim
+    return None

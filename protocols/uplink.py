@@ -1,0 +1,126 @@
+"""What every adapter hands to ingest.
+
+A transport produces :class:`Frame` objects (raw bytes plus where they came from). Payload codecs
+turn a frame into :class:`Uplink` groups: readings of one device channel with their timestamps. The
+split mirrors the ThingsBoard gateway's connector/converter split, so a new vendor payload is a new
+codec, not a new transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntFlag
+from typing import Protocol
+
+
+class Quality(IntFlag):
+    """Quality bits stored with each reading (``readings.quality``).
+
+    The low four bits are the vendor status bits of NB-IoT meters; the others are set by transports
+    (a Modbus timeout, an OPC-UA Bad/Uncertain StatusCode) or by VEE.
+    """
+
+    LEAK = 1
+    REVERSE_FLOW = 2
+    TAMPER = 4
+    LOW_BATTERY = 8
+    BAD = 16
+    UNCERTAIN = 32
+    ESTIMATED = 64
+    EDITED = 128
+
+
+STATUS_NAMES: dict[str, Quality] = {
+    "leak": Quality.LEAK,
+    "reverse": Quality.REVERSE_FLOW,
+    "reverse_flow": Quality.REVERSE_FLOW,
+    "tamper": Quality.TAMPER,
+    "magnetic": Quality.TAMPER,
+    "low_battery": Quality.LOW_BATTERY,
+    "battery": Quality.LOW_BATTERY,
+}
+
+
+class PayloadError(ValueError):
+    """A frame that cannot be decoded; ``reason`` becomes the quarantine reason code."""
+
+    def __init__(self, reason: str, detail: str, device: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.device = device
+
+
+@dataclass(slots=True)
+class Uplink:
+    """Readings of one device channel. ``device`` is a device id, or ``serial:N`` for frames that
+    carry only the vendor's numeric serial. ``unit`` None means the channel's configured unit."""
+
+    device: str
+    channel: str
+    ts: list[float]
+    values: list[float]
+    unit: str | None = None
+    status: int = 0
+    raw: bytes | None = None
+
+
+@dataclass(slots=True)
+class Frame:
+    """One unit of upstream traffic: an MQTT message, a CoAP request, a Modbus poll, an OPC-UA
+    data-change batch. Acknowledge upstream when the sink calls ``on_durable``."""
+
+    source: str
+    address: str
+    payload: bytes = b""
+    payload_format: str | None = None
+    device_hint: str | None = None
+    received_at: float = field(default_factory=time.time)
+    uplinks: list[Uplink] | None = None
+    authenticated_device: str | None = None
+
+
+DurableCallback = Callable[["FrameOutcome"], None]
+
+
+@dataclass(slots=True)
+class FrameOutcome:
+    """What happened to a frame once it is durable: readings accepted (stored, or already stored
+    before: redelivery is not an error) and quarantined with their reasons (CoAP maps the first
+    reason to a response code)."""
+
+    accepted: int = 0
+    quarantined: int = 0
+    reasons: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class FrameSink(Protocol):
+    """Where transports put frames. ``submit`` blocks while the sink is full (backpressure) and
+    calls ``on_durable`` from another thread once every reading is committed or quarantined."""
+
+    def submit(self, frame: Frame, on_durable: DurableCallback) -> None: ...
+
+
+async def submit_and_wait(sink: FrameSink, frame: Frame) -> FrameOutcome:
+    """Submit from asyncio code and wait until the frame is durable.
+
+    The blocking ``submit`` (backpressure) runs in the default executor so the event loop keeps
+    serving other devices while the sink is full.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[FrameOutcome] = loop.create_future()
+
+    def done(outcome: FrameOutcome) -> None:
+        loop.call_soon_threadsafe(_resolve, future, outcome)
+
+    await loop.run_in_executor(None, sink.submit, frame, done)
+    return await future
+
+
+def _resolve(future: asyncio.Future[FrameOutcome], outcome: FrameOutcome) -> None:
+    if not future.done():
+        future.set_result(outcome)
