@@ -1,0 +1,806 @@
+"""Customer-meter anomaly alerts (domain reference, "Meter anomaly alerts").
+
+Each detector turns interval consumption (``schemas.INTERVALS``) and meter attributes
+(``schemas.METERS``) into a per-meter condition series and hands it to :mod:`pipelines.episodes`,
+which opens, continues and closes one alert per episode and merges with stored alerts. Conditions
+are chosen so the episode starts at the *onset* of the problem, within one interval (or one
+reporting period for ``COMMS_LOSS``): e.g. a leak is a stretch of non-zero intervals that is only
+*confirmed* after 24 h, but it starts where the stretch starts.
+
+All work is column-wise polars over the whole estate at once (10 000 meters x 30 days of 15-minute
+intervals is 28.8 M rows); per-meter Python loops would not finish in a flow's time budget. Meters
+that never meet a condition drop out before any per-episode work.
+
+Every threshold is a field of :class:`MeterAnomalyParams`; a utility tunes them there, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import polars as pl
+
+from pipelines.episodes import (
+    EpisodeParams,
+    Evidence,
+    sorted_by_subject,
+    update_episodes,
+    with_spans,
+)
+from pipelines.schemas import UTC_TS
+
+# Vendor status bits as stored in ``readings.quality`` (protocols.uplink.Quality); repeated here as
+# plain ints because pipelines stay free of transport imports.
+QUALITY_LEAK = 1
+QUALITY_REVERSE_FLOW = 2
+QUALITY_TAMPER = 4
+QUALITY_LOW_BATTERY = 8
+
+LEAK_CONTINUOUS = "LEAK_CONTINUOUS"
+BURST = "BURST"
+REVERSE_FLOW = "REVERSE_FLOW"
+STUCK_METER = "STUCK_METER"
+TAMPER = "TAMPER"
+LOW_BATTERY = "LOW_BATTERY"
+COMMS_LOSS = "COMMS_LOSS"
+OVER_CAPACITY = "OVER_CAPACITY"
+METER_AGE = "METER_AGE"
+_VEE_OVER_Q4 = "OVER_Q4"  # pipelines.vee.OVER_Q4 (not imported: vee depends on transport codes)
+METER_CODES = (
+    LEAK_CONTINUOUS,
+    BURST,
+    REVERSE_FLOW,
+    STUCK_METER,
+    TAMPER,
+    LOW_BATTERY,
+    COMMS_LOSS,
+    OVER_CAPACITY,
+    METER_AGE,
+)
+
+DEFAULT_SEVERITY: dict[str, str] = {
+    LEAK_CONTINUOUS: "warning",
+    BURST: "critical",
+    REVERSE_FLOW: "warning",
+    STUCK_METER: "warning",
+    TAMPER: "major",
+    LOW_BATTERY: "info",
+    COMMS_LOSS: "warning",
+    OVER_CAPACITY: "warning",
+    METER_AGE: "info",
+}
+
+
+@dataclass(frozen=True)
+class MeterAnomalyParams:
+    """Thresholds of the meter anomaly rules, with the reasoning behind each default."""
+
+    # --- interval geometry ------------------------------------------------------------------
+    interval: timedelta = timedelta(minutes=15)
+    """Nominal interval length; used for a meter's first interval and after a data gap."""
+    max_interval: timedelta = timedelta(hours=1)
+    """A longer step between interval ends is a gap in the data, not one long interval."""
+    zero_volume_m3: float = 1e-6
+    """|volume| at or below this is "no flow": an unchanged register differences to exactly 0, the
+    tolerance only absorbs float noise from unit conversion."""
+    timezone: str = "Asia/Shanghai"
+    """Zone for night windows when ``meters`` has no ``timezone`` column (join it from DMAS)."""
+    night_start_hour: int = 0
+    night_end_hour: int = 5
+    """Night window in local time, [start, end) by interval start (domain MNF window 00-05 h)."""
+
+    # --- LEAK_CONTINUOUS --------------------------------------------------------------------
+    leak_min_duration: timedelta = timedelta(hours=24)
+    """Domain rule: no interval with zero flow for at least 24 h."""
+    leak_quiet_time: timedelta = timedelta(hours=1)
+    """Zero flow this long ends a leak episode; one zero interval may be register resolution."""
+    leak_night_floor_m3h: float = 0.004
+    """Minimum night interval flow for a leak: 4 L/h is one litre per 15-min interval, the smallest
+    flow a 1-litre register shows in every interval."""
+    leak_use_estimated: bool = False
+    """Estimated intervals (flag E) are not evidence of flow: interpolating a register across a long
+    gap makes a constant non-zero flow that would look like a leak. They count as "no flow seen", so
+    they also break a stretch: dropping them instead let the episode bridge the gap, and a data gap
+    of a day or more then counted towards the 24 h without a zero interval."""
+
+    # --- BURST ------------------------------------------------------------------------------
+    burst_k: float = 5.0
+    """Flow must be at least k x the meter's baseline (its mean flow over the previous days)."""
+    burst_q3_fraction: float = 0.6
+    """...and at least this share of the permanent flow Q3 ("near Q3"): 1.5 m³/h for a DN15 R160
+    meter, above a shower or garden hose."""
+    burst_baseline_days: int = 7
+    """Days before the interval's day that form the baseline; without any, the meter's median daily
+    mean flow over the input is used."""
+    burst_min_duration: timedelta = timedelta(hours=1)
+    """Sustained: at least one hour (four 15-min intervals)."""
+    burst_quiet_time: timedelta = timedelta(minutes=30)
+
+    # --- REVERSE_FLOW -----------------------------------------------------------------------
+    reverse_volume_m3: float = 1e-6
+    """A negative interval volume larger than this (float noise) is reverse flow."""
+    reverse_quiet_time: timedelta = timedelta(hours=1)
+
+    # --- STUCK_METER ------------------------------------------------------------------------
+    stuck_min_duration: timedelta = timedelta(days=7)
+    """Zero consumption this long on an active account (the VEE "N days"); a week so that a
+    weekend away does not raise it."""
+    stuck_prior_use_m3: float = 0.01
+    """The meter must have registered this much before in the input ("used water before")."""
+
+    # --- TAMPER / LOW_BATTERY ---------------------------------------------------------------
+    status_quiet_time: timedelta = timedelta(hours=6)
+    """Vendor bits repeat in every uplink while set; a whole reporting period clear closes."""
+    low_battery_voltage_v: float | None = 3.3
+    """Battery voltage below this is low (3.6 V lithium thionyl chloride cells end near 3.3 V);
+    only used when voltages are given; None disables it."""
+
+    # --- COMMS_LOSS -------------------------------------------------------------------------
+    reporting_period: timedelta = timedelta(hours=6)
+    """Expected uplink period: NB-IoT meters default to 4 uplinks a day."""
+    comms_missed_periods: float = 2.0
+    """Domain rule: no uplink for more than 2 expected reporting periods."""
+
+    # --- OVER_CAPACITY ----------------------------------------------------------------------
+    over_capacity_factor: float = 1.0
+    """Interval volume above factor x Q4 x interval hours (ISO 4064 overload flow Q4)."""
+
+    # --- METER_AGE --------------------------------------------------------------------------
+    service_life_years: int = 6
+    """JJG 162: residential meters up to DN25 are replaced after 6 years."""
+    service_life_max_dn: int = 25
+    service_life_customer_types: tuple[str, ...] = ("household",)
+
+    severity: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_SEVERITY))
+
+    def episode_params(self, code: str) -> EpisodeParams:
+        """Opening and closing rule of each code."""
+        rules = {
+            LEAK_CONTINUOUS: EpisodeParams(self.leak_min_duration, self.leak_quiet_time),
+            BURST: EpisodeParams(self.burst_min_duration, self.burst_quiet_time),
+            REVERSE_FLOW: EpisodeParams(timedelta(0), self.reverse_quiet_time),
+            STUCK_METER: EpisodeParams(self.stuck_min_duration, timedelta(0)),
+            TAMPER: EpisodeParams(timedelta(0), self.status_quiet_time),
+            LOW_BATTERY: EpisodeParams(timedelta(0), self.status_quiet_time),
+            COMMS_LOSS: EpisodeParams(timedelta(0), timedelta(0)),
+            OVER_CAPACITY: EpisodeParams(timedelta(0), timedelta(0)),
+            METER_AGE: EpisodeParams(timedelta(0), timedelta(0)),
+        }
+        return rules[code]
+
+
+def detect_meter_anomalies(
+    intervals: pl.DataFrame,
+    meters: pl.DataFrame,
+    params: MeterAnomalyParams | None = None,
+    as_of: datetime | None = None,
+    previous_alerts: pl.DataFrame | None = None,
+    *,
+    uplinks: pl.DataFrame | None = None,
+    voltages: pl.DataFrame | None = None,
+    failures: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """Every meter code for the intervals up to ``as_of``, merged with ``previous_alerts``.
+
+    ``as_of`` (UTC) is the evaluation time: later intervals are ignored, COMMS_LOSS and METER_AGE
+    are judged at it; it defaults to the last interval. ``uplinks`` (``meter_id, ts`` of received
+    uplinks) makes COMMS_LOSS exact; without it actual intervals (flag A) stand in for uplinks.
+    ``voltages`` (``meter_id, ts, voltage``) enables the LOW_BATTERY voltage rule. ``failures``
+    (``pipelines.vee.VEE_FAILURES`` of the same reads) lets OVER_CAPACITY see the reads VEE dropped
+    as over Q4: after VEE the series holds only their estimated replacement, which spreads the
+    volume under Q4. Returns the ALERTS state of the meter codes (stored alerts of other codes are
+    not returned).
+    """
+    p = params or MeterAnomalyParams()
+    if as_of is None:
+        last = intervals.get_column("ts").max()
+        as_of = last if isinstance(last, datetime) else datetime.now().astimezone()
+    at = pl.lit(as_of).cast(UTC_TS)
+    prepared = prepare_intervals(intervals.filter(pl.col("ts") <= at), meters, p)
+    if uplinks is None:
+        uplinks = prepared.filter(pl.col("flag") == "A").select(
+            pl.col("subject_id").alias("meter_id"), "ts"
+        )
+    window_start = prepared.get_column("start").min()
+    parts = [
+        leak_continuous(prepared, meters, p, previous_alerts),
+        burst(prepared, meters, p, previous_alerts),
+        reverse_flow(prepared, meters, p, previous_alerts),
+        stuck_meter(prepared, meters, p, previous_alerts),
+        tamper(prepared, meters, p, previous_alerts),
+        low_battery(prepared, meters, p, previous_alerts, voltages=voltages),
+        comms_loss(
+            uplinks,
+            meters,
+            p,
+            as_of,
+            previous_alerts,
+            window_start=window_start if isinstance(window_start, datetime) else None,
+        ),
+        over_capacity(prepared, meters, p, previous_alerts, failures=failures),
+        meter_age(meters, p, as_of, previous_alerts),
+    ]
+    return pl.concat(parts, how="vertical").sort("code", "subject_id", "start_ts")
+
+
+def _episodes(
+    cond: pl.DataFrame,
+    code: str,
+    evidence: list[Evidence],
+    p: MeterAnomalyParams,
+    previous_alerts: pl.DataFrame | None,
+) -> pl.DataFrame:
+    """Every meter detector ends the same way: its condition series become episodes with the
+    code's own episode parameters and severity."""
+    return update_episodes(
+        cond,
+        code=code,
+        params=p.episode_params(code),
+        evidence=evidence,
+        previous=previous_alerts,
+        severity=p.severity[code],
+    )
+
+
+def prepare_intervals(
+    intervals: pl.DataFrame, meters: pl.DataFrame, params: MeterAnomalyParams
+) -> pl.DataFrame:
+    """Intervals sorted per meter with the columns every detector shares.
+
+    Adds ``subject_id`` (the meter), ``start``/``end`` of the interval, ``hours``, ``rate`` (m³/h),
+    ``zero`` and ``_sidx`` (an integer per meter, for cheap per-meter lookups and windows).
+    Calling a detector on an already prepared frame skips this work, which is how
+    :func:`detect_meter_anomalies` prepares once for all codes.
+    """
+    if "rate" in intervals.columns and "_sidx" in intervals.columns:
+        return intervals
+    del meters  # per-meter attributes are looked up by the detectors that need them
+    frame = intervals.select(
+        pl.col("meter_id").alias("subject_id"),
+        pl.col("ts").cast(UTC_TS),
+        pl.col("volume").cast(pl.Float64),
+        pl.col("quality").cast(pl.Int16).fill_null(0),
+        pl.col("flag").fill_null("A"),
+    )
+    frame = sorted_by_subject(frame, "ts")
+    frame = with_spans(
+        frame, nominal_step=params.interval, max_step=params.max_interval, ts_marks="end"
+    )
+    hours = (pl.col("end") - pl.col("start")).dt.total_seconds(fractional=True) / 3600.0
+    new_meter = (pl.col("subject_id") != pl.col("subject_id").shift(1)).fill_null(True)
+    return frame.with_columns(hours=hours, _sidx=new_meter.cum_sum()).with_columns(
+        rate=pl.col("volume") / pl.col("hours"),
+        zero=pl.col("volume").abs() <= params.zero_volume_m3,
+    )
+
+
+# --- per-code detectors ------------------------------------------------------------------------
+
+
+def leak_continuous(
+    intervals: pl.DataFrame,
+    meters: pl.DataFrame,
+    params: MeterAnomalyParams | None = None,
+    previous_alerts: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """LEAK_CONTINUOUS: a stretch of at least 24 h without a zero-flow interval, whose night flow
+    never falls under the floor.
+
+    The condition is simply "this interval had flow"; the episode machinery's minimum duration
+    turns it into "no zero interval for 24 h" and dates the alert from the first interval of the
+    stretch. Any 24 h stretch contains a whole night window, so the night floor can be judged on
+    the episode (evidence ``min_night_flow_m3h``).
+    """
+    p = params or MeterAnomalyParams()
+    frame = prepare_intervals(intervals, meters, p)
+    seen = pl.lit(True) if p.leak_use_estimated else pl.col("flag") != "E"
+    frame, night = _night_mask(frame, meters, p)
+    cond = frame.select(
+        "subject_id",
+        "start",
+        "end",
+        (~pl.col("zero") & seen).alias("active"),
+        pl.when(night & seen).then(pl.col("rate")).alias("night_rate"),
+        pl.when(seen).then(pl.col("rate")).alias("rate"),
+        pl.when(seen).then(pl.col("volume")).alias("volume"),
+        pl.lit(1.0).alias("one"),
+    )
+    evidence = [
+        Evidence("min_night_flow_m3h", "night_rate", "min"),
+        Evidence("min_flow_m3h", "rate", "min"),
+        Evidence("max_flow_m3h", "rate", "max"),
+        Evidence("volume_m3", "volume", "sum"),
+        Evidence("intervals", "one", "sum", digits=0),
+    ]
+    return update_episodes(
+        cond,
+        code=LEAK_CONTINUOUS,
+        params=p.episode_params(LEAK_CONTINUOUS),
+        evidence=evidence,
+        previous=previous_alerts,
+        severity=p.severity[LEAK_CONTINUOUS],
+        accept=pl.col("min_night_flow_m3h") >= p.leak_night_floor_m3h,
+    )
+
+
+def burst(
+    intervals: pl.DataFrame,
+    meters: pl.DataFrame,
+    params: MeterAnomalyParams | None = None,
+    previous_alerts: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """BURST: flow of at least k x the meter's own baseline and at least a share of Q3, sustained.
+
+    "Near Q3" is checked first because it is cheap and rare; the baseline (daily mean flow over the
+    previous days, so a burst does not raise its own baseline) is computed only for the few meters
+    that pass it. A meter without Q3 in METERS cannot be judged and raises nothing.
+    """
+    p = params or MeterAnomalyParams()
+    frame = prepare_intervals(intervals, meters, p)
+    frame = _with_meter_attrs(frame, meters, {"q3": "_q3"})
+    near_q3 = pl.col("rate") >= p.burst_q3_fraction * pl.col("_q3")
+    cand = frame.filter(near_q3.fill_null(False))
+    previous_subjects = _subjects_of(previous_alerts, BURST)
+    subjects = pl.concat([cand.get_column("subject_id").unique(), previous_subjects]).unique()
+    sub = frame.filter(pl.col("subject_id").is_in(subjects.implode()))
+
+    daily = (
+        sub.group_by("subject_id", pl.col("end").dt.date().alias("day"))
+        .agg(pl.col("volume").sum(), pl.col("hours").sum())
+        .with_columns(day_rate=pl.col("volume") / pl.col("hours"))
+        .sort("subject_id", "day")
+    )
+    daily = daily.with_columns(
+        _trail=pl.col("day_rate")
+        .rolling_mean_by("day", window_size=f"{p.burst_baseline_days}d", closed="left")
+        .over("subject_id"),
+        _median=pl.col("day_rate").median().over("subject_id"),
+    ).select("subject_id", "day", pl.coalesce("_trail", "_median").alias("baseline"))
+    sub = sub.with_columns(day=pl.col("end").dt.date()).join(
+        daily, on=["subject_id", "day"], how="left", maintain_order="left"
+    )
+    active = (
+        (pl.col("rate") >= p.burst_q3_fraction * pl.col("_q3"))
+        & (pl.col("rate") >= p.burst_k * pl.col("baseline"))
+    ).fill_null(False)
+    cond = sub.select(
+        "subject_id",
+        "start",
+        "end",
+        active.alias("active"),
+        "rate",
+        "volume",
+        "baseline",
+        pl.col("_q3").alias("q3"),
+        pl.lit(1.0).alias("one"),
+    )
+    evidence = [
+        Evidence("max_flow_m3h", "rate", "max"),
+        Evidence("volume_m3", "volume", "sum"),
+        Evidence("baseline_m3h", "baseline", "first"),
+        Evidence("q3_m3h", "q3", "first"),
+        Evidence("intervals", "one", "sum", digits=0),
+    ]
+    return _episodes(cond, BURST, evidence, p, previous_alerts)
+
+
+def reverse_flow(
+    intervals: pl.DataFrame,
+    meters: pl.DataFrame,
+    params: MeterAnomalyParams | None = None,
+    previous_alerts: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """REVERSE_FLOW: a negative interval volume or the vendor's reverse-flow bit."""
+    p = params or MeterAnomalyParams()
+    frame = prepare_intervals(intervals, meters, p)
+    negative = pl.col("volume") < -p.reverse_volume_m3
+    flagged = _bit(QUALITY_REVERSE_FLOW)
+    cond = frame.select(
+        "subject_id",
+        "start",
+        "end",
+        (negative | flagged).fill_null(False).alias("active"),
+        (-pl.col("volume")).clip(lower_bound=0.0).alias("reverse_volume"),
+        "volume",
+        flagged.cast(pl.Float64).alias("flagged"),
+        pl.lit(1.0).alias("one"),
+    )
+    evidence = [
+        Evidence("reverse_volume_m3", "reverse_volume", "sum"),
+        Evidence("min_volume_m3", "volume", "min"),
+        Evidence("flagged_intervals", "flagged", "sum", digits=0),
+        Evidence("intervals", "one", "sum", digits=0),
+    ]
+    return _episodes(cond, REVERSE_FLOW, evidence, p, previous_alerts)
+
+
+def stuck_meter(
+    intervals: pl.DataFrame,
+    meters: pl.DataFrame,
+    params: MeterAnomalyParams | None = None,
+    previous_alerts: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """STUCK_METER: zero consumption for N days on an active account that used water before.
+
+    An account is active when METERS has an account for the meter (and ``active`` is not false,
+    when that column is given). "Used water before" means the meter registered at least
+    ``stuck_prior_use_m3`` earlier in the input, so an empty flat never raises it; the episode
+    starts at the first zero interval after the last use.
+    """
+    p = params or MeterAnomalyParams()
+    frame = prepare_intervals(intervals, meters, p)
+    # One flag per meter, spread to its rows (not the account strings themselves).
+    account = pl.col("account").is_not_null()
+    if "active" in meters.columns:
+        account = account & pl.col("active").fill_null(True)
+    flags = meters.select("meter_id", account.alias("_active_account"))
+    frame = _with_meter_attrs(frame, flags, {"_active_account": "_active_account"})
+    active_account = pl.col("_active_account").fill_null(False)
+    # Per-meter running total without grouping: a global running total minus its value where the
+    # meter's rows begin (rows are sorted per meter; float error stays far below the threshold).
+    use = pl.col("volume").clip(lower_bound=0.0).fill_null(0.0)
+    first_row = (pl.col("_sidx") != pl.col("_sidx").shift(1)).fill_null(True)
+    running = use.cum_sum()
+    used = running - pl.when(first_row).then(running - use).forward_fill()
+    cond = frame.select(
+        "subject_id",
+        "start",
+        "end",
+        (pl.col("zero") & (used >= p.stuck_prior_use_m3) & active_account)
+        .fill_null(False)
+        .alias("active"),
+        used.alias("used_before"),
+        pl.lit(1.0).alias("one"),
+    )
+    evidence = [
+        Evidence("used_before_m3", "used_before", "first"),
+        Evidence("zero_intervals", "one", "sum", digits=0),
+    ]
+    return _episodes(cond, STUCK_METER, evidence, p, previous_alerts)
+
+
+def tamper(
+    intervals: pl.DataFrame,
+    meters: pl.DataFrame,
+    params: MeterAnomalyParams | None = None,
+    previous_alerts: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """TAMPER: the vendor's tamper / magnetic-interference bit."""
+    p = params or MeterAnomalyParams()
+    return _status_bit(
+        prepare_intervals(intervals, meters, p), TAMPER, QUALITY_TAMPER, p, previous_alerts
+    )
+
+
+def low_battery(
+    intervals: pl.DataFrame,
+    meters: pl.DataFrame,
+    params: MeterAnomalyParams | None = None,
+    previous_alerts: pl.DataFrame | None = None,
+    *,
+    voltages: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """LOW_BATTERY: the vendor's low-battery bit, or the last reported voltage under the threshold.
+
+    ``voltages`` (``meter_id, ts, voltage``) is matched to each interval as the latest voltage
+    reported at or before the interval's end.
+    """
+    p = params or MeterAnomalyParams()
+    frame = prepare_intervals(intervals, meters, p)
+    low_voltage: pl.Expr = pl.lit(False)
+    if voltages is not None and voltages.height and p.low_battery_voltage_v is not None:
+        volts = voltages.select(
+            pl.col("meter_id").alias("subject_id"),
+            pl.col("ts").cast(UTC_TS).alias("end"),
+            pl.col("voltage").cast(pl.Float64),
+        ).sort("end")
+        with_v = frame.filter(pl.col("subject_id").is_in(volts.get_column("subject_id").implode()))
+        without_v = frame.filter(
+            ~pl.col("subject_id").is_in(volts.get_column("subject_id").implode())
+        )
+        with_v = with_v.sort("end").join_asof(
+            volts, on="end", by="subject_id", strategy="backward", check_sortedness=False
+        )
+        frame = pl.concat(
+            [with_v, without_v.with_columns(voltage=pl.lit(None, dtype=pl.Float64))],
+            how="vertical",
+        ).sort("subject_id", "end")
+        low_voltage = (pl.col("voltage") < p.low_battery_voltage_v).fill_null(False)
+    else:
+        frame = frame.with_columns(voltage=pl.lit(None, dtype=pl.Float64))
+    flagged = _bit(QUALITY_LOW_BATTERY)
+    cond = frame.select(
+        "subject_id",
+        "start",
+        "end",
+        (flagged | low_voltage).alias("active"),
+        flagged.cast(pl.Float64).alias("flagged"),
+        "voltage",
+    )
+    evidence = [
+        Evidence("flagged_intervals", "flagged", "sum", digits=0),
+        Evidence("min_voltage_v", "voltage", "min", digits=3),
+    ]
+    return _episodes(cond, LOW_BATTERY, evidence, p, previous_alerts)
+
+
+def comms_loss(
+    reads: pl.DataFrame,
+    meters: pl.DataFrame,
+    params: MeterAnomalyParams | None = None,
+    as_of: datetime | None = None,
+    previous_alerts: pl.DataFrame | None = None,
+    *,
+    window_start: datetime | None = None,
+) -> pl.DataFrame:
+    """COMMS_LOSS: no uplink for more than ``comms_missed_periods`` expected reporting periods.
+
+    ``reads`` holds ``meter_id, ts`` of received uplinks (or actual reads). Each silence between two
+    uplinks, and the silence from the last uplink up to ``as_of``, is a span; a span longer than the
+    limit is an episode from the last uplink (within one period of the first missed one) to the
+    uplink that ended it, or open while the meter is still silent. A meter of ``meters`` with no
+    read at all is silent since ``window_start`` (default: the earliest read in ``reads``).
+    """
+    p = params or MeterAnomalyParams()
+    frame = reads.select(pl.col("meter_id").alias("subject_id"), pl.col("ts").cast(UTC_TS))
+    if as_of is None:
+        last = frame.get_column("ts").max()
+        if not isinstance(last, datetime):
+            return update_episodes(
+                _empty_conditions(), code=COMMS_LOSS, params=p.episode_params(COMMS_LOSS)
+            )
+        as_of = last
+    at = pl.lit(as_of).cast(UTC_TS)
+    frame = sorted_by_subject(frame.filter(pl.col("ts") <= at), "ts")
+    subj, ts = pl.col("subject_id"), pl.col("ts")
+    frame = frame.filter(((subj != subj.shift(1)) | (ts != ts.shift(1))).fill_null(True))
+    if window_start is None:
+        first = frame.get_column("ts").min()
+        window_start = first if isinstance(first, datetime) else None
+    silent = meters.select(pl.col("meter_id").alias("subject_id")).join(
+        frame.select("subject_id").unique(), on="subject_id", how="anti"
+    )
+    spans = frame.select(
+        "subject_id",
+        pl.col("ts").alias("start"),
+        pl.when(subj == subj.shift(-1)).then(ts.shift(-1)).otherwise(at).alias("end"),
+    )
+    if window_start is not None and silent.height:
+        spans = pl.concat(
+            [
+                spans,
+                silent.select(
+                    "subject_id",
+                    pl.lit(window_start).cast(UTC_TS).alias("start"),
+                    at.alias("end"),
+                ).filter(pl.col("start") <= pl.col("end")),
+            ],
+            how="vertical",
+        )
+    limit = p.reporting_period * p.comms_missed_periods
+    period_h = p.reporting_period.total_seconds() / 3600.0
+    silent_h = (pl.col("end") - pl.col("start")).dt.total_seconds(fractional=True) / 3600.0
+    cond = spans.select(
+        "subject_id",
+        "start",
+        "end",
+        ((pl.col("end") - pl.col("start")) > limit).alias("active"),
+        silent_h.alias("silent_h"),
+        (silent_h / period_h).floor().alias("missed"),
+        pl.lit(period_h).alias("period_h"),
+    )
+    evidence = [
+        Evidence("silent_h", "silent_h", "max", digits=3),
+        Evidence("missed_periods", "missed", "max", digits=0),
+        Evidence("expected_period_h", "period_h", "first", digits=3),
+    ]
+    return _episodes(cond, COMMS_LOSS, evidence, p, previous_alerts)
+
+
+def over_capacity(
+    intervals: pl.DataFrame,
+    meters: pl.DataFrame,
+    params: MeterAnomalyParams | None = None,
+    previous_alerts: pl.DataFrame | None = None,
+    *,
+    failures: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """OVER_CAPACITY: interval volume above Q4 x interval hours (meter beyond its overload flow).
+
+    With ``failures`` (VEE_FAILURES), an interval whose closing read VEE failed as ``OVER_Q4`` is
+    over capacity too, whatever volume estimation later put in its place; its evidence volume is
+    the one VEE saw.
+    """
+    p = params or MeterAnomalyParams()
+    frame = prepare_intervals(intervals, meters, p)
+    frame = _with_meter_attrs(frame, meters, {"q4": "_q4"})
+    q4 = pl.col("_q4")
+    limit = p.over_capacity_factor * q4 * pl.col("hours")
+    volume = pl.col("volume")
+    over = volume > limit
+    if failures is not None and failures.height:
+        dropped = (
+            failures.filter(pl.col("rule") == _VEE_OVER_Q4)
+            .group_by(
+                pl.col("meter_id").alias("subject_id"), pl.col("ts").cast(UTC_TS).alias("end")
+            )
+            .agg(pl.col("value").max().alias("_vee_volume"))
+        )
+        frame = frame.join(dropped, on=["subject_id", "end"], how="left", maintain_order="left")
+        over = over | pl.col("_vee_volume").is_not_null()
+        volume = pl.coalesce("_vee_volume", "volume")
+    cond = frame.select(
+        "subject_id",
+        "start",
+        "end",
+        over.fill_null(False).alias("active"),
+        volume.alias("volume"),
+        (volume / pl.col("hours")).alias("rate"),
+        q4.alias("q4"),
+        pl.lit(1.0).alias("one"),
+    )
+    evidence = [
+        Evidence("max_volume_m3", "volume", "max"),
+        Evidence("max_flow_m3h", "rate", "max"),
+        Evidence("q4_m3h", "q4", "first"),
+        Evidence("intervals", "one", "sum", digits=0),
+    ]
+    return _episodes(cond, OVER_CAPACITY, evidence, p, previous_alerts)
+
+
+def meter_age(
+    meters: pl.DataFrame,
+    params: MeterAnomalyParams | None = None,
+    as_of: datetime | None = None,
+    previous_alerts: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """METER_AGE: a residential meter of DN25 or less older than its service life at ``as_of``.
+
+    The episode starts on the due date (install date + service life, midnight UTC), so its identity
+    does not move from run to run; when the meter is exchanged (a new install date) the stored
+    alert closes.
+    """
+    p = params or MeterAnomalyParams()
+    at_dt = as_of or datetime.now().astimezone()
+    at = pl.lit(at_dt).cast(UTC_TS)
+    installed = pl.col("install_date").cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    due = (
+        pl.col("install_date")
+        .dt.offset_by(f"{p.service_life_years}y")
+        .cast(pl.Datetime("us"))
+        .dt.replace_time_zone("UTC")
+    )
+    eligible = (
+        pl.col("customer_type").is_in(list(p.service_life_customer_types))
+        & (pl.col("dn") <= p.service_life_max_dn)
+    ).fill_null(False)
+    is_due = eligible & (due <= at)
+    age_years = (at - installed).dt.total_seconds(fractional=True) / (365.25 * 86400.0)
+    cond = (
+        meters.filter(pl.col("install_date").is_not_null())
+        .select(
+            pl.col("meter_id").alias("subject_id"),
+            pl.when(is_due).then(due).otherwise(installed).alias("start"),
+            at.alias("end"),
+            is_due.alias("active"),
+            pl.col("install_date").dt.to_string("%Y-%m-%d").alias("install_date"),
+            age_years.alias("age_years"),
+            pl.col("dn").cast(pl.Float64).alias("dn"),
+            pl.lit(float(p.service_life_years)).alias("life"),
+        )
+        .filter(pl.col("start") <= pl.col("end"))
+    )
+    evidence = [
+        Evidence("install_date", "install_date", "first", dtype=pl.String),
+        Evidence("age_years", "age_years", "max", digits=2),
+        Evidence("dn", "dn", "first", digits=0),
+        Evidence("service_life_years", "life", "first", digits=0),
+    ]
+    return _episodes(cond, METER_AGE, evidence, p, previous_alerts)
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+
+def _bit(mask: int) -> pl.Expr:
+    return (pl.col("quality").cast(pl.Int32) & mask) != 0
+
+
+def _status_bit(
+    frame: pl.DataFrame,
+    code: str,
+    mask: int,
+    p: MeterAnomalyParams,
+    previous_alerts: pl.DataFrame | None,
+) -> pl.DataFrame:
+    cond = frame.select(
+        "subject_id", "start", "end", _bit(mask).alias("active"), pl.lit(1.0).alias("one")
+    )
+    return update_episodes(
+        cond,
+        code=code,
+        params=p.episode_params(code),
+        evidence=[Evidence("flagged_intervals", "one", "sum", digits=0)],
+        previous=previous_alerts,
+        severity=p.severity[code],
+    )
+
+
+def _with_meter_attrs(
+    frame: pl.DataFrame, meters: pl.DataFrame, columns: Mapping[str, str]
+) -> pl.DataFrame:
+    """Add METERS columns (``{meters column: new name}``) to prepared intervals.
+
+    Looked up once per meter and spread to its rows by position (``_sidx``), instead of hashing
+    28 M meter ids in a join.
+    """
+    first_rows = pl.col("_sidx") != pl.col("_sidx").shift(1)
+    heads = frame.filter(first_rows.fill_null(True)).select("_sidx", "subject_id")
+    table = meters.select("meter_id", *columns).unique("meter_id", keep="last")
+    small = heads.join(
+        table, left_on="subject_id", right_on="meter_id", how="left", maintain_order="left"
+    )
+    size = int(heads.select(pl.col("_sidx").max().fill_null(0)).item()) + 1
+    positions = small.get_column("_sidx")
+    index = frame.get_column("_sidx")
+    added = []
+    for source, name in columns.items():
+        lookup = pl.Series(name, [None] * size, dtype=meters.schema[source])
+        lookup = lookup.scatter(positions, small.get_column(source))
+        added.append(lookup.gather(index).alias(name))
+    return frame.with_columns(added)
+
+
+def _night_mask(
+    frame: pl.DataFrame, meters: pl.DataFrame, p: MeterAnomalyParams
+) -> tuple[pl.DataFrame, pl.Expr]:
+    """Interval starts within the local night window, per meter time zone."""
+
+    def hour_in(tz: str) -> pl.Expr:
+        hour = pl.col("start").dt.convert_time_zone(tz).dt.hour()
+        if p.night_start_hour <= p.night_end_hour:
+            return (hour >= p.night_start_hour) & (hour < p.night_end_hour)
+        return (hour >= p.night_start_hour) | (hour < p.night_end_hour)
+
+    if "timezone" not in meters.columns:
+        return frame, hour_in(p.timezone)
+    zones = sorted({z for z in meters.get_column("timezone").unique().to_list() if z})
+    # Each row's local hour in its own zone only: a when/then chain over the zones would convert
+    # every row to every zone (time-zone conversion is the dearest step of this detector). Rows
+    # get their meter's zone as a small number (no string per row); the rows of each zone (and
+    # the default zone for meters without one) are converted on their own and put back by
+    # position.
+    codes = meters.select(
+        "meter_id",
+        pl.col("timezone")
+        .replace_strict(zones, list(range(len(zones))), default=None, return_dtype=pl.Int32)
+        .alias("_zc"),
+    )
+    rows = _with_meter_attrs(frame.select("_sidx", "subject_id"), codes, {"_zc": "_zc"}).select(
+        pl.int_range(pl.len(), dtype=pl.UInt32).alias("_i"), "_zc", frame.get_column("start")
+    )
+    parts = [
+        rows.filter(pl.col("_zc") == k).select("_i", hour_in(zone).alias("_night"))
+        for k, zone in enumerate(zones)
+    ]
+    parts.append(
+        rows.filter(pl.col("_zc").is_null()).select("_i", hour_in(p.timezone).alias("_night"))
+    )
+    hits = pl.concat(parts, how="vertical")
+    night = pl.repeat(None, frame.height, dtype=pl.Boolean, eager=True).alias("_night")
+    night = night.scatter(hits.get_column("_i"), hits.get_column("_night"))
+    return frame.with_columns(night), pl.col("_night")
+
+
+def _subjects_of(previous: pl.DataFrame | None, code: str) -> pl.Series:
+    if previous is None or previous.height == 0:
+        return pl.Series("subject_id", [], dtype=pl.String)
+    return previous.filter(pl.col("code") == code).get_column("subject_id").unique()
+
+
+def _empty_conditions() -> pl.DataFrame:
+    return pl.DataFrame(
+        schema={"subject_id": pl.String, "start": UTC_TS, "end": UTC_TS, "active": pl.Boolean}
+    )
