@@ -1,0 +1,139 @@
+"""``aquameter demo`` end to end at small scale: real PostgreSQL, broker, CoAP and OPC-UA servers,
+flows under Prefect. Every injected fault must come back as an alert of the right code, and the
+report must open in a real browser (headless Chromium)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import psycopg
+import pytest
+
+from aquameter.demo import run_demo
+from aquameter.settings import Settings
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def demo(
+    db_factory: Any, mqtt_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[dict[str, Any], Path, str]]:
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    url = db_factory.new(empty=True)
+    root = tmp_path_factory.mktemp("demo")
+    tag = uuid.uuid4().hex[:8]
+    settings = Settings(
+        database_url=url,
+        mqtt_url=mqtt_url,
+        data_dir=root / "data",
+        # A topic root and client of its own: the session broker is shared with other tests.
+        mqtt_topic_root=f"aqdemo-{tag}/v1",
+        mqtt_client_id=f"aquameter-demo-{tag}",
+        mqtt_shared_group=None,
+    )
+    report = root / "report"
+    # Prefect's temporary API server is stopped here, before pytest closes its output streams.
+    with temporary_settings({PREFECT_HOME: root / "prefect"}):
+        with prefect_test_harness(server_startup_timeout=90):
+            summary = run_demo(settings, duration_s=30.0, days=16, meters=240, report_dir=report)
+    yield summary, report, url
+
+
+def test_every_injected_fault_is_detected_with_its_code(
+    demo: tuple[dict[str, Any], Path, str],
+) -> None:
+    summary, report, url = demo
+    manifest = json.loads((report / "manifest.json").read_text())
+    expected = {(f["alert"], f["subject"]) for f in manifest["faults"]}
+    expected.add(("WQ_LIMIT", "WQ-HILL-RESERVOIR:turbidity"))
+    assert {f["code"] for f in manifest["faults"]} >= {
+        "DMA_LEAK", "LEAK_CONTINUOUS", "STUCK_METER", "REVERSE_FLOW", "COMMS_LOSS",
+    }  # fmt: skip
+    with psycopg.connect(url) as conn:
+        found = set(conn.execute("SELECT code, subject_id FROM alerts").fetchall())
+    assert expected <= found, f"missed: {sorted(expected - found)}"
+    outcomes = {(r["expected"], r["subject"]): r["outcome"] for r in summary["faults"]}
+    assert all(outcomes[k] == "detected" for k in expected)
+    assert not summary["interrupted"]
+
+
+def test_all_protocols_delivered_and_nothing_quarantined(
+    demo: tuple[dict[str, Any], Path, str],
+) -> None:
+    summary, _, url = demo
+    assert summary["ingest"]["quarantined"] == {}
+    assert summary["imported"]["quarantined"] == 0
+    assert summary["live"]["coap_responses"] == {"2.04 Changed": summary["live"]["coap_uplinks"]}
+    with psycopg.connect(url) as conn:
+        by_role: dict[str, int] = dict(
+            conn.execute(
+                "SELECT c.role, count(*) FROM readings r JOIN channels c ON c.id = r.channel_id "
+                "GROUP BY c.role"
+            ).fetchall()
+        )
+        coap_rows = conn.execute(
+            "SELECT count(*) FROM readings r JOIN channels c ON c.id = r.channel_id "
+            "JOIN devices d ON d.id = c.device_id WHERE d.protocol = 'coap' "
+            "AND r.ts > now() - interval '1 day'"
+        ).fetchone()
+    assert by_role.get("quality", 0) > 0  # OPC-UA station streamed
+    assert by_role.get("pump", 0) > 0  # Modbus pump station polled
+    assert coap_rows is not None and coap_rows[0] > 0
+    assert by_role["customer"] >= summary["imported"]["accepted"] // 2
+
+
+def test_report_and_billing_export_written(demo: tuple[dict[str, Any], Path, str]) -> None:
+    summary, report, _ = demo
+    page = (report / "index.html").read_text()
+    assert "http://" not in page and "https://" not in page
+    for name in ("nrw.png", "alerts.png", "read_rates.png"):
+        assert (report / name).stat().st_size > 5_000, name
+    assert len(list(report.glob("inflow_*.png"))) == 3
+    export = Path(summary["billing_export"])
+    assert export.parent == report.resolve()
+    assert pl.read_csv(export).height == summary["meters"]
+
+
+def test_report_renders_in_headless_chromium(
+    demo: tuple[dict[str, Any], Path, str], tmp_path: Path
+) -> None:
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip("Chromium not installed (Debian package `chromium`)")
+    _, report, _ = demo
+    shot = tmp_path / "report.png"
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1400,3000",
+            "--enable-logging=stderr",
+            "--v=0",
+            (report / "index.html").resolve().as_uri(),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Uncaught" not in proc.stderr and "ERR_FILE_NOT_FOUND" not in proc.stderr
+    assert shot.stat().st_size > 50_000
+    shutil.copy(shot, report / "screenshot.png")
