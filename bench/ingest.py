@@ -1,0 +1,282 @@
+"""Ingest throughput, side by side in one script (readings/s):
+
+(a) end to end: MQTT (QoS 1, backlog held by the broker) → aquameter ingest → committed rows, for
+    1 and for 96 readings per message;
+(b) the limit: a plain psycopg binary ``COPY`` of the same rows into the same table;
+(c) the baseline users would write: a paho callback doing one INSERT per reading (autocommit).
+
+The broker is a private mosquitto (unlimited queue) and each variant starts from an empty readings
+table with the same indexes. Run: ``.venv/bin/python bench/ingest.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the
+# ``ingest`` package: put the repository root there instead.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse  # noqa: E402
+import json
+import multiprocessing as mp
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import psycopg
+from rich.console import Console
+from rich.table import Table
+
+from aquameter.embedded import start_broker
+from aquameter.registry import Device, Meter, Registry
+from ingest.pipeline import IngestPipeline
+from ingest.registry_sync import sync_registry
+from protocols.mqtt import MqttIngest, uplink_topic
+from sql.migrate import migrate
+from tests.servers import DatabaseFactory, server_url
+
+ROOT = "aquameter/v1"
+console = Console()
+
+
+def registry(n_meters: int) -> Registry:
+    return Registry.model_validate(
+        {
+            "dma": [{"id": "D1", "timezone": "UTC"}],
+            "vendor": [
+                {
+                    "id": "v",
+                    "payload": "json",
+                    "channel": [{"name": "register", "quantity": "volume", "kind": "register"}],
+                }
+            ],
+            "device": [
+                Device(id=f"M{i:06d}", vendor="v", dma="D1", meter=Meter()).model_dump(
+                    by_alias=True
+                )
+                for i in range(n_meters)
+            ],
+        }
+    )
+
+
+def messages(n_meters: int, per_msg: int, total: int, t0: int) -> list[tuple[str, bytes]]:
+    msgs = []
+    per_meter = max(1, total // (n_meters * per_msg))
+    for k in range(per_meter):
+        for i in range(n_meters):
+            start = t0 + k * per_msg * 900
+            regs = [round(10 + i + 0.001 * (k * per_msg + j), 3) for j in range(per_msg)]
+            body = {"dev": f"M{i:06d}", "t0": start, "step": 900, "reg": regs}
+            msgs.append((uplink_topic(ROOT, "v", f"M{i:06d}"), json.dumps(body).encode()))
+    return msgs
+
+
+def _publish(url_port: int, msgs: list[tuple[str, bytes]]) -> None:
+    client = mqtt.Client(
+        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"bench-pub-{uuid.uuid4().hex[:6]}",
+        protocol=mqtt.MQTTv311,
+    )
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", url_port)
+    client.loop_start()
+    infos = [client.publish(t, p, qos=1) for t, p in msgs]
+    for info in infos:
+        info.wait_for_publish(120)
+    client.disconnect()
+    client.loop_stop()
+
+
+def preload(port: int, msgs: list[tuple[str, bytes]], procs: int = 2) -> None:
+    """Publish while the subscriber is offline: the broker queues everything for its session."""
+    chunks = [msgs[i::procs] for i in range(procs)]
+    ps = [mp.Process(target=_publish, args=(port, c)) for c in chunks]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join()
+
+
+def create_session(url: str, client_id: str) -> None:
+    """Connect once with a persistent session and subscribe, then leave."""
+    done = threading.Event()
+    c = mqtt.Client(
+        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+    )
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    c.on_subscribe = lambda *a: done.set()
+    port = int(url.rsplit(":", 1)[1])
+    c.connect("127.0.0.1", port, clean_start=False, properties=props)
+    c.loop_start()
+    c.subscribe([(f"{ROOT}/+/+/up", 1)])
+    done.wait(5)
+    c.disconnect()
+    c.loop_stop()
+
+
+def count(db: str) -> int:
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT count(*) FROM readings").fetchone()
+        return int(row[0]) if row else 0
+
+
+def reset(db: str) -> None:
+    with psycopg.connect(db) as conn:
+        conn.execute("TRUNCATE readings, ingest_days, quarantine")
+        conn.commit()
+
+
+def run_aquameter(broker_url: str, db: str, msgs: list[tuple[str, bytes]], n: int) -> float:
+    reset(db)
+    cid = f"aq-{uuid.uuid4().hex[:6]}"
+    create_session(broker_url, cid)
+    preload(int(broker_url.rsplit(":", 1)[1]), msgs)
+    pipeline = IngestPipeline(db).start()
+    t = time.perf_counter()
+    client = MqttIngest(broker_url, pipeline, {"v": "json"}, client_id=cid, shared_group=None)
+    client.start()
+    while pipeline.counters.stored < n:
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - t
+    client.stop()
+    pipeline.close()
+    assert count(db) == n
+    return n / elapsed
+
+
+def run_copy(db: str, msgs: list[tuple[str, bytes]], n: int) -> float:
+    """psycopg's binary COPY of the same rows (prebuilt tuples) into the same table."""
+    reset(db)
+    with psycopg.connect(db) as conn:
+        ids = dict(conn.execute("SELECT device_id, id FROM channels").fetchall())
+        rows = []
+        for _, payload in msgs:
+            b = json.loads(payload)
+            for j, v in enumerate(b["reg"]):
+                rows.append((ids[b["dev"]], datetime.fromtimestamp(b["t0"] + 900 * j, UTC), v, 0))
+        t = time.perf_counter()
+        with (
+            conn.cursor() as cur,
+            cur.copy(
+                "COPY readings (channel_id, ts, value, quality) FROM STDIN (FORMAT BINARY)"
+            ) as copy,
+        ):
+            copy.set_types(["int4", "timestamptz", "float8", "int2"])
+            for r in rows:
+                copy.write_row(r)
+        conn.commit()
+        elapsed = time.perf_counter() - t
+    assert count(db) == n
+    return n / elapsed
+
+
+def run_naive(broker_url: str, db: str, msgs: list[tuple[str, bytes]], n: int) -> float:
+    """What a first attempt looks like: decode in the callback, INSERT each reading, autocommit."""
+    reset(db)
+    cid = f"naive-{uuid.uuid4().hex[:6]}"
+    create_session(broker_url, cid)
+    preload(int(broker_url.rsplit(":", 1)[1]), msgs)
+    conn = psycopg.connect(db, autocommit=True)
+    ids = dict(conn.execute("SELECT device_id, id FROM channels").fetchall())
+    stored = [0]
+
+    def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        b = json.loads(msg.payload)
+        for j, v in enumerate(b["reg"]):
+            conn.execute(
+                "INSERT INTO readings (channel_id, ts, value) VALUES (%s, %s, %s) "
+                "ON CONFLICT DO NOTHING",
+                (ids[b["dev"]], datetime.fromtimestamp(b["t0"] + 900 * j, UTC), v),
+            )
+            stored[0] += 1
+
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    c = mqtt.Client(
+        callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5
+    )
+    c.on_message = on_message
+    t = time.perf_counter()
+    c.connect("127.0.0.1", int(broker_url.rsplit(":", 1)[1]), clean_start=False, properties=props)
+    c.loop_start()
+    while stored[0] < n:
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - t
+    c.disconnect()
+    c.loop_stop()
+    conn.close()
+    assert count(db) == n
+    return n / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller volumes (CI smoke run)")
+    args = ap.parse_args()
+    scale = 0.1 if args.quick else 1.0
+    n_meters = 1000
+    t0 = int(datetime(2026, 1, 5, tzinfo=UTC).timestamp())
+    with tempfile.TemporaryDirectory() as tmp:
+        factory = DatabaseFactory(server_url(Path(tmp)))
+        try:
+            db = factory.new(empty=True)
+            with psycopg.connect(db) as conn:
+                migrate(conn, partitions_ahead=1)
+                sync_registry(conn, registry(n_meters))
+                conn.execute("SELECT aq_ensure_partitions('2026-01-01', '2026-03-01')")
+                conn.commit()
+            broker = start_broker(Path(tmp) / "broker")
+            try:
+                big = messages(n_meters, 96, int(480_000 * scale), t0)
+                n_big = sum(len(json.loads(p)["reg"]) for _, p in big)
+                one = messages(n_meters, 1, int(50_000 * scale), t0)
+                n_one = len(one)
+                naive = messages(n_meters, 1, int(5_000 * scale), t0)
+                results = {}
+                console.print(f"(a) 96/msg: {len(big):,} messages, {n_big:,} readings")
+                results["a96"] = run_aquameter(broker.url, db, big, n_big)
+                console.print(f"(a) 1/msg: {n_one:,} messages")
+                results["a1"] = run_aquameter(broker.url, db, one, n_one)
+                console.print("(b) raw COPY")
+                results["b"] = run_copy(db, big, n_big)
+                console.print(f"(c) naive INSERT per reading: {len(naive):,} messages")
+                results["c"] = run_naive(broker.url, db, naive, len(naive))
+            finally:
+                broker.stop()
+        finally:
+            factory.drop_all()
+    table = Table("variant", "readings/s", "ratio", title="ingest throughput")
+    table.add_row(
+        "(a) MQTT → rows, 96 readings/msg",
+        f"{results['a96']:,.0f}",
+        f"{results['a96'] / results['b']:.0%} of (b)",
+    )
+    table.add_row(
+        "(a) MQTT → rows, 1 reading/msg",
+        f"{results['a1']:,.0f}",
+        f"{results['a1'] / results['c']:.1f}× (c)",
+    )
+    table.add_row("(b) raw binary COPY, same rows", f"{results['b']:,.0f}", "limit")
+    table.add_row("(c) naive paho + INSERT per reading", f"{results['c']:,.0f}", "baseline")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
