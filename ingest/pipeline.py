@@ -22,7 +22,7 @@ from aquameter.settings import Settings
 from ingest.channels import ChannelIndex
 from ingest.counters import IngestCounters
 from ingest.validate import Prepared, Rejection, Validator
-from ingest.writer import Batch, BatchWriter
+from ingest.writer import Batch, BatchWriter, CopyStream, WriteResult
 from protocols.uplink import DurableCallback, Frame, FrameOutcome
 from sql.connect import connect
 
@@ -53,9 +53,14 @@ class IngestPipeline:
         earliest_epoch: float = 946_684_800.0,
         reload_every_s: float = 10.0,
         retry_max_s: float = 10.0,
+        stream_rows: int = 5_000,
+        batch_linger_s: float = 0.01,
     ) -> None:
         self.database_url = database_url
         self.batch_rows = batch_rows
+        self.stream_rows = stream_rows
+        self.batch_linger_s = batch_linger_s
+        self._stream: CopyStream | None = None
         self.batch_seconds = batch_seconds
         self.retry_max_s = retry_max_s
         self.counters = IngestCounters()
@@ -71,6 +76,8 @@ class IngestPipeline:
             on_unknown_device=self._maybe_reload,
         )
         self._thread: threading.Thread | None = None
+        self._acker: threading.Thread = threading.Thread()
+        self._acks: queue.SimpleQueue[list[_Item] | None] = queue.SimpleQueue()
         self._conn: psycopg.Connection | None = None
 
     # --- channel index ---------------------------------------------------------------------
@@ -100,7 +107,9 @@ class IngestPipeline:
     def start(self) -> IngestPipeline:
         self.reload_index()
         self._thread = threading.Thread(target=self._run, name="aquameter-writer", daemon=True)
+        self._acker = threading.Thread(target=self._run_acks, name="aquameter-acks", daemon=True)
         self._thread.start()
+        self._acker.start()
         return self
 
     def close(self, timeout: float | None = 60.0) -> None:
@@ -110,6 +119,8 @@ class IngestPipeline:
         self._queue.put(_STOP)
         self._thread.join(timeout)
         self._thread = None
+        self._acks.put(None)
+        self._acker.join(timeout)
 
     def __enter__(self) -> IngestPipeline:
         return self.start()
@@ -152,11 +163,16 @@ class IngestPipeline:
             if first is _STOP:
                 break
             assert isinstance(first, _Item)
+            self._stream = self._open_stream()
             items = [first]
-            rows = len(first.prepared)
+            rows = self._feed(first)
             deadline = time.monotonic() + self.batch_seconds
             while rows < self.batch_rows:
-                remaining = deadline - time.monotonic()
+                # Group commit: take what is queued; when nothing is, wait only a short linger
+                # for more, never past the batch's deadline. Under load batches fill up by
+                # themselves while the previous one commits; when traffic stops, the last
+                # frames are committed (and acknowledged) at once instead of at the deadline.
+                remaining = min(self.batch_linger_s, deadline - time.monotonic())
                 try:
                     item = (
                         self._queue.get(timeout=remaining)
@@ -170,10 +186,58 @@ class IngestPipeline:
                     break
                 assert isinstance(item, _Item)
                 items.append(item)
-                rows += len(item.prepared)
-            self._commit(items)
+                rows += self._feed(item)
+            self._finish(items)
         if self._conn is not None:
             self._conn.close()
+
+    # A batch's readings are streamed into its COPY as frames arrive (see CopyStream); the frames
+    # are kept until the commit, so any failure can fall back to writing them as one batch.
+    def _open_stream(self) -> CopyStream | None:
+        try:
+            self._connection()
+        except psycopg.Error:
+            return None  # _commit's retry loop deals with the outage
+        return None if self._writer.careful else CopyStream(self._writer)
+
+    def _feed(self, item: _Item) -> int:
+        p = item.prepared
+        stream = self._stream
+        if stream is not None and len(p):
+            stream.add(p.channel_ids, p.ts, p.values, p.quality)
+            if stream.pending >= self.stream_rows:
+                try:
+                    stream.flush()
+                except psycopg.Error as err:
+                    self._drop_stream(err)
+        return len(p)
+
+    def _drop_stream(self, err: Exception) -> None:
+        if self._stream is not None:
+            if not isinstance(err, psycopg.errors.UniqueViolation):
+                log.warning("streamed write failed (%s); writing the batch again", err)
+            self._stream.abort()
+            self._stream = None
+
+    def _finish(self, items: list[_Item]) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            rejections = [
+                (it.frame.source, it.frame.address, rej)
+                for it in items
+                for rej in it.prepared.rejections
+            ]
+            try:
+                result = stream.commit(rejections)
+            except psycopg.Error as err:
+                if isinstance(err, psycopg.errors.UniqueViolation):
+                    self._writer.note_duplicates()
+                self._stream = stream
+                self._drop_stream(err)
+            else:
+                self._acknowledge(items, result)
+                return
+        self._commit(items)
 
     def _batch(self, items: list[_Item]) -> Batch:
         batch = Batch()
@@ -214,19 +278,33 @@ class IngestPipeline:
                     batch = self._quarantine_instead(items[0], str(err))
             time.sleep(delay)
             delay = min(delay * 2, self.retry_max_s)
+        self._acknowledge(items, result)
+
+    def _acknowledge(self, items: list[_Item], result: WriteResult) -> None:
+        """Count a committed batch and hand its frames to the ack thread.
+
+        Why a thread of its own: acknowledging is per frame (a PUBACK, a CoAP response), and
+        done here it would keep the writer from starting the next COPY; handed over, the server
+        inserts the next batch while the acks go out. One thread, FIFO, so acknowledgements keep
+        the order frames arrived in (MQTT requires PUBACKs in order).
+        """
         self.counters.add(stored=result.inserted, duplicates=result.duplicates, batches=1)
         self.counters.add_quarantined(result.quarantined)
-        for it in items:
-            p = it.prepared
-            outcome = FrameOutcome(
-                accepted=len(p),
-                quarantined=len(p.rejections),
-                reasons=[r.reason for r in p.rejections],
-            )
-            try:
-                it.on_durable(outcome)
-            except Exception:  # a transport's callback must not kill the writer
-                log.exception("on_durable callback failed")
+        self._acks.put(items)
+
+    def _run_acks(self) -> None:
+        while (items := self._acks.get()) is not None:
+            for it in items:
+                p = it.prepared
+                outcome = FrameOutcome(
+                    accepted=len(p),
+                    quarantined=len(p.rejections),
+                    reasons=[r.reason for r in p.rejections],
+                )
+                try:
+                    it.on_durable(outcome)
+                except Exception:  # a transport's callback must not stop the acknowledgements
+                    log.exception("on_durable callback failed")
 
     def _quarantine_instead(self, item: _Item, error: str) -> Batch:
         item.prepared = Prepared(

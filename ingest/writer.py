@@ -9,6 +9,7 @@ server, not the client, is what limits throughput (see BENCHMARKS.md).
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,9 @@ STAGING_DDL = (
 )
 
 
+COPY_READINGS = "COPY readings (channel_id, ts, value, quality) FROM STDIN (FORMAT BINARY)"
+
+
 def copy_binary(
     channel_ids: np.ndarray, ts_us: np.ndarray, values: np.ndarray, quality: np.ndarray
 ) -> bytes:
@@ -33,6 +37,13 @@ def copy_binary(
 
     ``ts_us`` are microseconds since the PostgreSQL epoch (2000-01-01 UTC).
     """
+    return COPY_HEADER + copy_rows(channel_ids, ts_us, values, quality) + COPY_TRAILER
+
+
+def copy_rows(
+    channel_ids: np.ndarray, ts_us: np.ndarray, values: np.ndarray, quality: np.ndarray
+) -> bytes:
+    """The rows of a binary COPY stream, without its header and trailer."""
     rows = np.empty(len(channel_ids), dtype=READING_ROW)
     rows["nfields"] = 4
     rows["l_ch"] = 4
@@ -43,11 +54,16 @@ def copy_binary(
     rows["v"] = values
     rows["l_q"] = 2
     rows["q"] = quality
-    return COPY_HEADER + rows.tobytes() + COPY_TRAILER
+    return rows.tobytes()
 
 
 def epoch_to_pg_us(ts: np.ndarray) -> np.ndarray:
     return np.rint((ts - PG_EPOCH_S) * 1e6).astype(np.int64)
+
+
+def day_keys(ch: np.ndarray, ts_us: np.ndarray) -> np.ndarray:
+    """(channel, UTC day since 1970) packed in one int64, for ingest_days."""
+    return (ch.astype(np.int64) << 24) | (ts_us // 86_400_000_000 + 10_957)
 
 
 @dataclass
@@ -98,12 +114,19 @@ class BatchWriter:
             self._width_us = days * 86_400_000_000
         return self._width_us
 
-    def _ensure_partitions(self, ts_us: np.ndarray) -> None:
+    def _missing_weeks(self, ts_us: np.ndarray) -> list[int]:
         # Buckets aligned on Monday 2000-01-03, as aq_ensure_partitions aligns them: the PG epoch
         # (2000-01-01) is a Saturday, and a week counted from it would straddle two partitions.
         width = self._partition_width_us()
+        lo = int((int(ts_us.min()) - _PARTITION_ORIGIN_US) // width)
+        hi = int((int(ts_us.max()) - _PARTITION_ORIGIN_US) // width)
+        if lo == hi:
+            return [] if lo in self._weeks else [lo]
         weeks = np.unique((ts_us - _PARTITION_ORIGIN_US) // width)
-        missing = [int(w) for w in weeks if int(w) not in self._weeks]
+        return [int(w) for w in weeks if int(w) not in self._weeks]
+
+    def _ensure_partitions(self, ts_us: np.ndarray) -> None:
+        missing = self._missing_weeks(ts_us)
         if not missing:
             return
         lo = float(ts_us.min()) / 1e6 + PG_EPOCH_S
@@ -137,14 +160,27 @@ class BatchWriter:
             else:
                 result.inserted = len(ch)
             if self.mark_days and result.inserted:
-                keys = np.unique((ch.astype(np.int64) << 24) | (ts_us // 86_400_000_000 + 10_957))
-                cur.execute(
-                    "INSERT INTO ingest_days (channel_id, day, updated_at) "
-                    "SELECT c, date '1970-01-01' + d, now() "
-                    "FROM unnest(%s::int[], %s::int[]) AS u(c, d) "
-                    "ON CONFLICT (channel_id, day) DO UPDATE SET updated_at = excluded.updated_at",
-                    ((keys >> 24).tolist(), (keys & 0xFFFFFF).tolist()),
-                )
+                self._mark_days(cur, day_keys(ch, ts_us))
+
+    def _mark_days(self, cur: psycopg.Cursor, keys: np.ndarray) -> None:
+        """Record which channel-days received data, so flows recompute exactly those."""
+        keys = np.unique(keys)
+        cur.execute(
+            "INSERT INTO ingest_days (channel_id, day, updated_at) "
+            "SELECT c, date '1970-01-01' + d, now() "
+            "FROM unnest(%s::int[], %s::int[]) AS u(c, d) "
+            "ON CONFLICT (channel_id, day) DO UPDATE SET updated_at = excluded.updated_at",
+            ((keys >> 24).tolist(), (keys & 0xFFFFFF).tolist()),
+        )
+
+    @property
+    def careful(self) -> bool:
+        """True while recent batches repeated stored rows: write through staging directly."""
+        return self._careful_left > 0
+
+    def note_duplicates(self) -> None:
+        """A streamed batch hit stored rows: the next batches take the de-duplicating path."""
+        self._careful_left = self.careful_batches
 
     def _copy_direct(self, cur: psycopg.Cursor, stream: bytes) -> bool:
         """Optimistic path: COPY straight into readings inside a savepoint.
@@ -159,9 +195,7 @@ class BatchWriter:
             return False
         try:
             with self.conn.transaction():
-                with cur.copy(
-                    "COPY readings (channel_id, ts, value, quality) FROM STDIN (FORMAT BINARY)"
-                ) as copy:
+                with cur.copy(COPY_READINGS) as copy:
                     copy.write(stream)
         except psycopg.errors.UniqueViolation:
             self._careful_left = self.careful_batches
@@ -218,3 +252,93 @@ class BatchWriter:
                 for source, address, rej in rejections:
                     copy.write_row((source, address, rej.device, rej.reason, rej.detail, rej.raw))
                     result.quarantined[rej.reason] = result.quarantined.get(rej.reason, 0) + 1
+
+
+class CopyStream:
+    """One transaction whose readings flow into a COPY while later frames are still arriving.
+
+    Why: a batch written only once it is complete leaves the server idle while Python decodes,
+    and Python idle while the server inserts. Streaming the rows as they come overlaps the two,
+    the way a single raw COPY does, and halves the time per reading (BENCHMARKS.md). The frames
+    stay with the caller until :meth:`commit`: if the COPY meets a stored row (a redelivery, seen
+    only when the COPY ends) or anything else fails, the caller rolls back with :meth:`abort` and
+    writes the same frames through :meth:`BatchWriter.write`, which de-duplicates.
+    """
+
+    def __init__(self, writer: BatchWriter) -> None:
+        self._w = writer
+        self._cur = writer.conn.cursor()
+        self._copy: psycopg.Copy | None = None
+        self._copy_cm = ExitStack()
+        self._pending = Batch()
+        self._keys: list[np.ndarray] = []
+        self.rows = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(
+        self, channel_ids: list[int], ts: list[float], values: list[float], q: list[int]
+    ) -> None:
+        p = self._pending
+        p.channel_ids.extend(channel_ids)
+        p.ts.extend(ts)
+        p.values.extend(values)
+        p.quality.extend(q)
+
+    def flush(self) -> None:
+        """Send the pending rows to the server (which inserts them while we go on)."""
+        p = self._pending
+        if not len(p):
+            return
+        ch = np.asarray(p.channel_ids, dtype=np.int32)
+        ts_us = epoch_to_pg_us(np.asarray(p.ts, dtype=np.float64))
+        vals = np.asarray(p.values, dtype=np.float64)
+        qual = np.asarray(p.quality, dtype=np.int16)
+        self._pending = Batch()
+        if self._w._missing_weeks(ts_us):
+            self._end_copy()  # no other statement may run inside a COPY
+            self._w._ensure_partitions(ts_us)
+        if self._copy is None:
+            # Cursor.copy is a context manager spanning calls here: ExitStack holds it open.
+            self._copy = self._copy_cm.enter_context(self._cur.copy(COPY_READINGS))
+            self._copy.write(COPY_HEADER)
+        self._copy.write(copy_rows(ch, ts_us, vals, qual))
+        self.rows += len(ch)
+        if self._w.mark_days:
+            self._keys.append(day_keys(ch, ts_us))
+
+    def _end_copy(self) -> None:
+        if self._copy is not None:
+            copy, self._copy = self._copy, None
+            copy.write(COPY_TRAILER)
+            self._copy_cm.close()  # waits for the server; raises on a unique violation
+
+    def commit(self, rejections: list[tuple[str, str, Rejection]]) -> WriteResult:
+        """End the COPY, mark ingest days, quarantine the rejections, commit."""
+        self.flush()
+        self._end_copy()
+        result = WriteResult(inserted=self.rows)
+        if self._keys:
+            self._w._mark_days(self._cur, np.concatenate(self._keys))
+        if rejections:
+            self._w._write_quarantine(rejections, result)
+        self._w.conn.commit()
+        self._cur.close()
+        return result
+
+    def abort(self) -> None:
+        """Give the transaction up; the caller writes its frames another way."""
+        copy, self._copy = self._copy, None
+        try:
+            if copy is not None:
+                err = RuntimeError("aborted")
+                self._copy_cm.__exit__(type(err), err, None)  # sends CopyFail
+        except (psycopg.Error, RuntimeError):
+            pass
+        finally:
+            try:
+                self._w.conn.rollback()
+            except psycopg.Error:
+                pass
