@@ -182,7 +182,52 @@ def _from_document(doc: Any, default_device: str | None) -> list[Uplink]:
     return [_from_object(doc, default_device)]
 
 
+class _Series(msgspec.Struct):
+    """The usual single-meter uplink, ``{"dev", "t0", "step", "reg": [...]}``, typed.
+
+    Why: decoding straight into floats skips a Python-level check per reading, which is most of
+    the decode cost of a 96-reading message. Anything else (batches, ISO timestamps, scalar
+    readings, wrong types) fails this schema and takes the general path, which owns the error
+    messages.
+    """
+
+    dev: str
+    t0: float
+    step: float
+    reg: list[float]
+    unit: str | None = None
+    status: int | None = None
+
+
+_series_decoder = msgspec.json.Decoder(_Series)
+
+
+def _series(payload: bytes) -> list[Uplink] | None:
+    try:
+        s = _series_decoder.decode(payload)
+    except msgspec.DecodeError:  # ValidationError included: not this shape, or not valid
+        return None
+    n = len(s.reg)
+    if not n or not s.dev:
+        return None
+    t0 = s.t0 / 1000.0 if s.t0 > 1e11 else s.t0
+    step = s.step
+    return [
+        Uplink(
+            device=s.dev,
+            channel="register",
+            ts=[t0 + i * step for i in range(n)],
+            values=s.reg,
+            unit=s.unit,
+            status=_status(s.status),
+        )
+    ]
+
+
 def decode_json(payload: bytes, default_device: str | None = None) -> list[Uplink]:
+    fast = _series(payload)
+    if fast is not None:
+        return fast
     try:
         doc = _json_decoder.decode(payload)
     except msgspec.DecodeError as exc:

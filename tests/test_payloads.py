@@ -3,6 +3,7 @@ import json
 import cbor2
 import pytest
 
+from protocols import payloads
 from protocols.payloads import (
     BAD_CRC,
     MALFORMED,
@@ -95,3 +96,37 @@ def test_unknown_format():
     with pytest.raises(PayloadError) as err:
         decode(b"\x99hello")
     assert err.value.reason == UNSUPPORTED_FORMAT
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"dev": "M1", "t0": 1767571200, "step": 900, "reg": [1, 2.5, 3]},
+        {"dev": "M1", "t0": 1767571200000, "step": 900, "reg": [1.0], "unit": "L"},
+        {"dev": "M1", "t0": 1767571200.5, "step": 60, "reg": [0.0, 0.1], "status": 5},
+        {"dev": "M1", "t0": 1767571200, "step": 900, "reg": [1.0], "extra": {"x": 1}},
+        {"dev": "M1", "t0": 1767571200, "step": 900, "reg": [1.0], "status": ["leak"]},
+        {"dev": "M1", "t0": "2026-01-05T00:00:00Z", "step": 900, "reg": [1.0]},
+    ],
+)
+def test_typed_fast_path_decodes_like_the_general_path(doc):
+    """The typed decoder for the common series shape must agree with the general one."""
+    payload = json.dumps(doc).encode()
+    general = payloads._from_document(payloads._json_decoder.decode(payload), None)
+    assert payloads.decode_json(payload) == general
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"dev": "M1", "t0": 1767571200, "step": 900, "reg": [True]},
+        {"dev": "M1", "t0": 1767571200, "step": 900, "reg": ["1.0"]},
+        {"dev": "M1", "t0": 1767571200, "step": 900, "reg": []},
+        {"dev": "", "t0": 1767571200, "step": 900, "reg": [1.0]},
+        {"dev": "M1", "step": 900, "reg": [1.0]},
+    ],
+)
+def test_typed_fast_path_leaves_bad_series_to_the_general_errors(doc):
+    with pytest.raises(PayloadError) as err:
+        payloads.decode_json(json.dumps(doc).encode())
+    assert err.value.reason == "MALFORMED"
