@@ -268,7 +268,7 @@ def _quiet_prefect() -> Iterator[None]:
 def run_demo(
     settings: Settings,
     *,
-    duration_s: float = 120.0,
+    duration_s: float = 90.0,
     days: int = 30,
     meters: int | None = None,
     report_dir: Path = Path("demo-report"),
@@ -512,12 +512,18 @@ def _analyse(
     results: dict[str, Any] = {}
     with _progress(con) as bar:
         names = flow_names()
-        task = bar.add_task("analytics flows (Prefect)", total=len(names) + 1)
+        task = bar.add_task("analytics flows (Prefect)", total=len(names))
         for name in names:
             bar.update(task, description=f"flow {name}")
             kw: dict[str, Any] = {}
             if name == "water_balance":
                 kw["overrides"] = {"period": "window"}
+            if name == "water_quality":
+                # The station streams once a second for a minute or two, not for days: the
+                # limits' minimum duration and the sampling assumptions scale down with it.
+                d = p.wq_limit_min_duration_s
+                kw["overrides"] = {"wq": {"limit_min_duration": d, "limit_quiet_time": d,
+                                          "sample_period": 1, "max_gap": 30}}  # fmt: skip
             if name == "billing_export":
                 kw.update(period_start=bill_start, period_end=bill_end,
                           export_dir=str(report_dir.resolve()))  # fmt: skip
@@ -527,9 +533,6 @@ def _analyse(
                 log.exception("flow %s failed", name)
                 results[name] = {"error": repr(exc)}
             bar.advance(task)
-        bar.update(task, description="water-quality limits")
-        summary["wq_alerts"] = _water_quality(url, start, until, p)
-        bar.advance(task)
     summary["flows"] = {k: _jsonable(v) for k, v in results.items()}
     summary["billing_export"] = results.get("billing_export", {}).get("export_path")
 
@@ -548,44 +551,6 @@ def _analyse(
         summary["report"] = str(
             build_report(frames, fleet.dma_flow, fleet.manifest, table, report_dir)
         )
-
-
-def _water_quality(url: str, since: datetime, until: datetime, p: DemoParams) -> int:
-    """WQ_LIMIT episodes of the quality channels (no scheduled flow computes them yet), upserted
-    into ``alerts`` like the flows' own."""
-    from flows.store import upsert_alerts
-    from pipelines.water_quality import WaterQualityParams, wq_limits
-    from sql.connect import connect
-
-    wq = WaterQualityParams(
-        limit_min_duration=timedelta(seconds=p.wq_limit_min_duration_s),
-        limit_quiet_time=timedelta(seconds=p.wq_limit_min_duration_s),
-        sample_period=timedelta(seconds=1),
-        max_gap=timedelta(seconds=30),
-    )
-    with connect(url) as conn:
-        rows = conn.execute(
-            """SELECT c.device_id, c.name, r.ts, r.value, r.quality
-               FROM readings r JOIN channels c ON c.id = r.channel_id
-               WHERE c.role = 'quality' AND r.ts >= %s AND r.ts < %s""",
-            (since, until),
-        ).fetchall()
-        values = pl.DataFrame(
-            rows,
-            schema={
-                "sensor_id": pl.String,
-                "quantity": pl.String,
-                "ts": pl.Datetime("us", "UTC"),
-                "value": pl.Float64,
-                "quality": pl.Int32,
-            },  # fmt: skip
-            orient="row",
-        )
-        alerts = wq_limits(values, wq)
-        with conn.cursor() as cur:
-            upsert_alerts(cur, alerts)
-        conn.commit()
-    return alerts.height
 
 
 def _jsonable(v: Any) -> Any:

@@ -298,6 +298,28 @@ def load_sensor_values(
     )
 
 
+def load_quality_values(conn: psycopg.Connection, lo: datetime, hi: datetime) -> pl.DataFrame:
+    """``SENSOR_VALUES`` of the water-quality channels (role ``quality``) in [lo, hi).
+
+    The analyser is the device and the subject of its alerts is ``device:quantity`` (the limits
+    are per quantity: a ``free_chlorine`` channel is judged as ``chlorine``). A device with two
+    probes of one quantity would need two devices in the registry.
+    """
+    chans = copy_frame(
+        conn,
+        "SELECT id, device_id, quantity FROM channels WHERE role = 'quality'",
+        None,
+        {"channel_id": pl.Int32, "sensor_id": pl.String, "quantity": pl.String},
+    )
+    raw = _copy_readings(conn, chans["channel_id"].to_list(), lo, hi)
+    return (
+        raw.join(chans, on="channel_id")
+        .select("sensor_id", "quantity", "ts", "value", "quality")
+        .sort("sensor_id", "quantity", "ts")
+        .cast(cast(Any, SENSOR_VALUES))
+    )
+
+
 # --- results read back ------------------------------------------------------------------------
 
 

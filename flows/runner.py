@@ -24,6 +24,7 @@ from flows.dma_night_flow import dma_night_flow
 from flows.ingest_health import ingest_health
 from flows.meter_anomalies import meter_anomalies
 from flows.water_balance import water_balance_flow
+from flows.water_quality import water_quality
 
 FLOWS: dict[str, Flow[..., dict[str, Any]]] = {
     "dma_night_flow": dma_night_flow,
@@ -31,6 +32,7 @@ FLOWS: dict[str, Flow[..., dict[str, Any]]] = {
     "water_balance": water_balance_flow,
     "billing_export": billing_export,
     "ingest_health": ingest_health,
+    "water_quality": water_quality,
 }
 
 # Cron schedules (UTC). The hourly flows are cheap when nothing changed: only stale units run.
@@ -39,6 +41,7 @@ DEFAULT_SCHEDULES: dict[str, str] = {
     "ingest_health": "5 * * * *",
     "dma_night_flow": "15 * * * *",
     "meter_anomalies": "25 * * * *",
+    "water_quality": "*/15 * * * *",
     "water_balance": "40 6 * * *",
     "billing_export": "0 7 2 * *",
 }

@@ -463,3 +463,64 @@ def test_periods_and_schedules() -> None:
     assert crons["aquameter-dma_night_flow"] == [DEFAULT_SCHEDULES["dma_night_flow"]]
     assert crons["aquameter-billing_export"] == []
     assert all("database_url" not in d.parameters for d in deps)
+
+
+def test_water_quality_flow_raises_each_episode_once(
+    db_factory: DatabaseFactory, prefect_api: None
+) -> None:
+    """A turbidity excursion and a frozen pH probe on the estate's analyser panel: the flow
+    raises WQ_LIMIT and SENSOR_FLATLINE with the right subjects and starts; clean channels raise
+    nothing; a second run changes no row."""
+    from aquameter.registry import load_registry as load
+    from ingest.registry_sync import sync_registry
+    from pipelines.water_quality import WQ_CODES
+    from sql.migrate import migrate
+
+    url = db_factory.new(empty=True)
+    with psycopg.connect(url) as conn:
+        migrate(conn, partitions_ahead=2)
+        sync_registry(conn, load(Path(__file__).parent.parent / "examples" / "estate.toml"))
+        conn.commit()
+    step = 300
+    ts = [(START + timedelta(seconds=step * k)).timestamp() for k in range(2 * 288)]
+    excursion = (START + timedelta(hours=10), START + timedelta(hours=11))
+    frozen = (START + timedelta(days=1, hours=2), START + timedelta(days=1, hours=10))
+
+    def inside(t: float, span: tuple[datetime, datetime]) -> bool:
+        return span[0].timestamp() <= t < span[1].timestamp()
+
+    series = {
+        "turbidity": [1.6 if inside(t, excursion) else 0.3 + 0.01 * (k % 7)
+                      for k, t in enumerate(ts)],
+        "ph": [7.4 if inside(t, frozen) else 7.2 + 0.01 * (k % 5) for k, t in enumerate(ts)],
+        "free_chlorine": [0.6 + 0.01 * (k % 3) for k in range(len(ts))],
+        "temperature": [12.0 + 0.1 * (k % 4) for k in range(len(ts))],
+    }  # fmt: skip
+    frames = [
+        Frame(source="test", address="wq", uplinks=[Uplink("WQ-HILL-RESERVOIR", ch, ts, vals)])
+        for ch, vals in series.items()
+    ]
+    with IngestPipeline(url, batch_seconds=0.05) as pipeline:
+        assert sum(o.accepted for o in pipeline.submit_many(frames)) == 4 * len(ts)
+
+    until = START + timedelta(days=2)
+    first = run_flow("water_quality", START, until, url)
+    with psycopg.connect(url) as conn:
+        alerts = load_alerts(conn, codes=list(WQ_CODES))
+    found = {(r["code"], r["subject_id"]): r["start_ts"] for r in alerts.iter_rows(named=True)}
+    assert set(found) == {
+        ("WQ_LIMIT", "WQ-HILL-RESERVOIR:turbidity"),
+        ("SENSOR_FLATLINE", "WQ-HILL-RESERVOIR:ph"),
+    }
+    # A sample speaks for the time since the previous one: starts are within one sample period.
+    limit_start = found[("WQ_LIMIT", "WQ-HILL-RESERVOIR:turbidity")]
+    flat_start = found[("SENSOR_FLATLINE", "WQ-HILL-RESERVOIR:ph")]
+    assert timedelta(0) <= excursion[0] - limit_start <= timedelta(seconds=step)
+    assert abs(flat_start - frozen[0]) <= timedelta(seconds=step)
+    assert first["inserted"] == 2 and first["channels"] == 4
+
+    second = run_flow("water_quality", START, until, url)
+    with psycopg.connect(url) as conn:
+        again = load_alerts(conn, codes=list(WQ_CODES))
+    assert again.equals(alerts)
+    assert (second["inserted"], second["updated"]) == (0, 0)
