@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     mqtt_receive_maximum: int = 20_000
     mqtt_reconnect_min_s: float = 0.5
     mqtt_reconnect_max_s: float = 30.0
+    # MQTT ingest worker processes on the shared subscription (> 1 needs MQTT v5 and a group):
+    # one Python process tops out near 10k messages/s at one reading per message.
+    mqtt_workers: int = Field(default=1, ge=1)
 
     # --- CoAP (NB-IoT uplinks; DTLS-PSK on port + 1 when devices have keys) ----------------
     coap_host: str = "127.0.0.1"
