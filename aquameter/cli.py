@@ -138,30 +138,92 @@ def _counters_table(counters: object) -> Table:
     return table
 
 
+def _workers_table(workers: object) -> Table:
+    from ingest.workers import MqttWorkers
+
+    assert isinstance(workers, MqttWorkers)
+    table = Table(
+        "worker",
+        "pid",
+        "restarts",
+        "messages",
+        "acked",
+        "readings",
+        "stored",
+        "duplicates",
+        "quarantined",
+        title="MQTT workers",
+    )
+    for r in workers.rows():
+        status = str(r.pid) if r.alive else f"exit {r.last_exitcode}"
+        table.add_row(
+            str(r.index),
+            status,
+            str(r.restarts),
+            f"{r.mqtt['messages']:,}",
+            f"{r.mqtt['acked']:,}",
+            f"{r.counters['readings_received']:,}",
+            f"{r.counters['stored']:,}",
+            f"{r.counters['duplicates']:,}",
+            f"{sum(r.quarantined.values()):,}",
+        )
+    return table
+
+
 @app.command("ingest")
 def ingest_cmd(
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
     registry: Annotated[Path | None, typer.Option(help="Registry TOML file.")] = None,
     mqtt: Annotated[bool, typer.Option(help="Subscribe to MQTT meter traffic.")] = True,
+    mqtt_workers: Annotated[
+        int | None,
+        typer.Option(
+            "--mqtt-workers",
+            min=1,
+            help="MQTT ingest processes on the v5 shared subscription "
+            "(default: AQUAMETER_MQTT_WORKERS, 1).",
+        ),
+    ] = None,
 ) -> None:
-    """Run every adapter the registry asks for into the validated write path until Ctrl-C."""
-    from ingest.service import adapter_options, build_async_adapters, make_pipeline, start_mqtt
+    """Run every adapter the registry asks for into the validated write path until Ctrl-C.
+
+    With ``--mqtt-workers N`` (N > 1, MQTT v5 broker, a shared group) MQTT runs in N worker
+    processes on the shared subscription; CoAP, Modbus and OPC-UA stay in this process."""
+    from ingest.service import (
+        adapter_options,
+        build_async_adapters,
+        make_pipeline,
+        start_mqtt,
+        vendor_formats,
+    )
+    from ingest.workers import MqttWorkers, effective_workers
 
     s = _settings()
     reg = load_registry(registry or s.registry)
-    pipeline = make_pipeline(s, database_url(s))
+    db = database_url(s)
+    pipeline = make_pipeline(s, db)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    workers: MqttWorkers | None = None
 
     def tick() -> None:
-        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {pipeline.counters.line()}")
+        line = pipeline.counters.line() if workers is None else workers.line(pipeline.counters)
+        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {line}")
 
     try:
         with broker(s) as (url, v5):
-            client = start_mqtt(s, reg, pipeline, url, v5) if mqtt else None
+            n = mqtt_workers or s.mqtt_workers
+            n = effective_workers(n, v5=v5, shared_group=s.mqtt_shared_group) if mqtt else 1
+            client = None
+            if mqtt and n > 1:
+                # The CoAP/Modbus/OPC-UA adapters below stay in this process, on `pipeline`.
+                workers = MqttWorkers(s, db, url, vendor_formats(reg), n).start()
+            elif mqtt:
+                client = start_mqtt(s, reg, pipeline, url, v5)
             console.print(
                 f"ingest: broker {url} (MQTT {'v5' if v5 else '3.1.1'}), "
                 f"{len(pipeline.index()):,} channels"
+                + (f", {n} MQTT worker processes" if workers is not None else "")
             )
             adapters = build_async_adapters(reg, pipeline, options=adapter_options(s))
             try:
@@ -170,10 +232,16 @@ def ingest_cmd(
                 pass
             finally:
                 if client is not None:
-                    client.stop()
+                    client.shutdown(pipeline.close)  # commit and acknowledge what was read
+                if workers is not None:
+                    workers.stop()
     finally:
         pipeline.close()
-        console.print(_counters_table(pipeline.counters))
+        if workers is None:
+            console.print(_counters_table(pipeline.counters))
+        else:
+            console.print(_counters_table(workers.counters(plus=pipeline.counters)))
+            console.print(_workers_table(workers))
 
 
 async def _until(
@@ -463,7 +531,9 @@ def export_billing_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    duration: Annotated[float, typer.Option(help="Seconds of live traffic.")] = 120.0,
+    duration: Annotated[
+        float, typer.Option(help="Seconds from start until the analytics run (live traffic).")
+    ] = 90.0,
     days: Annotated[int, typer.Option(help="Days of history.")] = 30,
     meters: Annotated[int | None, typer.Option(help="Override the number of meters.")] = None,
     report_dir: Annotated[Path, typer.Option()] = Path("demo-report"),

@@ -391,7 +391,7 @@ def _run(
                     with contextlib.suppress(Exception):
                         loop.run(pumps.close(), timeout=10)
                 if mqtt is not None:
-                    mqtt.stop()
+                    mqtt.shutdown(pipeline.close)
                 pipeline.close()
                 loop.close()
         summary["ingest"] = pipeline.counters.snapshot()

@@ -1,12 +1,17 @@
 """Ingest throughput, side by side in one script (readings/s):
 
 (a) end to end: MQTT (QoS 1, backlog held by the broker) → aquameter ingest → committed rows, for
-    1 and for 96 readings per message;
+    1 and for 96 readings per message; once in one process (``MqttIngest`` + ``IngestPipeline``)
+    and once with 2 worker processes on an MQTT v5 shared subscription (``ingest.workers``, what
+    ``aquameter ingest --mqtt-workers 2`` runs);
 (b) the limit: a plain psycopg binary ``COPY`` of the same rows into the same table;
 (c) the baseline users would write: a paho callback doing one INSERT per reading (autocommit).
 
 The broker is a private mosquitto (unlimited queue) and each variant starts from an empty readings
-table with the same indexes. Run: ``.venv/bin/python bench/ingest.py [--quick]``.
+table with the same indexes. Each (a) clock starts when the subscriber(s) begin to connect, their
+pipelines and channel index already loaded (the workers wait at a start gate for that, so process
+start-up is not counted), and stops when the committed count reaches the total (the workers
+report their counters every 10 ms). Run: ``.venv/bin/python bench/ingest.py [--quick]``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
 import json
+import logging
 import multiprocessing as mp
 import tempfile
 import threading
@@ -35,8 +41,10 @@ from rich.table import Table
 
 from aquameter.embedded import start_broker
 from aquameter.registry import Device, Meter, Registry
+from aquameter.settings import Settings
 from ingest.pipeline import IngestPipeline
 from ingest.registry_sync import sync_registry
+from ingest.workers import MqttWorkers, worker_client_id
 from protocols.mqtt import MqttIngest, uplink_topic
 from sql.migrate import migrate
 from tests.servers import DatabaseFactory, server_url
@@ -105,7 +113,7 @@ def preload(port: int, msgs: list[tuple[str, bytes]], procs: int = 2) -> None:
         p.join()
 
 
-def create_session(url: str, client_id: str) -> None:
+def create_session(url: str, client_id: str, topic_filter: str = f"{ROOT}/+/+/up") -> None:
     """Connect once with a persistent session and subscribe, then leave."""
     done = threading.Event()
     c = mqtt.Client(
@@ -122,7 +130,7 @@ def create_session(url: str, client_id: str) -> None:
     port = int(url.rsplit(":", 1)[1])
     c.connect("127.0.0.1", port, clean_start=False, properties=props)
     c.loop_start()
-    c.subscribe([(f"{ROOT}/+/+/up", 1)])
+    c.subscribe([(topic_filter, 1)])
     done.wait(5)
     c.disconnect()
     c.loop_stop()
@@ -152,9 +160,64 @@ def run_aquameter(broker_url: str, db: str, msgs: list[tuple[str, bytes]], n: in
     while pipeline.counters.stored < n:
         time.sleep(0.01)
     elapsed = time.perf_counter() - t
-    client.stop()
-    pipeline.close()
+    client.shutdown(pipeline.close)
     assert count(db) == n
+    return n / elapsed
+
+
+def run_workers(
+    broker_url: str, db: str, msgs: list[tuple[str, bytes]], n: int, workers: int = 2
+) -> float:
+    """(a) with ``workers`` processes of ``ingest.workers`` on one shared subscription.
+
+    Every worker's session joins the share group before the preload, because mosquitto hands each
+    queued message to one session of the group at publish time: a session created later would
+    find nothing queued for it."""
+    reset(db)
+    tag = uuid.uuid4().hex[:6]
+    settings = Settings(
+        database_url=db,
+        mqtt_url=broker_url,
+        mqtt_topic_root=ROOT,
+        mqtt_shared_group=f"bench{tag}",
+        mqtt_client_id=f"aqw-{tag}",
+        # the defaults of IngestPipeline and MqttIngest, as in run_aquameter
+        batch_rows=20_000,
+        batch_seconds=0.25,
+        queue_frames=5_000,
+        mqtt_receive_maximum=20_000,
+        mqtt_session_expiry_s=3600,
+    )
+    for k in range(workers):
+        create_session(
+            broker_url,
+            worker_client_id(settings.mqtt_client_id, k),
+            f"$share/{settings.mqtt_shared_group}/{ROOT}/+/+/up",
+        )
+    preload(int(broker_url.rsplit(":", 1)[1]), msgs)
+    pool = MqttWorkers(
+        settings,
+        db,
+        broker_url,
+        {"v": "json"},
+        workers,
+        report_every_s=0.01,
+        hold=True,
+        log_level=logging.ERROR,
+    ).start()
+    try:
+        assert pool.wait_all("held", 120), "workers did not start"
+        t = time.perf_counter()
+        pool.release()
+        while pool.counters().stored < n:
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - t
+    finally:
+        pool.stop()
+    assert count(db) == n
+    rows = pool.rows()
+    assert all(r.counters["stored"] > 0 for r in rows), [r.counters for r in rows]
+    assert sum(r.counters["stored"] for r in rows) == n and pool.restarts() == 0
     return n / elapsed
 
 
@@ -254,6 +317,10 @@ def main() -> None:
                 results["a96"] = run_aquameter(broker.url, db, big, n_big)
                 console.print(f"(a) 1/msg: {n_one:,} messages")
                 results["a1"] = run_aquameter(broker.url, db, one, n_one)
+                console.print("(a) 96/msg, 2 worker processes")
+                results["w96"] = run_workers(broker.url, db, big, n_big)
+                console.print("(a) 1/msg, 2 worker processes")
+                results["w1"] = run_workers(broker.url, db, one, n_one)
                 console.print("(b) raw COPY")
                 results["b"] = run_copy(db, big, n_big)
                 console.print(f"(c) naive INSERT per reading: {len(naive):,} messages")
@@ -272,6 +339,16 @@ def main() -> None:
         "(a) MQTT → rows, 1 reading/msg",
         f"{results['a1']:,.0f}",
         f"{results['a1'] / results['c']:.1f}× (c)",
+    )
+    table.add_row(
+        "(a) MQTT → rows, 2 workers, 96 readings/msg",
+        f"{results['w96']:,.0f}",
+        f"{results['w96'] / results['b']:.0%} of (b)",
+    )
+    table.add_row(
+        "(a) MQTT → rows, 2 workers, 1 reading/msg",
+        f"{results['w1']:,.0f}",
+        f"{results['w1'] / results['c']:.1f}× (c)",
     )
     table.add_row("(b) raw binary COPY, same rows", f"{results['b']:,.0f}", "limit")
     table.add_row("(c) naive paho + INSERT per reading", f"{results['c']:,.0f}", "baseline")

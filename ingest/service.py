@@ -1,6 +1,7 @@
-"""``aquameter ingest``: every adapter the registry asks for, in one process, into one pipeline.
+"""``aquameter ingest``: every adapter the registry asks for, into one validated write path.
 
-MQTT runs on paho's network thread; CoAP, Modbus and OPC-UA adapters run concurrently on one asyncio
+MQTT runs on paho's network thread (or, with ``--mqtt-workers N``, in N processes on the shared
+subscription: ``ingest.workers``); CoAP, Modbus and OPC-UA adapters run concurrently on one asyncio
 loop. All of them submit to the same :class:`IngestPipeline`, so validation, de-duplication and the
 quarantine behave the same whatever the protocol.
 """

@@ -20,7 +20,11 @@ redelivery harmless.
 from __future__ import annotations
 
 import logging
+import select
+import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -147,8 +151,19 @@ class MqttIngest:
         return self
 
     def stop(self) -> None:
-        self.client.disconnect()
+        self.shutdown()
+
+    def shutdown(self, drain: Callable[[], None] | None = None, timeout_s: float = 10.0) -> None:
+        """Stop without causing redeliveries: stop reading, run ``drain`` (the sink commits what
+        was read, and its acknowledgements go straight to the socket since no network thread
+        runs any more), flush them, DISCONNECT, and close the socket only after the broker has.
+        Whatever was read but not committed is never acknowledged and comes back next time."""
         self.client.loop_stop()
+        if drain is not None:
+            drain()
+        _flush_writes(self.client, timeout_s)
+        self.client.on_socket_close = _lingering_close
+        self.client.disconnect()
 
     def subscriptions(self) -> list[str]:
         filters = [f"{self.topic_root}/+/+/up", f"{self.topic_root}/+/gw/+/batch"]
@@ -204,7 +219,8 @@ class MqttIngest:
     ) -> None:
         self.connected.clear()
         self.stats.bump("disconnects")
-        log.warning("MQTT disconnected: %s", reason_code)
+        level = logging.WARNING if reason_code.is_failure else logging.INFO
+        log.log(level, "MQTT disconnected: %s", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         self.stats.bump("messages")
@@ -233,3 +249,41 @@ class MqttIngest:
         if qos > 0:
             self.client.ack(mid, qos)
         self.stats.bump("acked")
+
+
+def _flush_writes(client: mqtt.Client, timeout_s: float = 10.0) -> None:
+    """Write out what paho still holds (PUBACKs) now that no network thread does it for us."""
+    deadline = time.monotonic() + timeout_s
+    while client.want_write() and time.monotonic() < deadline:
+        sock = client.socket()
+        if sock is None:
+            return
+        select.select([], [sock], [], max(0.0, min(0.5, deadline - time.monotonic())))
+        if client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
+            return
+
+
+def _lingering_close(client: mqtt.Client, userdata: object, sock: object) -> None:
+    """paho's ``on_socket_close`` for the final DISCONNECT: close only once the broker has.
+
+    The broker refills the Receive Maximum window as soon as our PUBACKs arrive, so when we
+    disconnect there are unread messages in our receive buffer. Closing a TCP socket with unread
+    data sends a RST, and a RST makes the broker's kernel drop what it had not read yet: our last
+    PUBACKs, whose messages it then delivers again. So send FIN after the DISCONNECT and read
+    (and drop) until the broker closes its side, which it does after handling both."""
+    if not isinstance(sock, socket.socket):
+        return
+    deadline = time.monotonic() + 5.0
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while (remaining := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([sock], [], [], remaining)
+            if not readable:
+                return
+            try:
+                if not sock.recv(65536):
+                    return  # EOF: the broker handled everything we sent and closed
+            except BlockingIOError:
+                continue
+    except OSError:
+        return
