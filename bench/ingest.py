@@ -28,7 +28,6 @@ import json
 import logging
 import multiprocessing as mp
 import tempfile
-import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -47,6 +46,7 @@ from ingest.registry_sync import sync_registry
 from ingest.workers import MqttWorkers, worker_client_id
 from protocols.mqtt import MqttIngest, uplink_topic
 from sql.migrate import migrate
+from tests.mqtt_helpers import create_session
 from tests.servers import DatabaseFactory, server_url
 
 ROOT = "aquameter/v1"
@@ -113,29 +113,6 @@ def preload(port: int, msgs: list[tuple[str, bytes]], procs: int = 2) -> None:
         p.join()
 
 
-def create_session(url: str, client_id: str, topic_filter: str = f"{ROOT}/+/+/up") -> None:
-    """Connect once with a persistent session and subscribe, then leave."""
-    done = threading.Event()
-    c = mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5,
-    )
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 3600
-    c.on_subscribe = lambda *a: done.set()
-    port = int(url.rsplit(":", 1)[1])
-    c.connect("127.0.0.1", port, clean_start=False, properties=props)
-    c.loop_start()
-    c.subscribe([(topic_filter, 1)])
-    done.wait(5)
-    c.disconnect()
-    c.loop_stop()
-
-
 def count(db: str) -> int:
     with psycopg.connect(db) as conn:
         row = conn.execute("SELECT count(*) FROM readings").fetchone()
@@ -151,7 +128,7 @@ def reset(db: str) -> None:
 def run_aquameter(broker_url: str, db: str, msgs: list[tuple[str, bytes]], n: int) -> float:
     reset(db)
     cid = f"aq-{uuid.uuid4().hex[:6]}"
-    create_session(broker_url, cid)
+    create_session(broker_url, cid, [f"{ROOT}/+/+/up"])
     preload(int(broker_url.rsplit(":", 1)[1]), msgs)
     pipeline = IngestPipeline(db).start()
     t = time.perf_counter()
@@ -192,7 +169,7 @@ def run_workers(
         create_session(
             broker_url,
             worker_client_id(settings.mqtt_client_id, k),
-            f"$share/{settings.mqtt_shared_group}/{ROOT}/+/+/up",
+            [f"$share/{settings.mqtt_shared_group}/{ROOT}/+/+/up"],
         )
     preload(int(broker_url.rsplit(":", 1)[1]), msgs)
     pool = MqttWorkers(
@@ -251,7 +228,7 @@ def run_naive(broker_url: str, db: str, msgs: list[tuple[str, bytes]], n: int) -
     """What a first attempt looks like: decode in the callback, INSERT each reading, autocommit."""
     reset(db)
     cid = f"naive-{uuid.uuid4().hex[:6]}"
-    create_session(broker_url, cid)
+    create_session(broker_url, cid, [f"{ROOT}/+/+/up"])
     preload(int(broker_url.rsplit(":", 1)[1]), msgs)
     conn = psycopg.connect(db, autocommit=True)
     ids = dict(conn.execute("SELECT device_id, id FROM channels").fetchall())

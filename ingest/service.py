@@ -20,6 +20,7 @@ from aquameter.registry import Registry
 from aquameter.settings import Settings
 from ingest.pipeline import IngestPipeline, pipeline_from_settings
 from protocols.mqtt import MqttIngest
+from protocols.uplink import FrameSink
 
 log = logging.getLogger("aquameter.ingest")
 
@@ -42,23 +43,35 @@ def vendor_formats(registry: Registry) -> dict[str, str]:
     return {v.id: v.payload for v in registry.vendors}
 
 
-def start_mqtt(
-    settings: Settings, registry: Registry, pipeline: IngestPipeline, url: str, v5: bool
+def mqtt_client(
+    settings: Settings,
+    vendor_formats: dict[str, str],
+    sink: FrameSink,
+    url: str,
+    v5: bool,
+    client_id: str | None = None,
 ) -> MqttIngest:
+    """The MQTT adapter as the settings describe it (not started)."""
     return MqttIngest(
         url,
-        pipeline,
-        vendor_formats(registry),
+        sink,
+        vendor_formats,
         topic_root=settings.mqtt_topic_root,
         shared_group=settings.mqtt_shared_group,
-        client_id=settings.mqtt_client_id,
+        client_id=client_id or settings.mqtt_client_id,
         session_expiry_s=settings.mqtt_session_expiry_s,
         qos=settings.mqtt_qos,
         receive_maximum=settings.mqtt_receive_maximum,
         reconnect_min_s=settings.mqtt_reconnect_min_s,
         reconnect_max_s=settings.mqtt_reconnect_max_s,
         v5=v5,
-    ).start()
+    )
+
+
+def start_mqtt(
+    settings: Settings, registry: Registry, pipeline: IngestPipeline, url: str, v5: bool
+) -> MqttIngest:
+    return mqtt_client(settings, vendor_formats(registry), pipeline, url, v5).start()
 
 
 def adapter_options(settings: Settings) -> dict[str, dict[str, Any]]:

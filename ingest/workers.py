@@ -41,6 +41,7 @@ from typing import Literal
 from aquameter.settings import Settings
 from ingest.counters import IngestCounters
 from ingest.pipeline import pipeline_from_settings
+from ingest.service import mqtt_client
 from protocols.mqtt import MqttIngest
 
 log = logging.getLogger("aquameter.ingest.workers")
@@ -191,19 +192,9 @@ def worker_main(config: WorkerConfig, conn: Connection, gate: MpEvent) -> None:
                 return
         if stop.is_set():
             return
-        client = MqttIngest(
-            config.broker_url,
-            pipeline,
-            config.vendor_formats,
-            topic_root=s.mqtt_topic_root,
-            shared_group=s.mqtt_shared_group,
-            client_id=worker_client_id(s.mqtt_client_id, config.index),
-            session_expiry_s=s.mqtt_session_expiry_s,
-            qos=s.mqtt_qos,
-            receive_maximum=s.mqtt_receive_maximum,
-            reconnect_min_s=s.mqtt_reconnect_min_s,
-            reconnect_max_s=s.mqtt_reconnect_max_s,
-            v5=True,
+        client_id = worker_client_id(s.mqtt_client_id, config.index)
+        client = mqtt_client(
+            s, config.vendor_formats, pipeline, config.broker_url, True, client_id
         ).start()
         _send(conn, _report(config, "running", pipeline.counters, client))
         while not stop.wait(config.report_every_s):

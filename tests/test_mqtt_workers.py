@@ -13,12 +13,8 @@ import sys
 import threading
 import time
 import uuid
-from urllib.parse import urlparse
 
-import paho.mqtt.client as mqtt
 import psycopg
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from aquameter.registry import load_registry
 from aquameter.settings import Settings
@@ -26,7 +22,7 @@ from ingest.service import vendor_formats
 from ingest.workers import MqttWorkers, effective_workers, restart_delay, worker_client_id
 from protocols.mqtt import uplink_topic
 from protocols.payloads import encode_binary_v1
-from tests.mqtt_helpers import publish_all, wait_count
+from tests.mqtt_helpers import create_session, publish_all, wait_count
 from tests.servers import EXAMPLE_REGISTRY
 from tests.servers import ROOT as REPO
 
@@ -255,36 +251,18 @@ def test_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(mqtt_
     assert rows[0].counters["stored"] > 0 and rows[1].counters["stored"] > 0
 
 
-def _create_session(url: str, client_id: str, group: str) -> None:
-    """Join the share group with a persistent session and leave, as a worker that ran before."""
-    parsed = urlparse(url)
-    done = threading.Event()
-    c = mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5,
-    )
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 300
-    c.on_subscribe = lambda *a: done.set()
-    c.connect(
-        parsed.hostname or "127.0.0.1", parsed.port or 1883, clean_start=False, properties=props
-    )
-    c.loop_start()
-    c.subscribe([(f"$share/{group}/{ROOT}/+/+/up", 1), (f"$share/{group}/{ROOT}/+/gw/+/batch", 1)])
-    assert done.wait(10)
-    c.disconnect()
-    c.loop_stop()
-
-
 def test_cli_mqtt_workers_flag_drains_a_backlog(mqtt_url, db_url):
     settings = _settings(db_url, mqtt_url, "cli")
     assert settings.mqtt_shared_group is not None
     # The sessions of worker 0 and 1 exist (as after an earlier run), so the backlog published
     # now waits for them, split between the two.
     for k in range(2):
-        _create_session(
-            mqtt_url, worker_client_id(settings.mqtt_client_id, k), settings.mqtt_shared_group
+        group = settings.mqtt_shared_group
+        create_session(
+            mqtt_url,
+            worker_client_id(settings.mqtt_client_id, k),
+            [f"$share/{group}/{ROOT}/+/+/up", f"$share/{group}/{ROOT}/+/gw/+/batch"],
+            expiry_s=300,
         )
     msgs, n = _messages(range(2), 3)
     publish_all(mqtt_url, msgs)
