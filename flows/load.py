@@ -283,18 +283,12 @@ def load_sensor_values(
 ) -> pl.DataFrame:
     """``SENSOR_VALUES`` of sensor channels (water quality, pumps, …) in [lo, hi)."""
     where = "" if sensor_ids is None else "AND sensor_id = ANY(%s)"
-    chans = copy_frame(
+    return _sensor_values(
         conn,
         f"SELECT id, sensor_id, quantity FROM channels WHERE sensor_id IS NOT NULL {where}",
         None if sensor_ids is None else (list(sensor_ids),),
-        {"channel_id": pl.Int32, "sensor_id": pl.String, "quantity": pl.String},
-    )
-    raw = _copy_readings(conn, chans["channel_id"].to_list(), lo, hi)
-    return (
-        raw.join(chans, on="channel_id")
-        .select("sensor_id", "quantity", "ts", "value", "quality")
-        .sort("sensor_id", "quantity", "ts")
-        .cast(cast(Any, SENSOR_VALUES))
+        lo,
+        hi,
     )
 
 
@@ -305,10 +299,18 @@ def load_quality_values(conn: psycopg.Connection, lo: datetime, hi: datetime) ->
     are per quantity: a ``free_chlorine`` channel is judged as ``chlorine``). A device with two
     probes of one quantity would need two devices in the registry.
     """
+    sql = "SELECT id, device_id, quantity FROM channels WHERE role = 'quality'"
+    return _sensor_values(conn, sql, None, lo, hi)
+
+
+def _sensor_values(
+    conn: psycopg.Connection, channels_sql: str, params: Any, lo: datetime, hi: datetime
+) -> pl.DataFrame:
+    """Readings of the channels ``channels_sql`` selects as (id, sensor id, quantity)."""
     chans = copy_frame(
         conn,
-        "SELECT id, device_id, quantity FROM channels WHERE role = 'quality'",
-        None,
+        channels_sql,
+        params,
         {"channel_id": pl.Int32, "sensor_id": pl.String, "quantity": pl.String},
     )
     raw = _copy_readings(conn, chans["channel_id"].to_list(), lo, hi)
