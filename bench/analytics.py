@@ -18,6 +18,12 @@ difference fails the run with the rows that differ. ``--chunk-meters K`` adds a 
 that loads, processes and writes the meters in chunks of K, the way a flow runs them (MNF needs
 only DMA flows); its results are compared with pandas too.
 
+The polars side chains the stages as a flow does: the reads are loaded as one chunk (as pandas
+holds them), cleaned once (``clean_reads``, timed as part of stage 1) and the clean reads handed
+to stages 1-3; each result is written as soon as it is complete and then dropped, and the stages
+run in the order that holds the fewest large frames at once (validation, then intervals and
+anomalies, then the validated series). Times are per stage whatever the order.
+
 Run: ``.venv/bin/python bench/analytics.py [--meters 10000 --days 30] [--quick]``.
 """
 
@@ -134,7 +140,7 @@ def run_polars(data: Path, out: Path, chunk_meters: int, prefix: str) -> dict[st
     its meter list is held at once."""
     from dma.night_flow import minimum_night_flow
     from pipelines import anomalies as an
-    from pipelines.consumption import interval_consumption
+    from pipelines.consumption import clean_reads, interval_consumption
     from pipelines.vee import validate, validated_intervals
 
     meters = pl.read_parquet(data / "meters.parquet")
@@ -152,20 +158,39 @@ def run_polars(data: Path, out: Path, chunk_meters: int, prefix: str) -> dict[st
     )
     ids = meters.get_column("meter_id").sort()
     size = chunk_meters if 0 < chunk_meters < ids.len() else max(1, ids.len())
-    reads_all = pl.read_parquet(data / "reads.parquet") if size >= ids.len() else None
+    # Loaded as one chunk, as pandas holds its columns: the parquet reader hands back one chunk
+    # per row group, and clean_reads would otherwise make the copy inside the timed stage.
+    reads_all = pl.read_parquet(data / "reads.parquet").rechunk() if size >= ids.len() else None
     loaded_mb = peak_rss_mb()
     timer = Timer()
     for k, lo in enumerate(range(0, ids.len(), size)):
         if reads_all is not None:
             r, m = reads_all, meters
+            reads_all = None  # held by ``r`` only, so it goes when validation is done with it
         else:
             chunk = ids.slice(lo, size).implode()
             scan = pl.scan_parquet(data / "reads.parquet")
-            r = scan.filter(pl.col("meter_id").is_in(chunk)).collect()
+            r = scan.filter(pl.col("meter_id").is_in(chunk)).collect().rechunk()
             m = meters.filter(pl.col("meter_id").is_in(chunk))
-        iv = timer.run("consumption", partial(interval_consumption, r, m))
-        fail = timer.run("vee.validate", partial(validate, r, m, as_of=as_of, dmas=dmas))
-        valid = timer.run("vee.validated_intervals", partial(validated_intervals, r, m, None, fail))
+
+        def write(name: str, frame: pl.DataFrame, *columns: str | pl.Expr, k: int = k) -> None:
+            # In slices of rows: selecting and encoding tens of millions of rows at once would
+            # hold the encoder's buffers for all of them (``_load`` reads the files as one).
+            step = 2_000_000
+            for j, at in enumerate(range(0, max(frame.height, 1), step)):
+                part = frame.slice(at, step).select(columns)
+                part.write_parquet(out / f"{prefix}_{name}_{k:04d}_{j:03d}.parquet")
+
+        # As a flow chaining the stages does: the reads are cleaned once and the clean reads
+        # handed to every stage, and each result is written (and dropped) as soon as it is
+        # complete. The stages run in the order that holds the fewest large frames at once:
+        # the raw reads go after validation, the intervals after the anomalies.
+        clean = timer.run("consumption", partial(clean_reads, r))
+        fail = timer.run(
+            "vee.validate", partial(validate, r, m, as_of=as_of, dmas=dmas, clean=clean)
+        )
+        del r  # only validate reads the raw reads (duplicates, future and early reads)
+        iv = timer.run("consumption", partial(interval_consumption, clean, m, cleaned=True))
 
         def detect(iv: pl.DataFrame = iv, m: pl.DataFrame = m) -> pl.DataFrame:
             prepared = an.prepare_intervals(iv, m, p)
@@ -174,29 +199,31 @@ def run_polars(data: Path, out: Path, chunk_meters: int, prefix: str) -> dict[st
             )
 
         alerts = timer.run("anomalies", detect)
-        results = {
-            "iv": iv.select("meter_id", "ts", "volume", "interval_s", "rollover"),
-            "fail": fail.select("meter_id", "ts", "rule", "hard", "value"),
-            "valid": valid.select(
-                "meter_id",
-                "ts",
-                "volume",
-                "interval_s",
-                "vee_status",
-                pl.col("vee_rules").list.join(","),
-            ),
-            "alerts": alerts.select(
-                "code", "subject_id", "start_ts", "end_ts", "status", "evidence"
-            ),
-        }
-        for name, frame in results.items():
-            frame.write_parquet(out / f"{prefix}_{name}_{k:04d}.parquet")
-        del r, m, iv, fail, valid, alerts, results
+        write("iv", iv, "meter_id", "ts", "volume", "interval_s", "rollover")
+        write("alerts", alerts, "code", "subject_id", "start_ts", "end_ts", "status", "evidence")
+        del iv, alerts
+        valid = timer.run(
+            "vee.validated_intervals",
+            partial(validated_intervals, None, m, None, fail, clean=clean),
+        )
+        del clean
+        write("fail", fail, "meter_id", "ts", "rule", "hard", "value")
+        write(
+            "valid",
+            valid,
+            "meter_id",
+            "ts",
+            "volume",
+            "interval_s",
+            "vee_status",
+            pl.col("vee_rules").list.join(","),
+        )
+        del m, fail, valid
     mnf = timer.run("mnf", lambda: minimum_night_flow(flow, dmas))
     peak = peak_rss_mb()
     mnf.select(
         "dma_id", "night_date", "mnf_m3h", "mnf_start_ts", "mnf_end_ts", "mnf_hour", "windows"
-    ).write_parquet(out / f"{prefix}_mnf_0000.parquet")
+    ).write_parquet(out / f"{prefix}_mnf_0000_000.parquet")
     return {"stages": timer.stages, "peak_mb": peak, "loaded_mb": loaded_mb}
 
 

@@ -11,6 +11,7 @@ from datetime import datetime
 
 import polars as pl
 
+from pipelines.consumption import clean_reads
 from pipelines.editing import apply_edits
 from pipelines.estimation import EstimationParams, estimate
 from pipelines.schemas import UTC_TS
@@ -53,9 +54,10 @@ def meter_series(
 ) -> MeterSeries:
     """Run VEE on ``reads`` (``METER_READS``) and return the series and its by-products."""
     p = params or MeterSeriesParams()
-    failures = validate(reads, meters, exchanges, as_of=as_of, dmas=dmas, params=p.vee)
-    good = validated_reads(reads, failures)
-    checked = validated_intervals(reads, meters, exchanges, failures, p.vee)
+    clean = clean_reads(reads)  # once: the three VEE steps start from the same cleaned reads
+    failures = validate(reads, meters, exchanges, as_of=as_of, dmas=dmas, params=p.vee, clean=clean)
+    good = validated_reads(reads, failures, clean=clean)
+    checked = validated_intervals(reads, meters, exchanges, failures, p.vee, clean=clean)
     filled = estimate(checked, meters, dmas=dmas, since=since, until=until, params=p.estimation)
     intervals = filled.intervals
     audit = pl.DataFrame()

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import numpy as np
 import polars as pl
 
 from pipelines.episodes import (
@@ -27,7 +28,6 @@ from pipelines.episodes import (
     Evidence,
     sorted_by_subject,
     update_episodes,
-    with_spans,
 )
 from pipelines.schemas import UTC_TS
 
@@ -265,15 +265,82 @@ def prepare_intervals(
         pl.col("flag").fill_null("A"),
     )
     frame = sorted_by_subject(frame, "ts")
-    frame = with_spans(
-        frame, nominal_step=params.interval, max_step=params.max_interval, ts_marks="end"
+    # ``episodes.with_spans(ts_marks="end")`` and the columns derived from it in one lazy pass:
+    # the meter comparisons are made once and no intermediate frame is materialised.
+    subj, t = pl.col("subject_id"), pl.col("ts")
+    back = pl.when(pl.col("_same_prev")).then(t - t.shift(1))
+    ahead = pl.when(pl.col("_same_prev").shift(-1)).then(t.shift(-1) - t)
+    step = pl.coalesce(back, ahead)
+    nominal = pl.lit(params.interval, dtype=pl.Duration("us"))
+    step = (
+        pl.when(step.is_null() | (step <= timedelta(0)) | (step > params.max_interval))
+        .then(nominal)
+        .otherwise(step)
     )
     hours = (pl.col("end") - pl.col("start")).dt.total_seconds(fractional=True) / 3600.0
-    new_meter = (pl.col("subject_id") != pl.col("subject_id").shift(1)).fill_null(True)
-    return frame.with_columns(hours=hours, _sidx=new_meter.cum_sum()).with_columns(
-        rate=pl.col("volume") / pl.col("hours"),
-        zero=pl.col("volume").abs() <= params.zero_volume_m3,
+    out = (
+        frame.lazy()
+        .with_columns(_same_prev=subj == subj.shift(1))
+        .with_columns(_step=step)
+        .with_columns(start=t - pl.col("_step"), end=t)
+        .with_columns(hours=hours, _sidx=(~pl.col("_same_prev")).fill_null(True).cum_sum())
+        .with_columns(
+            rate=pl.col("volume") / pl.col("hours"),
+            zero=pl.col("volume").abs() <= params.zero_volume_m3,
+        )
+        .drop("_same_prev", "_step")
+        # In memory: the streaming engine hands back hundreds of chunks, and every detector
+        # shifts and gathers down these columns.
+        .collect(engine="in-memory")
     )
+    # An input in many chunks is made one (a few, e.g. one per slice of meters, cost nothing).
+    return out.rechunk() if max(out.n_chunks("all"), default=1) > 16 else out
+
+
+def _openable(
+    frame: pl.DataFrame,
+    active: pl.Expr,
+    code: str,
+    params: MeterAnomalyParams,
+    previous_alerts: pl.DataFrame | None,
+    also: pl.Series | None = None,
+) -> pl.DataFrame:
+    """The rows of the meters of prepared ``frame`` that can have a ``code`` episode.
+
+    An episode opens only on a run of consecutive rows whose condition held for the code's minimum
+    duration; ``active`` is that condition or one it implies (a superset is enough). Meters with a
+    stored alert of the code, and those in ``also``, are kept as well: the episode machinery
+    continues or closes their alerts. Every other meter would go through the machinery only to
+    come out empty, so the detectors build their conditions and evidence on these rows alone
+    (whole meters, in order, so per-meter windows and sums are unchanged).
+    """
+    if frame.height == 0:
+        return frame
+    # Run bounds from flat arrays: a run of the condition starts where it holds and did not on
+    # the row before of the same meter, and ends where it does not on the row after.
+    on = frame.select(active.fill_null(False)).to_series().to_numpy()
+    sidx = frame.get_column("_sidx").to_numpy()
+    same = np.concatenate(([False], sidx[1:] == sidx[:-1]))
+    before = np.concatenate(([False], on[:-1])) & same
+    after = np.concatenate((on[1:], [False])) & np.concatenate((same[1:], [False]))
+    starts = np.flatnonzero(on & ~before)
+    ends = np.flatnonzero(on & ~after)
+    start_us = frame.get_column("start").to_physical().to_numpy()
+    end_us = frame.get_column("end").to_physical().to_numpy()
+    min_us = params.episode_params(code).min_duration // timedelta(microseconds=1)
+    keep = sidx[starts[end_us[ends] - start_us[starts] >= min_us]]
+    subjects = _subjects_of(previous_alerts, code)
+    if also is not None:
+        subjects = pl.concat([subjects, also.cast(pl.String)])
+    heads = np.flatnonzero(~same)
+    if subjects.len():
+        stored = frame.get_column("subject_id").gather(heads).is_in(subjects.implode())
+        keep = np.concatenate((keep, sidx[heads[stored.to_numpy()]]))
+    # Whole meters: the rows from each kept meter's first row up to the next meter's.
+    bounds = np.append(heads, frame.height)
+    which = np.searchsorted(sidx[heads], np.unique(keep))
+    rows = [np.arange(bounds[k], bounds[k + 1]) for k in which.tolist()]
+    return frame[np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)]
 
 
 # --- per-code detectors ------------------------------------------------------------------------
@@ -296,6 +363,7 @@ def leak_continuous(
     p = params or MeterAnomalyParams()
     frame = prepare_intervals(intervals, meters, p)
     seen = pl.lit(True) if p.leak_use_estimated else pl.col("flag") != "E"
+    frame = _openable(frame, ~pl.col("zero") & seen, LEAK_CONTINUOUS, p, previous_alerts)
     frame, night = _night_mask(frame, meters, p)
     cond = frame.select(
         "subject_id",
@@ -340,11 +408,9 @@ def burst(
     p = params or MeterAnomalyParams()
     frame = prepare_intervals(intervals, meters, p)
     frame = _with_meter_attrs(frame, meters, {"q3": "_q3"})
+    # A burst is near Q3 throughout, so only meters near Q3 for the minimum duration can have one.
     near_q3 = pl.col("rate") >= p.burst_q3_fraction * pl.col("_q3")
-    cand = frame.filter(near_q3.fill_null(False))
-    previous_subjects = _subjects_of(previous_alerts, BURST)
-    subjects = pl.concat([cand.get_column("subject_id").unique(), previous_subjects]).unique()
-    sub = frame.filter(pl.col("subject_id").is_in(subjects.implode()))
+    sub = _openable(frame, near_q3, BURST, p, previous_alerts)
 
     daily = (
         sub.group_by("subject_id", pl.col("end").dt.date().alias("day"))
@@ -397,6 +463,7 @@ def reverse_flow(
     frame = prepare_intervals(intervals, meters, p)
     negative = pl.col("volume") < -p.reverse_volume_m3
     flagged = _bit(QUALITY_REVERSE_FLOW)
+    frame = _openable(frame, negative | flagged, REVERSE_FLOW, p, previous_alerts)
     cond = frame.select(
         "subject_id",
         "start",
@@ -438,12 +505,10 @@ def stuck_meter(
     flags = meters.select("meter_id", account.alias("_active_account"))
     frame = _with_meter_attrs(frame, flags, {"_active_account": "_active_account"})
     active_account = pl.col("_active_account").fill_null(False)
-    # Per-meter running total without grouping: a global running total minus its value where the
-    # meter's rows begin (rows are sorted per meter; float error stays far below the threshold).
-    use = pl.col("volume").clip(lower_bound=0.0).fill_null(0.0)
-    first_row = (pl.col("_sidx") != pl.col("_sidx").shift(1)).fill_null(True)
-    running = use.cum_sum()
-    used = running - pl.when(first_row).then(running - use).forward_fill()
+    # Zero flow on an active account for the minimum duration is necessary; the running total
+    # is then needed on those meters only.
+    frame = _openable(frame, pl.col("zero") & active_account, STUCK_METER, p, previous_alerts)
+    used = pl.col("volume").clip(lower_bound=0.0).fill_null(0.0).cum_sum().over("_sidx")
     cond = frame.select(
         "subject_id",
         "start",
@@ -620,6 +685,7 @@ def over_capacity(
     limit = p.over_capacity_factor * q4 * pl.col("hours")
     volume = pl.col("volume")
     over = volume > limit
+    dropped = None
     if failures is not None and failures.height:
         dropped = (
             failures.filter(pl.col("rule") == _VEE_OVER_Q4)
@@ -628,6 +694,9 @@ def over_capacity(
             )
             .agg(pl.col("value").max().alias("_vee_volume"))
         )
+    also = None if dropped is None else dropped.get_column("subject_id")
+    frame = _openable(frame, over, OVER_CAPACITY, p, previous_alerts, also=also)
+    if dropped is not None:
         frame = frame.join(dropped, on=["subject_id", "end"], how="left", maintain_order="left")
         over = over | pl.col("_vee_volume").is_not_null()
         volume = pl.coalesce("_vee_volume", "volume")
@@ -715,6 +784,7 @@ def _status_bit(
     p: MeterAnomalyParams,
     previous_alerts: pl.DataFrame | None,
 ) -> pl.DataFrame:
+    frame = _openable(frame, _bit(mask), code, p, previous_alerts)
     cond = frame.select(
         "subject_id", "start", "end", _bit(mask).alias("active"), pl.lit(1.0).alias("one")
     )

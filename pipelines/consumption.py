@@ -24,6 +24,7 @@ from __future__ import annotations
 import zoneinfo
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 from pipelines.schemas import INTERVALS, UTC_TS
@@ -76,16 +77,27 @@ def sort_by_meter_time(frame: pl.DataFrame) -> pl.DataFrame:
     """
     if frame.height < 2:
         return frame
-    meter, ts = pl.col("meter_id"), pl.col("ts")
-    in_order = (
-        frame.select(
-            ((meter > meter.shift(1)) | ((meter == meter.shift(1)) & (ts >= ts.shift(1))))
-            .slice(1)
-            .all()
-        ).item()
-        is True
-    )
+    # Each row against the row before: the frame and itself one row down, as zero-copy slices
+    # (a shifted string column would be a copy of millions of ids).
+    (m1, m0), (t1, t0) = _consecutive(frame, "meter_id"), _consecutive(frame, "ts")
+    in_order = ((m1 > m0) | ((m1 == m0) & (t1 >= t0))).all()
     return frame if in_order else frame.sort("meter_id", "ts", maintain_order=True)
+
+
+def _consecutive(frame: pl.DataFrame, name: str) -> tuple[pl.Series, pl.Series]:
+    """Column ``name`` from the second row on, and the same column up to the last row but one."""
+    col = frame.get_column(name)
+    n = max(frame.height - 1, 0)
+    return col.slice(1, n), col.slice(0, n)
+
+
+def repeated_keys(frame: pl.DataFrame) -> pl.Series:
+    """``same_key_as_previous`` of a (meter_id, ts)-sorted frame, as a Series, without copies."""
+    if frame.height == 0:
+        return pl.Series("_repeat", [], dtype=pl.Boolean)
+    (m1, m0), (t1, t0) = _consecutive(frame, "meter_id"), _consecutive(frame, "ts")
+    later = ((m1 == m0) & (t1 == t0)).fill_null(False)
+    return pl.concat([pl.Series([False]), later]).rechunk().alias("_repeat")
 
 
 def same_key_as_previous() -> pl.Expr:
@@ -101,18 +113,67 @@ def clean_reads(reads: pl.DataFrame) -> pl.DataFrame:
 
     Duplicates keep the first occurrence in input order, so the result is deterministic; VEE reports
     them (``DUPLICATE_TS``) and its validated reads drop conflicting duplicates before this runs.
+    The result can be handed to :func:`interval_consumption` (``cleaned=True``) and to
+    ``pipelines.vee`` (``clean=``) so that a chain of steps cleans the reads once.
     """
-    r = reads.select(
-        pl.col("meter_id").cast(pl.String),
-        pl.col("ts").cast(UTC_TS),
-        pl.col("register").cast(pl.Float64),
-        pl.col("quality").cast(pl.Int16).fill_null(0),
-    ).filter(
-        pl.col("meter_id").is_not_null()
-        & pl.col("ts").is_not_null()
-        & pl.col("register").is_finite()
+    r = (
+        reads.lazy()
+        .select(
+            pl.col("meter_id").cast(pl.String),
+            pl.col("ts").cast(UTC_TS),
+            pl.col("register").cast(pl.Float64),
+            pl.col("quality").cast(pl.Int16).fill_null(0),
+        )
+        .filter(
+            pl.col("meter_id").is_not_null()
+            & pl.col("ts").is_not_null()
+            & pl.col("register").is_finite()
+        )
+        .collect(engine="in-memory")
+        # One chunk: reads come in many (parquet row groups, database batches), and shifts,
+        # gathers and searches down millions of rows are much slower across chunks.
+        .rechunk()
     )
-    return sort_by_meter_time(r).filter(~same_key_as_previous())
+    r = sort_by_meter_time(r)
+    repeat = repeated_keys(r)
+    return r.filter(~repeat) if repeat.any() else r
+
+
+def meter_blocks(frame: pl.DataFrame) -> tuple[pl.Series, pl.DataFrame]:
+    """Block number of each row (a block is a run of rows of one meter) and the blocks' meters.
+
+    On a frame grouped by meter, per-meter values are looked up once per block and spread to the
+    rows by position (``gather``): hashing millions of meter ids in a join costs far more.
+    Returns ``_b`` (UInt32, one per row) and a frame ``_b, meter_id`` with one row per block.
+    """
+    runs = frame.get_column("meter_id").rle()
+    lengths = runs.struct.field("len").to_numpy()
+    numbers = np.arange(lengths.size, dtype=np.uint32)
+    blocks = pl.Series("_b", np.repeat(numbers, lengths), dtype=pl.UInt32)
+    heads = pl.DataFrame({"_b": numbers, "meter_id": runs.struct.field("value")})
+    return blocks, heads
+
+
+# Validation works on this many rows at a time (whole meters): every rule looks at one meter's
+# rows only, and done on tens of millions of rows at once the intermediate frames of its steps
+# would all be held together (gigabytes for a 10,000-meter month). A chunk of meters as the
+# flows load them (a few thousand meters, a month) stays one slice, and so one chunk of memory:
+# polars shifts and gathers across chunks at up to twice the cost.
+SLICE_ROWS = 8_000_000
+
+
+def meter_slices(frame: pl.DataFrame, rows: int | None = None) -> list[pl.DataFrame]:
+    """``frame`` (grouped by meter, e.g. sorted by meter and time) as zero-copy slices of whole
+    meters of about ``rows`` rows each (default ``SLICE_ROWS``); one slice when it is not
+    larger than that."""
+    rows = SLICE_ROWS if rows is None else max(rows, 1)
+    if frame.height <= rows:
+        return [frame]
+    lengths = frame.get_column("meter_id").rle().struct.field("len").to_numpy()
+    ends = np.cumsum(lengths)
+    cuts = np.unique(np.searchsorted(ends, np.arange(rows, frame.height, rows)))
+    bounds = [0, *ends[cuts[cuts < lengths.size - 1]].tolist(), frame.height]
+    return [frame.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def register_capacity(meters: pl.DataFrame | None, params: ConsumptionParams) -> pl.DataFrame:
@@ -189,6 +250,8 @@ def interval_consumption(
     meters: pl.DataFrame | None = None,
     exchanges: pl.DataFrame | None = None,
     params: ConsumptionParams | None = None,
+    *,
+    cleaned: bool = False,
 ) -> pl.DataFrame:
     """Volume of each interval between consecutive reads of a meter (frame ``CONSUMPTION``).
 
@@ -196,50 +259,139 @@ def interval_consumption(
     ``interval_s`` is its length (a gap shows as a long interval; estimation splits it later),
     ``quality`` is the closing read's vendor status, flag ``A`` and method null. Volumes include
     rollovers and exchanges; an unexplained decrease stays negative for VEE to report.
+
+    ``cleaned=True`` says ``reads`` is already the output of :func:`clean_reads` (or a row subset
+    of it), so the cleaning pass is skipped; on anything else the result is undefined.
     """
     p = params or ConsumptionParams()
-    r = _with_capacity(clean_reads(reads), meters, p)
+    r = reads if cleaned else clean_reads(reads)
     ex = _exchange_table(exchanges)
+    if ex.height == 0:
+        return _plain_intervals(r, meters, p)
+    return _intervals_across_exchanges(_with_capacity(r, meters, p), ex, p)
+
+
+def interval_volumes(
+    clean: pl.DataFrame,
+    meters: pl.DataFrame | None = None,
+    exchanges: pl.DataFrame | None = None,
+    params: ConsumptionParams | None = None,
+) -> pl.DataFrame:
+    """``meter_id, ts, volume, quality, prev_ts, interval_s`` of :func:`interval_consumption` on
+    reads already cleaned (:func:`clean_reads`, or a row subset of it).
+
+    What validation's interval rules read. Building the whole CONSUMPTION frame only to drop most
+    of it would cost as much memory again on tens of millions of intervals: its constant ``flag``
+    column alone takes 16 bytes a row.
+    """
+    p = params or ConsumptionParams()
+    if _exchange_table(exchanges).height == 0:
+        return _plain_intervals(clean, meters, p, full=False)
+    return interval_consumption(clean, meters, exchanges, p, cleaned=True).select(
+        "meter_id", "ts", "volume", "quality", "prev_ts", "interval_s"
+    )
+
+
+def _capacities(
+    r: pl.DataFrame, meters: pl.DataFrame | None, params: ConsumptionParams
+) -> float | pl.Series:
+    """Register capacity per row of clean reads ``r``, or one number when all meters share it."""
+    default_cap = 10.0**params.default_register_digits
+    caps = register_capacity(meters, params).with_columns(pl.col("capacity").fill_null(default_cap))
+    if caps.get_column("capacity").is_in([default_cap]).all():
+        return default_cap
+    blocks, heads = meter_blocks(r)
+    small = heads.join(caps, on="meter_id", how="left", maintain_order="left")
+    return small.get_column("capacity").fill_null(default_cap).gather(blocks)
+
+
+def _plain_intervals(
+    r: pl.DataFrame, meters: pl.DataFrame | None, params: ConsumptionParams, *, full: bool = True
+) -> pl.DataFrame:
+    """Intervals of clean reads when no exchange is recorded: each read with the one before it.
+
+    The read before is the same frame one row up (two zero-copy slices side by side), so the only
+    full-size copy is the filter that drops each meter's first read; the volumes are computed on
+    what that filter keeps. (Eager on purpose: the lazy engine returns the frame in dozens of
+    chunks, which makes every later shift and gather slower.) ``full=False`` gives the
+    :func:`interval_volumes` columns only.
+    """
+    cap_all = _capacities(r, meters, params)
+    n = max(r.height - 1, 0)
+    cur, prev = r.slice(1, n), r.slice(0, n)
+    same_meter = cur.get_column("meter_id") == prev.get_column("meter_id")
+    pair = cur.with_columns(
+        prev["ts"].alias("prev_ts"),
+        prev["register"].alias("_prev_register"),
+    )
+    if isinstance(cap_all, pl.Series):
+        pair = pair.with_columns(cap_all.slice(1, n).alias("_cap"))
+        cap: pl.Expr = pl.col("_cap")
+    else:
+        cap = pl.lit(cap_all)
+    plain = pl.col("register") - pl.col("_prev_register")
+    interval_s = (pl.col("ts") - pl.col("prev_ts")).dt.total_seconds(fractional=True)
+    if not full:
+        return pair.filter(same_meter).select(
+            "meter_id",
+            "ts",
+            _unwrap(plain, cap, params).alias("volume"),
+            "quality",
+            "prev_ts",
+            interval_s.alias("interval_s"),
+        )
+    return (
+        pair.filter(same_meter)
+        .select(
+            "meter_id",
+            "ts",
+            _unwrap(plain, cap, params).alias("volume"),
+            "quality",
+            pl.lit(FLAG_ACTUAL).alias("flag"),
+            pl.lit(None, dtype=pl.String).alias("method"),
+            "prev_ts",
+            (pl.col("ts") - pl.col("prev_ts"))
+            .dt.total_seconds(fractional=True)
+            .alias("interval_s"),
+            "register",
+            _is_wrap(plain, cap, params).alias("rollover"),
+            pl.lit(False).alias("exchange"),
+        )
+        .cast(CONSUMPTION)  # type: ignore[arg-type]
+    )
+
+
+def _intervals_across_exchanges(
+    r: pl.DataFrame, ex: pl.DataFrame, p: ConsumptionParams
+) -> pl.DataFrame:
+    """Intervals of clean reads (with ``capacity``) when exchanges are recorded."""
     same_meter = pl.col("meter_id") == pl.col("meter_id").shift(1)
 
     def prev(name: str) -> pl.Expr:
         return pl.when(same_meter).then(pl.col(name).shift(1))
 
-    if ex.height == 0:
-        # The common case; the exchange columns are constants and the joins are skipped.
-        r = r.with_columns(
-            prev_ts=prev("ts"),
-            prev_register=prev("register"),
-            ex_n=pl.lit(0),
-            prev_ex_n=pl.lit(0),
-            ex_offset=pl.lit(0.0),
-            prev_ex_offset=pl.lit(0.0),
-            new_register_start=pl.lit(None, dtype=pl.Float64),
-            first_old_final=pl.lit(None, dtype=pl.Float64),
-        ).filter(pl.col("prev_ts").is_not_null())
-    else:
-        # Each read learns the last exchange at or before it (its register belongs to that meter).
-        r = r.join_asof(
-            ex.select("meter_id", "exchanged_at", "new_register_start", "ex_n", "ex_offset"),
-            left_on="ts",
-            right_on="exchanged_at",
-            by="meter_id",
-            strategy="backward",
-            check_sortedness=False,
-        ).with_columns(pl.col("ex_n").fill_null(0), pl.col("ex_offset").fill_null(0.0))
-        r = r.with_columns(
-            prev_ts=prev("ts"),
-            prev_register=prev("register"),
-            prev_ex_n=prev("ex_n"),
-            prev_ex_offset=prev("ex_offset"),
-        ).filter(pl.col("prev_ts").is_not_null())
-        # The first exchange inside (prev_ts, ts] gives the old register's final value.
-        first_ex = ex.select(
-            "meter_id",
-            (pl.col("ex_n") - 1).alias("prev_ex_n"),
-            pl.col("old_register_final").alias("first_old_final"),
-        )
-        r = r.join(first_ex, on=["meter_id", "prev_ex_n"], how="left", maintain_order="left")
+    # Each read learns the last exchange at or before it (its register belongs to that meter).
+    r = r.join_asof(
+        ex.select("meter_id", "exchanged_at", "new_register_start", "ex_n", "ex_offset"),
+        left_on="ts",
+        right_on="exchanged_at",
+        by="meter_id",
+        strategy="backward",
+        check_sortedness=False,
+    ).with_columns(pl.col("ex_n").fill_null(0), pl.col("ex_offset").fill_null(0.0))
+    r = r.with_columns(
+        prev_ts=prev("ts"),
+        prev_register=prev("register"),
+        prev_ex_n=prev("ex_n"),
+        prev_ex_offset=prev("ex_offset"),
+    ).filter(pl.col("prev_ts").is_not_null())
+    # The first exchange inside (prev_ts, ts] gives the old register's final value.
+    first_ex = ex.select(
+        "meter_id",
+        (pl.col("ex_n") - 1).alias("prev_ex_n"),
+        pl.col("old_register_final").alias("first_old_final"),
+    )
+    r = r.join(first_ex, on=["meter_id", "prev_ex_n"], how="left", maintain_order="left")
 
     crossed = pl.col("ex_n") > pl.col("prev_ex_n")
     cap = pl.col("capacity")

@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import polars as pl
 
 from pipelines.consumption import (
@@ -43,8 +44,11 @@ from pipelines.consumption import (
     ConsumptionParams,
     clean_reads,
     interval_consumption,
+    interval_volumes,
+    meter_blocks,
+    meter_slices,
     meter_timezones,
-    same_key_as_previous,
+    repeated_keys,
     sort_by_meter_time,
     with_local_midnight_utc,
 )
@@ -177,8 +181,12 @@ def _text(ts: pl.Expr) -> pl.Expr:
 def _rows(
     frame: pl.DataFrame, rule: str, hard: bool | pl.Expr, value: pl.Expr, detail: pl.Expr
 ) -> pl.DataFrame:
-    """Shape one rule's hits as VEE_FAILURES rows."""
-    return frame.select(
+    """Shape one rule's hits as VEE_FAILURES rows.
+
+    The hits are rechunked first: ``pl.format`` on a float column split in chunks panics in
+    polars 2.1 (``assertion failed: i < self.len()``), and a filter of a chunked frame gives one.
+    """
+    return frame.rechunk().select(
         "meter_id",
         "ts",
         pl.lit(rule).alias("rule"),
@@ -220,46 +228,36 @@ def _meter_attributes(meters: pl.DataFrame | None, params: VeeParams) -> pl.Data
     ).unique(subset="meter_id", keep="first", maintain_order=True)
 
 
-def _meter_heads(frame: pl.DataFrame) -> tuple[pl.Series, pl.DataFrame]:
-    """Block number of each row (a block is a run of rows of one meter) and the blocks' meters.
-
-    On a frame grouped by meter, per-meter values are looked up once per block and spread to the
-    rows by position: hashing millions of meter ids in a join costs far more.
-    """
-    new = (pl.col("meter_id") != pl.col("meter_id").shift(1)).fill_null(True)
-    blocks = frame.select((new.cum_sum() - 1).cast(pl.UInt32).alias("_b")).get_column("_b")
-    heads = frame.filter(new).select(
-        pl.int_range(pl.len(), dtype=pl.UInt32).alias("_b"), "meter_id"
+def _per_row(blocks: pl.Series, heads: pl.DataFrame, table: pl.DataFrame, column: str) -> pl.Series:
+    """``column`` of ``table`` (one row per ``meter_id``) for each row of a frame grouped by meter,
+    given the frame's :func:`~pipelines.consumption.meter_blocks`."""
+    small = heads.join(
+        table.select("meter_id", column), on="meter_id", how="left", maintain_order="left"
     )
-    return blocks, heads
+    return small.get_column(column).gather(blocks)
 
 
-def _with_meter_rows(frame: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
-    """``frame`` left-joined with ``table`` (one row per ``meter_id``), row order kept."""
-    blocks, heads = _meter_heads(frame)
-    small = heads.join(table, on="meter_id", how="left", maintain_order="left")
-    extra = [c for c in table.columns if c != "meter_id"]
-    # Contiguous columns, as a join would give: ``pl.format`` on a float column split in chunks
-    # panics in polars 2.1 (``assertion failed: i < self.len()``) once the frame is filtered.
-    return frame.with_columns(small.get_column(c).gather(blocks) for c in extra).rechunk()
-
-
-def _positions(frame: pl.DataFrame, keys: pl.DataFrame) -> pl.DataFrame:
+def _positions(
+    frame: pl.DataFrame,
+    keys: pl.DataFrame,
+    blocks: tuple[pl.Series, pl.DataFrame] | None = None,
+) -> pl.DataFrame:
     """Row positions in ``frame`` (sorted by meter and time, one row per key) of the
     ``(meter_id, ts)`` rows of ``keys`` that it holds: ``_row`` (frame) and ``_key_row`` (keys).
 
     Each row gets the number ``block × span + ts`` (span longer than all times), increasing down
     the frame, so a binary search finds the few keys instead of a hash join over all rows.
+    ``blocks`` is the frame's :func:`~pipelines.consumption.meter_blocks` when already known.
     """
     empty = pl.DataFrame(schema={"_row": pl.UInt32, "_key_row": pl.UInt32})
     if frame.height == 0 or keys.height == 0:
         return empty
-    blocks, heads = _meter_heads(frame)
+    b, heads = blocks if blocks is not None else meter_blocks(frame)
     us = frame.get_column("ts").dt.epoch("us")
     lo, hi = us.min(), us.max()
     assert isinstance(lo, int) and isinstance(hi, int)
     span = hi - lo + 1
-    numbered = blocks.cast(pl.Int64) * span + (us - lo)
+    numbered = b.cast(pl.Int64) * span + (us - lo)
     step = numbered.diff().min()
     if isinstance(step, int) and step <= 0:
         raise ValueError("frame must be sorted by meter_id and ts with one row per key")
@@ -289,8 +287,14 @@ def _read_rules(
     dmas: pl.DataFrame | None,
     as_of: datetime,
     p: VeeParams,
-) -> pl.DataFrame:
-    """Rules that judge a single read: duplicates, future, before install, status bits."""
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.Series]:
+    """Rules that judge a single read: duplicates, future, before install, status bits.
+
+    Returns the failures, the reads with keys sorted by meter and time, and which of those repeat
+    the key of the row before (the reads without them are what the later steps start from). The
+    rules filter the few rows they report straight from the sorted reads with that flag, so no
+    copy of all reads is made here.
+    """
     r = reads.select(
         pl.col("meter_id").cast(pl.String),
         pl.col("ts").cast(UTC_TS),
@@ -298,12 +302,14 @@ def _read_rules(
         pl.col("quality").cast(pl.Int16).fill_null(0),
     ).filter(pl.col("meter_id").is_not_null() & pl.col("ts").is_not_null())
     r = sort_by_meter_time(r)
-    repeat = same_key_as_previous()
+    flags = repeated_keys(r)
+    keyed = r.with_columns(flags)
+    repeat = pl.col("_repeat")
     out: list[pl.DataFrame] = []
 
     # Duplicates are adjacent after the sort: only those few rows are grouped.
     dup = (
-        r.filter(repeat | repeat.shift(-1).fill_null(False))
+        keyed.filter(repeat | repeat.shift(-1).fill_null(False))
         .group_by("meter_id", "ts")
         .agg(
             pl.len().alias("n"),
@@ -324,8 +330,7 @@ def _read_rules(
     )
 
     limit = _utc(as_of) + timedelta(seconds=p.future_tolerance_s)
-    deduped = r.filter(~repeat)
-    future = deduped.filter(pl.col("ts") > pl.lit(limit, dtype=UTC_TS))
+    future = keyed.filter(~repeat & (pl.col("ts") > pl.lit(limit, dtype=UTC_TS)))
     out.append(
         _rows(
             future,
@@ -345,7 +350,7 @@ def _read_rules(
         # Only reads before the latest install instant can be early: the join then sees those few.
         latest = installs.get_column("install_utc").max()
         early = (
-            deduped.filter(pl.col("ts") < pl.lit(latest, dtype=UTC_TS))
+            keyed.filter(~repeat & (pl.col("ts") < pl.lit(latest, dtype=UTC_TS)))
             .join(installs, on="meter_id", how="inner")
             .filter(pl.col("ts") < pl.col("install_utc"))
         )
@@ -359,8 +364,11 @@ def _read_rules(
             )
         )
 
+    # One pass over all reads for any status bit, then one filter per bit on the few flagged.
+    any_bit = sum(int(bit) for bit in STATUS_RULES.values())
+    flagged = keyed.filter(~repeat & ((pl.col("quality").cast(pl.Int32) & any_bit) != 0))
     for rule, bit in STATUS_RULES.items():
-        hit = deduped.filter((pl.col("quality").cast(pl.Int32) & int(bit)) != 0)
+        hit = flagged.filter((pl.col("quality").cast(pl.Int32) & int(bit)) != 0)
         out.append(
             _rows(
                 hit,
@@ -370,7 +378,7 @@ def _read_rules(
                 pl.lit(f"vendor status bit {bit.name} set"),
             )
         )
-    return pl.concat(out, how="vertical")
+    return pl.concat(out, how="vertical"), r, flags
 
 
 def _interval_rules(
@@ -380,9 +388,15 @@ def _interval_rules(
     as_of: datetime | None,
     p: VeeParams,
 ) -> pl.DataFrame:
-    """Rules that judge an interval (two consecutive reads), reported at the closing read."""
+    """Rules that judge an interval (two consecutive reads), reported at the closing read.
+
+    ``iv`` is sorted by meter and time (it comes from clean reads): per-meter attributes are
+    spread to its rows by block position, and only the columns a rule needs are added, to the
+    rows it looks at.
+    """
     step = float(p.interval_s)
-    iv = _with_meter_rows(iv, _meter_attributes(meters, p))
+    blocks, heads = meter_blocks(iv)
+    attrs = _meter_attributes(meters, p)
     out: list[pl.DataFrame] = []
 
     missing = (pl.col("interval_s") / step).round(0) - 1
@@ -402,7 +416,9 @@ def _interval_rules(
         )
     )
     if as_of is not None:
-        last = usable.group_by("meter_id").agg(pl.col("ts").max().alias("last_ts"))
+        # ``usable`` is sorted by meter and time: a meter's last read is the last row of its block.
+        lengths = usable.get_column("meter_id").rle().struct.field("len").to_numpy()
+        last = usable.select("meter_id", pl.col("ts").alias("last_ts"))[np.cumsum(lengths) - 1]
         open_s = (pl.lit(_utc(as_of), dtype=UTC_TS) - pl.col("last_ts")).dt.total_seconds(
             fractional=True
         )
@@ -435,7 +451,9 @@ def _interval_rules(
     )
 
     q4_limit = pl.col("q4_eff") * pl.col("interval_s") / 3600 * p.q4_factor
-    over = iv.filter(pl.col("volume") > q4_limit)
+    over = iv.select(
+        "meter_id", "ts", "volume", "interval_s", _per_row(blocks, heads, attrs, "q4_eff")
+    ).filter(pl.col("volume") > q4_limit)
     out.append(
         _rows(
             over,
@@ -446,47 +464,49 @@ def _interval_rules(
         )
     )
 
-    out.append(_zero_runs(iv, p))
-    out.append(_spikes(iv, p))
+    out.append(_zero_runs(iv, blocks, _per_row(blocks, heads, attrs, "active_account"), p))
+    out.append(_spikes(iv, blocks, p))
     return pl.concat(out, how="vertical")
 
 
-def _zero_runs(iv: pl.DataFrame, p: VeeParams) -> pl.DataFrame:
-    """One row per run of zero intervals lasting ≥ zero_days on an active account."""
-    is_zero = pl.col("volume").abs() <= p.zero_tolerance_m3
-    new_run = (pl.col("meter_id") != pl.col("meter_id").shift(1)) | (
-        pl.col("zero") != pl.col("zero").shift(1)
-    )
-    rows = (
-        iv.select(
-            "meter_id",
-            "prev_ts",
-            "ts",
-            "interval_s",
-            zero=is_zero.fill_null(False),
-            _active=pl.col("active_account").fill_null(True),
-        )
-        .with_columns(run=new_run.fill_null(True).cum_sum())
-        .filter(pl.col("zero") & pl.col("_active"))
-    )
+def _zero_runs(
+    iv: pl.DataFrame, blocks: pl.Series, active: pl.Series, p: VeeParams
+) -> pl.DataFrame:
+    """One row per run of zero intervals lasting ≥ zero_days on an active account.
+
+    ``blocks`` numbers the meters of ``iv`` (sorted by meter and time); ``active`` says per row
+    whether the meter's account is active (null: active).
+    """
+    volume = iv.get_column("volume").to_numpy()
+    with np.errstate(invalid="ignore"):
+        zero = np.abs(volume) <= p.zero_tolerance_m3  # a null volume (NaN here) is not zero
+    # The account flag is the same on all rows of a meter, so the runs of zero intervals on active
+    # accounts are the runs of this one flag within a meter.
+    on = zero & active.fill_null(True).to_numpy()
+    b = blocks.to_numpy()
+    same = np.empty(b.size, dtype=bool)
+    same[:1] = False
+    np.equal(b[1:], b[:-1], out=same[1:])
+    before = np.empty_like(on)
+    before[:1] = False
+    np.logical_and(on[:-1], same[1:], out=before[1:])
+    after = np.empty_like(on)
+    after[-1:] = False
+    np.logical_and(on[1:], same[1:], out=after[:-1])
+    starts = np.flatnonzero(on & ~before)
+    ends = np.flatnonzero(on & ~after)
     # Most zero runs are a night or a few hours: a run's rows are consecutive, so its wall-clock
     # span (last ts - first prev_ts, which the interval seconds add up to) is read from its first
     # and last row, and only runs within a second of the threshold are summed exactly.
-    first = (pl.col("run") != pl.col("run").shift(1)).fill_null(True)
-    last = (pl.col("run") != pl.col("run").shift(-1)).fill_null(True)
-    bounds = pl.concat(
-        [
-            rows.filter(first).select("run", "prev_ts"),
-            rows.filter(last).select("ts"),
-        ],
-        how="horizontal",
-    )
-    long_runs = bounds.filter(
-        (pl.col("ts") - pl.col("prev_ts")).dt.total_seconds(fractional=True)
-        >= p.zero_days * 86400 - 1.0
-    ).get_column("run")
+    first_us = iv.get_column("prev_ts").to_physical().to_numpy()[starts]
+    last_us = iv.get_column("ts").to_physical().to_numpy()[ends]
+    long = (last_us - first_us) >= (p.zero_days * 86400 - 1.0) * 1e6
+    starts, ends = starts[long], ends[long]
+    lengths = ends - starts + 1
+    rows = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
     runs = (
-        rows.filter(pl.col("run").is_in(long_runs.implode()))
+        iv.select("meter_id", "prev_ts", "ts", "interval_s")[rows]
+        .with_columns(run=pl.Series(np.repeat(np.arange(starts.size), lengths)))
         .group_by("run")
         .agg(
             pl.col("meter_id").first(),
@@ -507,37 +527,34 @@ def _zero_runs(iv: pl.DataFrame, p: VeeParams) -> pl.DataFrame:
     )
 
 
-def _spikes(iv: pl.DataFrame, p: VeeParams) -> pl.DataFrame:
+def _spikes(iv: pl.DataFrame, blocks: pl.Series, p: VeeParams) -> pl.DataFrame:
     """Intervals far above the meter's own trailing high percentile, rate-normalised.
 
     Volumes are scaled to the nominal interval so that a long interval after a gap is compared as
     a rate, not as the sum of the missing quarter hours.
     """
-    per_step = pl.col("volume") * float(p.interval_s) / pl.col("interval_s")
-    # One rolling window over the whole (meter, ts)-sorted frame instead of one per meter: each
-    # meter's times are moved to a block of their own, further from the previous meter's block
-    # than the window reaches, so no window crosses meters and the result is the same as
-    # ``.over("meter_id")`` without grouping millions of string keys.
-    window_us = int(p.spike_window / timedelta(microseconds=1))
-    ts_us = pl.col("ts").dt.epoch("us")
-    new_meter = (pl.col("meter_id") != pl.col("meter_id").shift(1)).fill_null(True)
-    scored = sort_by_meter_time(iv.select("meter_id", "ts", "interval_s", "volume"))
-    scored = scored.select("meter_id", "ts", v=per_step, _us=ts_us)
-    bounds = scored.select(lo=pl.col("_us").min(), hi=pl.col("_us").max()).row(0)
-    block = (bounds[1] - bounds[0] if bounds[0] is not None else 0) + window_us + 1
-    scored = scored.with_columns(
-        _key=(pl.col("_us") - (bounds[0] or 0)) + new_meter.cum_sum().cast(pl.Int64) * block
-    ).with_columns(
-        pct=pl.col("v").rolling_quantile_by(
-            "_key",
-            window_size=f"{window_us}i",
-            quantile=p.spike_quantile,
-            min_samples=p.spike_min_samples,
-            closed="left",
-        )
+    # The same operations in the same order as ``volume * interval_s / interval_s`` in polars.
+    v = (
+        iv.get_column("volume").to_numpy()
+        * float(p.interval_s)
+        / iv.get_column("interval_s").to_numpy()
     )
-    limit = pl.max_horizontal(pl.col("pct") * p.spike_k, pl.lit(p.spike_floor_m3))
-    hits = scored.filter(pl.col("pct").is_not_null() & (pl.col("v") > limit))
+    # Each meter's times are moved to a block of their own, further from the previous meter's
+    # block than the window reaches, so one increasing key serves every meter's windows.
+    window_us = int(p.spike_window / timedelta(microseconds=1))
+    us = iv.get_column("ts").to_physical().to_numpy()
+    lo = int(us.min()) if us.size else 0
+    block = (int(us.max()) - lo if us.size else 0) + window_us + 1
+    key = (us - lo) + blocks.to_numpy().astype(np.int64) * block
+    found = _spike_rows(v, key, window_us, p)
+    if found is None:
+        scored = iv.select("meter_id", "ts").with_columns(v=pl.Series(v), _key=pl.Series(key))
+        hits = _spikes_by_rolling_quantile(scored, window_us, p)
+    else:
+        rows, pct = found
+        hits = iv.select("meter_id", "ts")[rows].with_columns(
+            v=pl.Series(v[rows]), pct=pl.Series(pct)
+        )
     return _rows(
         hits,
         SPIKE,
@@ -553,6 +570,80 @@ def _spikes(iv: pl.DataFrame, p: VeeParams) -> pl.DataFrame:
     )
 
 
+def _spikes_by_rolling_quantile(scored: pl.DataFrame, window_us: int, p: VeeParams) -> pl.DataFrame:
+    """SPIKE rows (``meter_id, ts, v, pct``) with the trailing percentile of every interval."""
+    scored = scored.with_columns(
+        pct=pl.col("v").rolling_quantile_by(
+            "_key",
+            window_size=f"{window_us}i",
+            quantile=p.spike_quantile,
+            min_samples=p.spike_min_samples,
+            closed="left",
+        )
+    )
+    limit = pl.max_horizontal(pl.col("pct") * p.spike_k, pl.lit(p.spike_floor_m3))
+    return scored.filter(pl.col("pct").is_not_null() & (pl.col("v") > limit)).select(
+        "meter_id", "ts", "v", "pct"
+    )
+
+
+# Above this share of intervals that clear the absolute floor, the per-candidate count costs more
+# than one rolling quantile over every interval.
+_SPIKE_CANDIDATE_SHARE = 0.125
+
+
+def _spike_rows(
+    v: np.ndarray, key: np.ndarray, window_us: int, p: VeeParams
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Rows of SPIKE and their percentile, found without a rolling quantile over every interval.
+
+    A spike must clear the absolute floor, and few intervals do (showers, not the quarter hours
+    between them), so the trailing window is examined only for those. For such an interval with
+    rate ``x`` and ``n`` earlier values in its window, the "nearest" quantile is the window's
+    ``i``-th smallest value with ``i = round(q·(n−1))`` (halves up, as polars rounds), and
+    ``pct · k < x`` holds exactly when more than ``i`` window values ``w`` have ``w · k < x``
+    (``w ↦ w · k`` is monotone in floating point too). Counting is one vectorised comparison per
+    candidate; the percentile itself is selected only for the few spikes. ``key`` increases down
+    the rows, meters apart by more than the window. Returns None when the count would cost more
+    than the rolling quantile (a series where most intervals clear the floor) or the values are
+    not all finite; the caller then takes the rolling quantile.
+    """
+    if v.size == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+    cand = np.flatnonzero(v > p.spike_floor_m3)
+    if cand.size > _SPIKE_CANDIDATE_SHARE * v.size or not np.isfinite(v).all():
+        return None
+    if cand.size and not (key[1:] > key[:-1]).all():
+        return None
+    # Window [t - w, t): from the first row at or after t - w up to the row itself.
+    lo = np.searchsorted(key, key[cand] - window_us, side="left")
+    n = cand - lo
+    enough = n >= p.spike_min_samples
+    cand, lo, n = cand[enough], lo[enough], n[enough]
+    x = (n - 1) * p.spike_quantile
+    whole = np.floor(x)
+    nearest = (whole + (x - whole >= 0.5)).astype(np.int64)
+    scaled = v * p.spike_k
+    below = np.fromiter(
+        (
+            np.count_nonzero(scaled[a:b] < t)
+            for a, b, t in zip(lo.tolist(), cand.tolist(), v[cand].tolist(), strict=True)
+        ),
+        dtype=np.int64,
+        count=cand.size,
+    )
+    hit = below > nearest
+    rows, lo, nearest = cand[hit], lo[hit], nearest[hit]
+    pct = np.array(
+        [
+            np.partition(v[a:b], i)[i]
+            for a, b, i in zip(lo.tolist(), rows.tolist(), nearest.tolist(), strict=True)
+        ],
+        dtype=np.float64,
+    )
+    return rows, pct
+
+
 def validate(
     reads: pl.DataFrame,
     meters: pl.DataFrame | None = None,
@@ -561,29 +652,58 @@ def validate(
     as_of: datetime,
     dmas: pl.DataFrame | None = None,
     params: VeeParams | None = None,
+    clean: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """All rule failures of ``reads`` (METER_READS) as ``VEE_FAILURES``, sorted by meter and time.
 
     ``as_of`` is the instant the data were loaded for: later reads are FUTURE_TS and the time since
     a meter's last read up to it is a trailing GAP. Interval rules run on the reads that pass the
     hard single-read rules, so one future-dated read does not also produce a gap and a decrease.
+    ``clean`` is ``pipelines.consumption.clean_reads(reads)`` when the caller has it already.
     """
     p = params or VeeParams()
-    single = _read_rules(reads, meters, dmas, as_of, p)
-    usable = validated_reads(reads, single)
-    iv = interval_consumption(usable, meters, exchanges, p.consumption)
-    paired = _interval_rules(iv, usable, meters, as_of, p)
+    single, keyed, repeats = _read_rules(reads, meters, dmas, as_of, p)
+    if clean is None:
+        # clean_reads drops non-finite registers before it drops repeated keys; with none to drop
+        # the sorted reads without repeats are the clean reads.
+        if keyed.select(pl.col("register").is_finite().all()).item():
+            clean = keyed.filter(~repeats).rechunk()
+        else:
+            clean = clean_reads(reads)
+    paired = []
+    for batch in meter_slices(clean):
+        usable = validated_reads(None, _of_meters(single, batch), clean=batch)
+        iv = interval_volumes(usable, meters, exchanges, p.consumption)
+        paired.append(_interval_rules(iv, usable, meters, as_of, p))
+        del usable, iv
     return (
-        pl.concat([single, paired], how="vertical")
+        pl.concat([single, *paired], how="vertical")
         .cast(VEE_FAILURES)  # type: ignore[arg-type]
         .sort("meter_id", "ts", "rule")
     )
 
 
-def validated_reads(reads: pl.DataFrame, failures: pl.DataFrame) -> pl.DataFrame:
-    """Reads minus those a hard rule failed, one per (meter, ts): the input of billing anchors."""
+def _of_meters(frame: pl.DataFrame, batch: pl.DataFrame) -> pl.DataFrame:
+    """Rows of ``frame`` whose meter is in the range of ``batch`` (sorted by meter)."""
+    if batch.height == 0:
+        return frame.clear()
+    first, last = batch.get_column("meter_id").item(0), batch.get_column("meter_id").item(-1)
+    return frame.filter(pl.col("meter_id").cast(pl.String).is_between(pl.lit(first), pl.lit(last)))
+
+
+def validated_reads(
+    reads: pl.DataFrame | None, failures: pl.DataFrame, *, clean: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """Reads minus those a hard rule failed, one per (meter, ts): the input of billing anchors.
+
+    ``clean`` is ``pipelines.consumption.clean_reads(reads)`` when the caller has it already
+    (``reads`` is then not looked at and may be None).
+    """
     bad = failures.filter(pl.col("hard")).select("meter_id", "ts").unique()
-    clean = clean_reads(reads)
+    if clean is None:
+        if reads is None:
+            raise ValueError("validated_reads needs reads or clean")
+        clean = clean_reads(reads)
     if bad.height == 0:
         return clean
     rows = _positions(clean, bad).get_column("_row")
@@ -592,11 +712,13 @@ def validated_reads(reads: pl.DataFrame, failures: pl.DataFrame) -> pl.DataFrame
 
 
 def validated_intervals(
-    reads: pl.DataFrame,
+    reads: pl.DataFrame | None,
     meters: pl.DataFrame | None,
     exchanges: pl.DataFrame | None,
     failures: pl.DataFrame,
     params: VeeParams | None = None,
+    *,
+    clean: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """The interval series after validation (``VALIDATED_INTERVALS``), ready for estimation.
 
@@ -605,12 +727,35 @@ def validated_intervals(
     that still decreases or exceeds Q4 between two reads that passed (a register reset without an
     exchange record, a real jump) cannot be reconciled by estimation: its volume becomes null with
     status FAILED, and it waits for a manual edit. Soft failures at the closing read give status
-    SUSPECT; all failure codes at that read are listed in ``vee_rules``.
+    SUSPECT; all failure codes at that read are listed in ``vee_rules``. ``clean`` is
+    ``pipelines.consumption.clean_reads(reads)`` when the caller has it already (``reads`` is
+    then not looked at and may be None).
     """
     p = params or VeeParams()
-    iv = interval_consumption(validated_reads(reads, failures), meters, exchanges, p.consumption)
-    attrs = _meter_attributes(meters, p).select("meter_id", "q4_eff")
-    iv = _with_meter_rows(iv, attrs)
+    if clean is None:
+        if reads is None:
+            raise ValueError("validated_intervals needs reads or clean")
+        clean = clean_reads(reads)
+    parts = [
+        _validated_batch(batch, meters, exchanges, _of_meters(failures, batch), p)
+        for batch in meter_slices(clean)
+    ]
+    return parts[0] if len(parts) == 1 else pl.concat(parts, how="vertical")
+
+
+def _validated_batch(
+    clean: pl.DataFrame,
+    meters: pl.DataFrame | None,
+    exchanges: pl.DataFrame | None,
+    failures: pl.DataFrame,
+    p: VeeParams,
+) -> pl.DataFrame:
+    """:func:`validated_intervals` of clean reads of whole meters and those meters' failures."""
+    usable = validated_reads(None, failures, clean=clean)
+    iv = interval_consumption(usable, meters, exchanges, p.consumption, cleaned=True)
+    del usable
+    blocks = meter_blocks(iv)
+    attrs = _meter_attributes(meters, p)
     q4_limit = pl.col("q4_eff") * pl.col("interval_s") / 3600 * p.q4_factor
     decrease = (
         (pl.col("volume") < -p.decrease_tolerance_m3)
@@ -619,13 +764,23 @@ def validated_intervals(
     )
     over = (pl.col("volume") > q4_limit) & pl.lit(OVER_Q4 in p.hard_rules)
     # The rule name is written on the few intervals that fail, not as a column of all of them.
-    hard = iv.filter((decrease | over).fill_null(False)).select(
-        "meter_id",
-        "ts",
-        pl.when(decrease).then(pl.lit(REGISTER_DECREASE)).otherwise(pl.lit(OVER_Q4)).alias("rule"),
+    hard = (
+        iv.select(
+            "meter_id", "ts", "volume", "interval_s", "quality", _per_row(*blocks, attrs, "q4_eff")
+        )
+        .filter((decrease | over).fill_null(False))
+        .select(
+            "meter_id",
+            "ts",
+            pl.when(decrease)
+            .then(pl.lit(REGISTER_DECREASE))
+            .otherwise(pl.lit(OVER_Q4))
+            .alias("rule"),
+        )
     )
-    # Rule lists are built on the few flagged intervals, then joined: list work on every one of
-    # millions of intervals would cost more than all the rules together.
+    # Rule lists and statuses are built on the few flagged intervals and put in place by row
+    # position: list work or a join on every one of millions of intervals would cost more than
+    # all the rules together.
     flagged = (
         pl.concat(
             [
@@ -642,21 +797,35 @@ def validated_intervals(
             pl.col("recheck").any().alias("_failed"),
             (pl.col("rule") != GAP).any().alias("_suspect"),
         )
+        .with_columns(
+            vee_status=pl.when(pl.col("_failed"))
+            .then(pl.lit(STATUS_FAILED))
+            .when(pl.col("_suspect"))
+            .then(pl.lit(STATUS_SUSPECT))
+            .otherwise(pl.lit(STATUS_VALID))
+        )
+    )
+    at = _positions(iv, flagged, blocks)
+    found = flagged[at.get_column("_key_row")]
+    # Entry 0 of each lookup is an unflagged interval's value; entry j + 1 the j-th flagged one.
+    lookup = pl.repeat(0, iv.height, dtype=pl.UInt32, eager=True).scatter(
+        at.get_column("_row"), pl.int_range(1, found.height + 1, dtype=pl.UInt32, eager=True)
+    )
+    # (Rechunked: a gather from a list column of two chunks is two orders of magnitude slower.)
+    rules = (
+        pl.concat([pl.Series([[]], dtype=pl.List(pl.String)), found.get_column("vee_rules")])
+        .rechunk()
+        .gather(lookup)
     )
     status = (
-        pl.when(pl.col("_failed"))
-        .then(pl.lit(STATUS_FAILED))
-        .when(pl.col("_suspect"))
-        .then(pl.lit(STATUS_SUSPECT))
-        .otherwise(pl.lit(STATUS_VALID))
+        pl.concat([pl.Series([STATUS_VALID]), found.get_column("vee_status")])
+        .rechunk()
+        .gather(lookup)
     )
+    failed_rows = at.get_column("_row").filter(found.get_column("_failed"))
+    volume = iv.get_column("volume").scatter(failed_rows, None)
     return (
-        iv.join(flagged, on=["meter_id", "ts"], how="left", maintain_order="left")
-        .with_columns(
-            volume=pl.when(pl.col("_failed")).then(None).otherwise(pl.col("volume")),
-            vee_rules=pl.col("vee_rules").fill_null(pl.lit([], dtype=pl.List(pl.String))),
-            vee_status=status,
-        )
+        iv.with_columns(volume, rules.alias("vee_rules"), status.alias("vee_status"))
         .select(list(VALIDATED_INTERVALS))
         .cast(VALIDATED_INTERVALS)  # type: ignore[arg-type]
     )

@@ -404,3 +404,42 @@ def test_detect_is_idempotent_and_keeps_identity():
     assert set(first.get_column("code")) == {"LEAK_CONTINUOUS", "TAMPER"}
     again = detect_meter_anomalies(frame, m, UTC_NIGHTS, as_of=T0 + 6 * D, previous_alerts=first)
     assert again.equals(first)
+
+
+def test_stored_alert_of_a_meter_that_cannot_open_one_is_still_closed():
+    # Run 1 ends while the tamper bit is set: an open alert. Run 2's window has no bit at all, so
+    # the meter could not open an episode there, and it must still be looked at: a whole day
+    # clear (over the 6 h quiet time) closes the stored alert at its last active interval.
+    q = {k: 4 for k in range(88, 96)}
+    run1 = detect_meter_anomalies(
+        intervals("T", DAY, quality=q), meters({"meter_id": "T"}), UTC_NIGHTS, as_of=T0 + D
+    )
+    assert only(run1, "TAMPER")["status"].to_list() == ["open"]
+    day2 = intervals("T", DAY, start=T0 + D)
+    run2 = detect_meter_anomalies(
+        day2, meters({"meter_id": "T"}), UTC_NIGHTS, as_of=T0 + 2 * D, previous_alerts=run1
+    )
+    tam = only(run2, "TAMPER")
+    assert tam.select("start_ts", "status", "end_ts").rows() == [(T0 + 88 * Q, "closed", T0 + D)]
+
+
+def test_meters_that_cannot_raise_a_code_do_not_change_the_others_alerts():
+    # The same leaking and tampered meters alone, and among households that raise nothing.
+    vols = DAY * 4
+    for k in range(100, 300):
+        vols[k] += 0.002
+    noisy = [intervals("L", vols), intervals("T", DAY * 4, quality={k: 4 for k in range(10, 14)})]
+    # Households with flow most hours (never 24 h without a zero) and one reverse interval each.
+    busy = [0.01 if k % 8 else 0.0 for k in range(96)]
+    quiet = [intervals(f"H{i}", busy * 3 + DAY, flags={200 + i: "E"}) for i in range(5)]
+    ids = ("L", "T", "H0", "H1", "H2", "H3", "H4")
+    m = meters(*({"meter_id": x} for x in ids))
+    alone = detect_meter_anomalies(
+        pl.concat(noisy),
+        m.filter(pl.col("meter_id").is_in(["L", "T"])),
+        UTC_NIGHTS,
+        as_of=T0 + 4 * D,
+    )
+    among = detect_meter_anomalies(pl.concat(quiet + noisy), m, UTC_NIGHTS, as_of=T0 + 4 * D)
+    assert set(alone["code"]) == {"LEAK_CONTINUOUS", "TAMPER"}
+    assert among.filter(pl.col("subject_id").is_in(["L", "T"])).equals(alone)

@@ -233,3 +233,68 @@ def test_day_whose_midnight_does_not_exist_starts_at_the_jump():
     )
     out = with_local_midnight_utc(frame, "d", "tz", "utc")["utc"].to_list()
     assert out == [datetime(2026, 9, 5, 4, tzinfo=UTC), datetime(2026, 9, 6, 4, tzinfo=UTC)]
+
+
+def estate(seed: int, n_meters: int = 6, n_reads: int = 40) -> pl.DataFrame:
+    """Reads of a few meters with duplicates, a NaN, a wrap and the rows shuffled."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for m in range(n_meters):
+        reg = 99_999.95 if m == 0 else 10.0 * m
+        for k in range(n_reads):
+            reg = (reg + rng.choice([0.0, 0.0, 0.01, 0.05, 0.3])) % 100_000.0
+            rows.append((f"m{m}", at(1, 0) + k * (at(1, 0, 15) - at(1, 0)), reg))
+    rows += [
+        rows[5],
+        (rows[9][0], rows[9][1], rows[9][2] + 1.0),
+        (rows[50][0], at(3, 0), float("nan")),
+    ]
+    rng.shuffle(rows)
+    return reads(*rows)
+
+
+def test_cleaned_reads_give_the_same_intervals_as_raw_reads():
+    from pipelines.consumption import clean_reads
+
+    r = estate(1)
+    m = meters(**{f"m{i}": 5 for i in range(6)})
+    whole = interval_consumption(r, m)
+    assert whole.height == 6 * 39  # one interval per read after the first, duplicates dropped
+    assert whole["rollover"].sum() >= 1
+    assert interval_consumption(clean_reads(r), m, cleaned=True).equals(whole)
+
+
+def test_reads_in_many_chunks_give_the_same_intervals_as_one_chunk():
+    from pipelines.consumption import clean_reads
+
+    r = estate(2)
+    chunked = pl.concat([r.slice(i, 7) for i in range(0, r.height, 7)], rechunk=False)
+    assert chunked.n_chunks() > 1
+    assert clean_reads(chunked).n_chunks() == 1
+    assert interval_consumption(chunked, meters(m0=5)).equals(interval_consumption(r, meters(m0=5)))
+
+
+def test_interval_volumes_are_the_consumption_columns_validation_reads():
+    from pipelines.consumption import clean_reads, interval_volumes
+
+    r = estate(3)
+    m = meters(**{f"m{i}": 4 + i % 2 for i in range(6)})  # two register sizes: per-meter capacity
+    cols = ["meter_id", "ts", "volume", "quality", "prev_ts", "interval_s"]
+    clean = clean_reads(r)
+    assert interval_volumes(clean, m).equals(interval_consumption(r, m).select(cols))
+    ex = exchanges(("m2", at(1, 2, 5), 30.0, 0.0))
+    assert interval_volumes(clean, m, ex).equals(interval_consumption(r, m, ex).select(cols))
+
+
+def test_meter_slices_keep_meters_whole():
+    from pipelines.consumption import clean_reads, meter_slices
+
+    clean = clean_reads(estate(4))
+    parts = meter_slices(clean, 50)
+    assert len(parts) > 1
+    assert pl.concat(parts).equals(clean)
+    ids = [set(p["meter_id"].unique()) for p in parts]
+    assert all(not (a & b) for i, a in enumerate(ids) for b in ids[i + 1 :])
+    assert meter_slices(clean, clean.height) == [clean]

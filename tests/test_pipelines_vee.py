@@ -317,3 +317,120 @@ def test_re_editing_keeps_the_first_original_value():
     assert row["original_volume"].to_list() == [0.1]  # the actual value before any edit
     assert row["original_flag"].to_list() == ["A"]
     assert second.audit.select("old_volume", "old_flag").rows() == [(0.7, "M")]
+
+
+# --- the same results however the work is split -----------------------------------------------
+
+
+def random_estate(seed: int, n_meters: int = 5, n_reads: int = 300) -> pl.DataFrame:
+    """Reads with duplicates (one disagreeing), a future read, a decrease, gaps of a few quarter
+    hours and volumes from a small set of values, so that percentiles tie."""
+    import random
+
+    rng = random.Random(seed)
+    rows: list[tuple] = []
+    for m in range(n_meters):
+        reg, k = 100.0 * m, 0
+        for _ in range(n_reads):
+            k += rng.choice([1, 1, 1, 1, 2, 3])
+            reg += rng.choice([0.0, 0.0, 0.01, 0.02, 0.02, 0.04, 0.06, 0.3, 0.9])
+            rows.append((f"m{m}", q(k), round(reg, 3), rng.choice([0, 0, 0, 0, 8])))
+    rows += [
+        rows[10],
+        (*rows[20][:2], rows[20][2] + 0.5, 0),
+        ("m1", AS_OF + timedelta(days=1), 1e4),
+    ]
+    rows[40] = (rows[40][0], rows[40][1], rows[40][2] - 0.5, 0)
+    rng.shuffle(rows)
+    return reads(*rows)
+
+
+SPIKY = VeeParams(spike_window=timedelta(hours=6), spike_min_samples=8, spike_floor_m3=0.03)
+
+
+def test_spikes_by_counting_match_the_rolling_quantile(monkeypatch):
+    import pipelines.vee as vee
+
+    r = random_estate(11)
+    m = meters(*({"meter_id": f"m{i}"} for i in range(5)))
+    rolling = vee._spikes_by_rolling_quantile
+    calls: list[int] = []
+
+    def spy(*args: object) -> pl.DataFrame:
+        calls.append(1)
+        return rolling(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(vee, "_spikes_by_rolling_quantile", spy)
+    # However many intervals clear the floor, count per candidate...
+    monkeypatch.setattr(vee, "_SPIKE_CANDIDATE_SHARE", 1.0)
+    counted = rules(validate(r, m, as_of=AS_OF, params=SPIKY), "SPIKE")
+    assert calls == []
+    # ...or take the rolling quantile over every interval.
+    monkeypatch.setattr(vee, "_SPIKE_CANDIDATE_SHARE", 0.0)
+    rolled = rules(validate(r, m, as_of=AS_OF, params=SPIKY), "SPIKE")
+    assert calls == [1]
+    assert counted.height > 5
+    assert counted.equals(rolled)
+
+
+def test_clean_reads_handed_in_give_the_same_results():
+    from pipelines.consumption import clean_reads
+
+    r = random_estate(12)
+    m = meters(*({"meter_id": f"m{i}"} for i in range(5)))
+    f = validate(r, m, as_of=AS_OF, params=SPIKY)
+    assert set(f["rule"]) >= {"DUPLICATE_TS", "FUTURE_TS", "REGISTER_DECREASE", "GAP", "SPIKE"}
+    clean = clean_reads(r)
+    assert validate(r, m, as_of=AS_OF, params=SPIKY, clean=clean).equals(f)
+    assert validated_reads(None, f, clean=clean).equals(validated_reads(r, f))
+    v = validated_intervals(r, m, None, f, SPIKY)
+    assert validated_intervals(None, m, None, f, SPIKY, clean=clean).equals(v)
+    assert set(v["vee_status"]) == {"VALID", "SUSPECT"}
+
+
+def test_validation_in_slices_of_meters_matches_one_pass(monkeypatch):
+    import pipelines.consumption as consumption
+
+    r = random_estate(13)
+    m = meters(*({"meter_id": f"m{i}"} for i in range(5)))
+    f = validate(r, m, as_of=AS_OF, params=SPIKY)
+    v = validated_intervals(r, m, None, f, SPIKY)
+    monkeypatch.setattr(consumption, "SLICE_ROWS", 400)  # about one meter a slice
+    assert validate(r, m, as_of=AS_OF, params=SPIKY).equals(f)
+    assert validated_intervals(r, m, None, f, SPIKY).equals(v)
+
+
+def test_zero_runs_do_not_continue_into_the_next_meter():
+    p = VeeParams(interval_s=6 * 3600)
+    six_h = timedelta(hours=6)
+    # "a" is flat for its last 4 days, "b" for its first 4: 8 days in a row, but two meters.
+    a = [("a", T0 + six_h * i, 5.0 + (0.1 * i if i <= 12 else 1.2)) for i in range(29)]
+    b = [("b", T0 + six_h * i, 7.0 + (0.1 * (i - 16) if i >= 16 else 0.0)) for i in range(29)]
+    m = meters({"meter_id": "a"}, {"meter_id": "b"})
+    f = validate(reads(*a, *b), m, as_of=T0 + six_h * 28, params=p)
+    assert rules(f, "ZERO_CONSUMPTION").height == 0
+    longer = VeeParams(interval_s=6 * 3600, zero_days=4.0)
+    f4 = validate(reads(*a, *b), m, as_of=T0 + six_h * 28, params=longer)
+    assert sorted(rules(f4, "ZERO_CONSUMPTION")["meter_id"]) == ["a", "b"]
+
+
+def test_spike_percentile_rounds_a_half_rank_up_like_polars(monkeypatch):
+    import pipelines.vee as vee
+
+    # The last interval's window holds 11 intervals: q·(n−1) = 0.95 × 10 = 9.5, and the nearest
+    # rank rounds up to 10, the largest value (0.5): 5 × 0.5 = 2.5 > 1.0, no spike. Rounding down
+    # would take 0.1 (5 × 0.1 = 0.5 < 1.0) and call it one.
+    volumes = [0.01 * i for i in range(1, 10)] + [0.1, 0.5, 1.0]
+    regs = [0.0]
+    for v in volumes:
+        regs.append(regs[-1] + v)
+    r = reads(*series("m1", regs))
+    m = meters({"meter_id": "m1"})
+    p = VeeParams(spike_window=timedelta(hours=3), spike_min_samples=11)
+    for share in (1.0, 0.0):  # counting per candidate, then the rolling quantile
+        monkeypatch.setattr(vee, "_SPIKE_CANDIDATE_SHARE", share)
+        assert rules(validate(r, m, as_of=q(12), params=p), "SPIKE").height == 0
+    # One litre less in the largest window value and it is a spike (5 × 0.19 < 1.0).
+    regs2 = regs[:11] + [regs[10] + 0.19, regs[10] + 0.19 + 1.0]
+    f = validate(reads(*series("m1", regs2)), m, as_of=q(12), params=p)
+    assert rules(f, "SPIKE")["ts"].to_list() == [q(12)]
