@@ -20,9 +20,11 @@ only DMA flows); its results are compared with pandas too.
 
 The polars side chains the stages as a flow does: the reads are loaded as one chunk (as pandas
 holds them), cleaned once (``clean_reads``, timed as part of stage 1) and the clean reads handed
-to stages 1-3; each result is written as soon as it is complete and then dropped, and the stages
-run in the order that holds the fewest large frames at once (validation, then intervals and
-anomalies, then the validated series). Times are per stage whatever the order.
+to stages 1-3; each result is written as soon as it is complete and then dropped (the validated
+series slice by slice of meters as ``validated_interval_slices`` makes it), and the stages run in
+the order that holds the fewest large frames at once (validation, the validated series, then the
+intervals, after which the clean reads go, and the anomalies). Times are per stage whatever the
+order; writing is not timed.
 
 Run: ``.venv/bin/python bench/analytics.py [--meters 10000 --days 30] [--quick]``.
 """
@@ -46,6 +48,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
+from itertools import count
 from typing import Any
 
 import numpy as np
@@ -141,7 +144,7 @@ def run_polars(data: Path, out: Path, chunk_meters: int, prefix: str) -> dict[st
     from dma.night_flow import minimum_night_flow
     from pipelines import anomalies as an
     from pipelines.consumption import clean_reads, interval_consumption
-    from pipelines.vee import validate, validated_intervals
+    from pipelines.vee import validate, validated_interval_slices
 
     meters = pl.read_parquet(data / "meters.parquet")
     dmas = pl.read_parquet(data / "dmas.parquet")
@@ -173,58 +176,71 @@ def run_polars(data: Path, out: Path, chunk_meters: int, prefix: str) -> dict[st
             r = scan.filter(pl.col("meter_id").is_in(chunk)).collect().rechunk()
             m = meters.filter(pl.col("meter_id").is_in(chunk))
 
-        def write(name: str, frame: pl.DataFrame, *columns: str | pl.Expr, k: int = k) -> None:
+        def write(
+            name: str, frame: pl.DataFrame, *columns: str | pl.Expr, k: int = k, part: int = 0
+        ) -> None:
             # In slices of rows: selecting and encoding tens of millions of rows at once would
             # hold the encoder's buffers for all of them (``_load`` reads the files as one).
             step = 2_000_000
             for j, at in enumerate(range(0, max(frame.height, 1), step)):
-                part = frame.slice(at, step).select(columns)
-                part.write_parquet(out / f"{prefix}_{name}_{k:04d}_{j:03d}.parquet")
+                rows = frame.slice(at, step).select(columns)
+                rows.write_parquet(out / f"{prefix}_{name}_{k:04d}_{part:03d}_{j:03d}.parquet")
 
         # As a flow chaining the stages does: the reads are cleaned once and the clean reads
         # handed to every stage, and each result is written (and dropped) as soon as it is
         # complete. The stages run in the order that holds the fewest large frames at once:
-        # the raw reads go after validation, the intervals after the anomalies.
+        # the raw reads go after validation, the clean reads after the intervals are made from
+        # them, so the anomalies see only the intervals.
         clean = timer.run("consumption", partial(clean_reads, r))
         fail = timer.run(
             "vee.validate", partial(validate, r, m, as_of=as_of, dmas=dmas, clean=clean)
         )
         del r  # only validate reads the raw reads (duplicates, future and early reads)
-        iv = timer.run("consumption", partial(interval_consumption, clean, m, cleaned=True))
-
-        def detect(iv: pl.DataFrame = iv, m: pl.DataFrame = m) -> pl.DataFrame:
-            prepared = an.prepare_intervals(iv, m, p)
-            return pl.concat([d(prepared, m, p) for d in detectors]).sort(
-                "code", "subject_id", "start_ts"
-            )
-
-        alerts = timer.run("anomalies", detect)
-        write("iv", iv, "meter_id", "ts", "volume", "interval_s", "rollover")
-        write("alerts", alerts, "code", "subject_id", "start_ts", "end_ts", "status", "evidence")
-        del iv, alerts
-        valid = timer.run(
-            "vee.validated_intervals",
-            partial(validated_intervals, None, m, None, fail, clean=clean),
-        )
-        del clean
         write("fail", fail, "meter_id", "ts", "rule", "hard", "value")
-        write(
-            "valid",
-            valid,
-            "meter_id",
-            "ts",
-            "volume",
-            "interval_s",
-            "vee_status",
-            pl.col("vee_rules").list.join(","),
-        )
-        del m, fail, valid
+        # The validated series is written slice by slice of meters as it is made (only the
+        # making is timed), so the whole series is never held next to the clean reads.
+        slices = validated_interval_slices(None, m, None, fail, clean=clean)
+        for j in count():
+            valid = timer.run("vee.validated_intervals", partial(next, slices, None))
+            if valid is None:
+                break
+            write(
+                "valid",
+                valid,
+                "meter_id",
+                "ts",
+                "volume",
+                "interval_s",
+                "vee_status",
+                pl.col("vee_rules").list.join(","),
+                part=j,
+            )
+            del valid
+        del fail, slices
+        iv = timer.run("consumption", partial(interval_consumption, clean, m, cleaned=True))
+        del clean
+        write("iv", iv, "meter_id", "ts", "volume", "interval_s", "rollover")
+        # The detectors read these columns of the intervals; the rest would only be held.
+        iv = iv.select("meter_id", "ts", "volume", "quality", "flag")
+        alerts = timer.run("anomalies", partial(_detect, iv, m, p, detectors))
+        del iv
+        write("alerts", alerts, "code", "subject_id", "start_ts", "end_ts", "status", "evidence")
+        del m, alerts
     mnf = timer.run("mnf", lambda: minimum_night_flow(flow, dmas))
     peak = peak_rss_mb()
     mnf.select(
         "dma_id", "night_date", "mnf_m3h", "mnf_start_ts", "mnf_end_ts", "mnf_hour", "windows"
-    ).write_parquet(out / f"{prefix}_mnf_0000_000.parquet")
+    ).write_parquet(out / f"{prefix}_mnf_0000_000_000.parquet")
     return {"stages": timer.stages, "peak_mb": peak, "loaded_mb": loaded_mb}
+
+
+def _detect(
+    iv: pl.DataFrame, m: pl.DataFrame, p: Any, detectors: tuple[Callable[..., pl.DataFrame], ...]
+) -> pl.DataFrame:
+    from pipelines import anomalies as an
+
+    prepared = an.prepare_intervals(iv, m, p)
+    return pl.concat([d(prepared, m, p) for d in detectors]).sort("code", "subject_id", "start_ts")
 
 
 def run_pandas(data: Path, out: Path) -> dict[str, Any]:

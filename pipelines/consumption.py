@@ -310,55 +310,66 @@ def _plain_intervals(
 ) -> pl.DataFrame:
     """Intervals of clean reads when no exchange is recorded: each read with the one before it.
 
-    The read before is the same frame one row up (two zero-copy slices side by side), so the only
-    full-size copy is the filter that drops each meter's first read; the volumes are computed on
-    what that filter keeps. (Eager on purpose: the lazy engine returns the frame in dozens of
-    chunks, which makes every later shift and gather slower.) ``full=False`` gives the
-    :func:`interval_volumes` columns only.
+    The read before is the same frame one row up (zero-copy slices), and the only full-size
+    copies are the columns of the result, each filtered on its own to drop the meters' first
+    reads: a filter of the paired frame would copy every column at once, the previous register
+    (needed for the volume only) included. (Eager on purpose: the lazy engine returns the frame
+    in dozens of chunks, which makes every later shift and gather slower.) ``full=False`` gives
+    the :func:`interval_volumes` columns only.
     """
     cap_all = _capacities(r, meters, params)
     n = max(r.height - 1, 0)
     cur, prev = r.slice(1, n), r.slice(0, n)
     same_meter = cur.get_column("meter_id") == prev.get_column("meter_id")
-    pair = cur.with_columns(
-        prev["ts"].alias("prev_ts"),
-        prev["register"].alias("_prev_register"),
-    )
+
+    def kept(column: pl.Series) -> pl.Series:
+        return column.filter(same_meter)
+
+    registers = [kept(cur.get_column("register")), kept(prev.get_column("register"))]
     if isinstance(cap_all, pl.Series):
-        pair = pair.with_columns(cap_all.slice(1, n).alias("_cap"))
+        registers.append(kept(cap_all.slice(1, n)).alias("_cap"))
         cap: pl.Expr = pl.col("_cap")
     else:
         cap = pl.lit(cap_all)
     plain = pl.col("register") - pl.col("_prev_register")
+    wrapped = [_unwrap(plain, cap, params).alias("volume")]
+    if full:
+        wrapped += [_is_wrap(plain, cap, params).alias("rollover"), pl.col("register")]
+    volumes = pl.DataFrame(
+        [registers[0], registers[1].alias("_prev_register"), *registers[2:]]
+    ).select(wrapped)
+    del registers
+    times = pl.DataFrame(
+        [
+            kept(cur.get_column("meter_id")),
+            kept(cur.get_column("ts")),
+            kept(prev.get_column("ts")).alias("prev_ts"),
+        ]
+    )
     interval_s = (pl.col("ts") - pl.col("prev_ts")).dt.total_seconds(fractional=True)
+    quality = kept(cur.get_column("quality"))
     if not full:
-        return pair.filter(same_meter).select(
+        return times.select(
             "meter_id",
             "ts",
-            _unwrap(plain, cap, params).alias("volume"),
-            "quality",
+            volumes.get_column("volume"),
+            quality,
             "prev_ts",
             interval_s.alias("interval_s"),
         )
-    return (
-        pair.filter(same_meter)
-        .select(
-            "meter_id",
-            "ts",
-            _unwrap(plain, cap, params).alias("volume"),
-            "quality",
-            pl.lit(FLAG_ACTUAL).alias("flag"),
-            pl.lit(None, dtype=pl.String).alias("method"),
-            "prev_ts",
-            (pl.col("ts") - pl.col("prev_ts"))
-            .dt.total_seconds(fractional=True)
-            .alias("interval_s"),
-            "register",
-            _is_wrap(plain, cap, params).alias("rollover"),
-            pl.lit(False).alias("exchange"),
-        )
-        .cast(CONSUMPTION)  # type: ignore[arg-type]
-    )
+    return times.select(
+        "meter_id",
+        "ts",
+        volumes.get_column("volume"),
+        quality,
+        pl.lit(FLAG_ACTUAL).alias("flag"),
+        pl.lit(None, dtype=pl.String).alias("method"),
+        "prev_ts",
+        interval_s.alias("interval_s"),
+        volumes.get_column("register"),
+        volumes.get_column("rollover"),
+        pl.lit(False).alias("exchange"),
+    ).cast(CONSUMPTION)  # type: ignore[arg-type]
 
 
 def _intervals_across_exchanges(

@@ -400,6 +400,22 @@ def test_validation_in_slices_of_meters_matches_one_pass(monkeypatch):
     assert validated_intervals(r, m, None, f, SPIKY).equals(v)
 
 
+def test_validated_interval_slices_are_the_series_in_whole_meters(monkeypatch):
+    import pipelines.consumption as consumption
+    from pipelines.vee import validated_interval_slices
+
+    r = random_estate(14)
+    m = meters(*({"meter_id": f"m{i}"} for i in range(5)))
+    f = validate(r, m, as_of=AS_OF, params=SPIKY)
+    v = validated_intervals(r, m, None, f, SPIKY)
+    monkeypatch.setattr(consumption, "SLICE_ROWS", 400)  # about one meter a slice
+    parts = list(validated_interval_slices(r, m, None, f, SPIKY))
+    assert len(parts) > 2
+    assert pl.concat(parts).equals(v)
+    owners = [set(part["meter_id"]) for part in parts]
+    assert sum(len(o) for o in owners) == len(set().union(*owners))  # no meter split
+
+
 def test_zero_runs_do_not_continue_into_the_next_meter():
     p = VeeParams(interval_s=6 * 3600)
     six_h = timedelta(hours=6)
