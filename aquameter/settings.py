@@ -63,7 +63,9 @@ class Settings(BaseSettings):
 
     # --- ingest ---------------------------------------------------------------------------
     batch_rows: int = 20_000
-    batch_seconds: float = 0.25
+    batch_seconds: float = 0.25  # a batch's maximum age
+    batch_linger_s: float = 0.01  # commit once no frame arrived for this long (group commit)
+    stream_rows: int = 5_000  # rows sent to the open COPY at a time
     queue_frames: int = 5_000
     future_tolerance_s: float = 300.0
     earliest_timestamp: datetime = datetime(2000, 1, 1, tzinfo=UTC)

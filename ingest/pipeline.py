@@ -322,6 +322,8 @@ def pipeline_from_settings(database_url: str, settings: Settings) -> IngestPipel
         database_url,
         batch_rows=settings.batch_rows,
         batch_seconds=settings.batch_seconds,
+        batch_linger_s=settings.batch_linger_s,
+        stream_rows=settings.stream_rows,
         queue_frames=settings.queue_frames,
         future_tolerance_s=settings.future_tolerance_s,
         earliest_epoch=settings.earliest_timestamp.timestamp(),
