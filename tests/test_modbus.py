@@ -385,7 +385,9 @@ def test_poller_stores_simulator_values_in_canonical_units(empty_db_url, tmp_pat
     )
     s = poller.stats
     assert s.timeouts == s.exceptions == s.connect_failures == s.disconnects == s.errors == 0
-    assert s.connects == 2 and s.skipped_polls == 0
+    # Every poll made succeeded. How many ticks were skipped depends on the machine's load (a
+    # device still polling skips its next tick by design), so it is not asserted here.
+    assert s.connects == 2 and s.polls == s.polls_ok and s.polls_failed == s.polls_partial == 0
     assert s.accepted == len(fetch_rows(empty_db_url)) == s.readings
     assert s.registers_read > 0 and s.bits_read > 0
     assert fetch_quarantine(empty_db_url) == []
