@@ -209,15 +209,9 @@ class IngestPipeline:
                 try:
                     stream.flush()
                 except psycopg.Error as err:
-                    self._drop_stream(err)
+                    self._stream = None
+                    _abandon(stream, err)
         return len(p)
-
-    def _drop_stream(self, err: Exception) -> None:
-        if self._stream is not None:
-            if not isinstance(err, psycopg.errors.UniqueViolation):
-                log.warning("streamed write failed (%s); writing the batch again", err)
-            self._stream.abort()
-            self._stream = None
 
     def _finish(self, items: list[_Item]) -> None:
         stream, self._stream = self._stream, None
@@ -232,8 +226,7 @@ class IngestPipeline:
             except psycopg.Error as err:
                 if isinstance(err, psycopg.errors.UniqueViolation):
                     self._writer.note_duplicates()
-                self._stream = stream
-                self._drop_stream(err)
+                _abandon(stream, err)
             else:
                 self._acknowledge(items, result)
                 return
@@ -315,6 +308,13 @@ class IngestPipeline:
             ]
         )
         return self._batch([item])
+
+
+def _abandon(stream: CopyStream, err: psycopg.Error) -> None:
+    """Roll a streamed batch back; its frames are then written as one batch (``_commit``)."""
+    if not isinstance(err, psycopg.errors.UniqueViolation):  # a redelivery is not news
+        log.warning("streamed write failed (%s); writing the batch again", err)
+    stream.abort()
 
 
 def pipeline_from_settings(database_url: str, settings: Settings) -> IngestPipeline:
