@@ -20,7 +20,9 @@ class Quality(IntFlag):
     """Quality bits stored with each reading (``readings.quality``).
 
     The low four bits are the vendor status bits of NB-IoT meters; the others are set by transports
-    (a Modbus timeout, an OPC-UA Bad/Uncertain StatusCode) or by VEE.
+    (a Modbus timeout, an OPC-UA Bad/Uncertain StatusCode), by ingest (CLOCK_SKEW) or by VEE. A
+    device can only ever set the bits in :data:`VENDOR_STATUS_MASK`: codecs map its status through
+    an explicit table, and ingest masks once more, so no meter can mark its own reading ESTIMATED.
     """
 
     LEAK = 1
@@ -31,6 +33,12 @@ class Quality(IntFlag):
     UNCERTAIN = 32
     ESTIMATED = 64
     EDITED = 128
+    CLOCK_SKEW = 256  # reading far behind its receive time: a device clock to check
+
+
+VENDOR_STATUS_MASK = int(
+    Quality.LEAK | Quality.REVERSE_FLOW | Quality.TAMPER | Quality.LOW_BATTERY
+)
 
 
 STATUS_NAMES: dict[str, Quality] = {
@@ -81,6 +89,17 @@ class Frame:
     received_at: float = field(default_factory=time.time)
     uplinks: list[Uplink] | None = None
     authenticated_device: str | None = None
+    # A frame the transport already refused (reason code, detail): ingest writes only its
+    # quarantine row (with ``payload``) and acknowledges it like any other frame.
+    rejection: tuple[str, str] | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes this frame holds in memory, roughly: what the ingest queue bounds."""
+        n = len(self.payload) + 200
+        if self.uplinks is not None:
+            n += sum(64 + 24 * len(u.ts) for u in self.uplinks)
+        return n
 
 
 DurableCallback = Callable[["FrameOutcome"], None]
@@ -103,6 +122,16 @@ class FrameSink(Protocol):
     calls ``on_durable`` from another thread once every reading is committed or quarantined."""
 
     def submit(self, frame: Frame, on_durable: DurableCallback) -> None: ...
+
+
+def sink_saturated(sink: FrameSink) -> bool:
+    """True while ``sink`` would block a submit (its queue is full in frames or bytes).
+
+    Transports that must answer at once instead of blocking (CoAP: 5.03 with Max-Age) ask this;
+    a sink without the notion is never saturated.
+    """
+    check = getattr(sink, "saturated", None)
+    return bool(check()) if callable(check) else False
 
 
 async def submit_and_wait(sink: FrameSink, frame: Frame) -> FrameOutcome:
