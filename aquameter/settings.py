@@ -70,6 +70,29 @@ class Settings(BaseSettings):
     future_tolerance_s: float = 300.0
     earliest_timestamp: datetime = datetime(2000, 1, 1, tzinfo=UTC)
     stats_interval_s: float = 10.0
+    # Bytes held by frames submitted and not yet acknowledged; past it transports block (MQTT
+    # stops reading, CoAP answers 5.03): memory stays bounded through a database outage.
+    queue_bytes: int = Field(default=64 * 1_048_576, ge=1_048_576)
+
+    # --- limits on one frame (each has its own quarantine reason) -------------------------
+    max_payload_bytes: int = Field(default=1_048_576, ge=256)  # OVERSIZE; first 4 KiB kept
+    max_readings_per_frame: int = Field(default=100_000, ge=1)  # TOO_MANY_READINGS
+    max_payload_depth: int = Field(default=32, ge=2)  # TOO_DEEP (JSON/CBOR nesting)
+    # Quarantine rows one frame may make; the rest fold into one summary row per reason.
+    max_quarantine_rows_per_frame: int = Field(default=100, ge=1)
+
+    # --- time ---------------------------------------------------------------------------
+    # Live readings further behind their receive time than this get the CLOCK_SKEW quality bit
+    # ("flag") or are quarantined as CLOCK_SKEW ("quarantine"). Imports are exempt.
+    clock_skew_s: float = 7 * 86_400.0
+    clock_skew_action: Literal["flag", "quarantine"] = "flag"
+    # Live readings older than this are quarantined OUTSIDE_WINDOW: no partition is ever made
+    # for a device's wild clock. History older than that comes in through `aquameter import`.
+    live_window_days: float = Field(default=400.0, gt=0)
+
+    # --- registry ---------------------------------------------------------------------------
+    # How often running ingest checks the registry version (besides LISTEN/NOTIFY); 0 = never.
+    registry_poll_s: float = Field(default=2.0, ge=0)
 
     def data_path(self, *parts: str) -> Path:
         path = self.data_dir.joinpath(*parts)

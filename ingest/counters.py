@@ -15,6 +15,7 @@ class IngestCounters:
     duplicates: int = 0
     batches: int = 0
     db_errors: int = 0
+    processing_errors: int = 0
     quarantined: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -41,6 +42,7 @@ class IngestCounters:
                 "quarantined": dict(self.quarantined),
                 "batches": self.batches,
                 "db_errors": self.db_errors,
+                "processing_errors": self.processing_errors,
             }
 
     def line(self) -> str:
@@ -49,4 +51,5 @@ class IngestCounters:
             f"frames={self.frames} readings={self.readings_received} stored={self.stored} "
             f"duplicates={self.duplicates} quarantined={self.quarantined_total} ({q}) "
             f"batches={self.batches} db_errors={self.db_errors}"
+            + (f" processing_errors={self.processing_errors}" if self.processing_errors else "")
         )

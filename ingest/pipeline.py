@@ -1,11 +1,23 @@
 """The ingest pipeline: transports submit frames, one writer thread commits them in batches.
 
 Frames are decoded and validated in the submitting thread (so N transports validate in parallel
-with the write), then wait in a bounded queue: a full queue blocks ``submit``, which stalls the
-transport's socket reads and pushes back on the broker or device instead of growing memory. A
-frame's ``on_durable`` callback runs only after the transaction holding all its readings and
-quarantine rows has committed: transports acknowledge upstream there, so a crash or database
-outage loses nothing that was acknowledged.
+with the write), then wait in a queue bounded in frames *and* bytes: a full queue blocks
+``submit``, which stalls the transport's socket reads and pushes back on the broker or device
+instead of growing memory. A frame's ``on_durable`` callback runs only after the transaction
+holding all its readings and quarantine rows has committed: transports acknowledge upstream
+there, so a crash or database outage loses nothing that was acknowledged.
+
+The poison contract: no frame can stop ingest or reach another frame.
+
+- ``submit`` never raises for content: an exception while decoding or validating one frame
+  becomes that frame's PROCESSING_ERROR quarantine row (with its raw bytes, or its canonical rows
+  as JSON, and the exception text).
+- A batch the database refuses for a reason other than an outage is split in halves until the
+  frame that fails is alone; that frame is retried a bounded number of times, then quarantined
+  as WRITE_FAILED; the quarantine write itself escapes any content (``ingest.quarantine``).
+- The writer thread is supervised: an unexpected exception is logged, counted and the loop
+  restarts; one that keeps recurring sets :attr:`IngestPipeline.failure`, which the process's
+  supervisor turns into a non-zero exit, so the broker redelivers to a healthy worker.
 """
 
 from __future__ import annotations
@@ -15,20 +27,32 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 
 from aquameter.settings import Settings
 from ingest.channels import ChannelIndex
 from ingest.counters import IngestCounters
-from ingest.validate import Prepared, Rejection, Validator
+from ingest.quarantine import bound_rejections, safe_text
+from ingest.validate import (
+    PROCESSING_ERROR,
+    WRITE_FAILED,
+    Prepared,
+    Rejection,
+    Validator,
+    frame_raw,
+)
 from ingest.writer import Batch, BatchWriter, CopyStream, WriteResult
 from protocols.uplink import DurableCallback, Frame, FrameOutcome
 from sql.connect import connect
 
 log = logging.getLogger("aquameter.ingest")
 
-WRITE_FAILED = "WRITE_FAILED"
+__all__ = ["WRITE_FAILED", "IngestPipeline", "pipeline_from_settings"]
+
+# Bytes a validated reading holds in memory (four Python list slots and their objects).
+_READING_BYTES = 40
 
 
 @dataclass(slots=True)
@@ -36,6 +60,7 @@ class _Item:
     frame: Frame
     prepared: Prepared
     on_durable: DurableCallback
+    size: int = 0
 
 
 _STOP = object()
@@ -55,6 +80,16 @@ class IngestPipeline:
         retry_max_s: float = 10.0,
         stream_rows: int = 5_000,
         batch_linger_s: float = 0.01,
+        queue_bytes: int = 64 * 1_048_576,
+        max_payload_bytes: int = 1_048_576,
+        max_readings_per_frame: int = 100_000,
+        max_payload_depth: int = 32,
+        max_quarantine_rows_per_frame: int = 100,
+        clock_skew_s: float = 7 * 86_400.0,
+        clock_skew_action: str = "flag",
+        live_window_days: float = 400.0,
+        frame_write_attempts: int = 3,
+        registry_poll_s: float | None = 2.0,
     ) -> None:
         self.database_url = database_url
         self.batch_rows = batch_rows
@@ -65,6 +100,16 @@ class IngestPipeline:
         self.retry_max_s = retry_max_s
         self.counters = IngestCounters()
         self._queue: queue.Queue[_Item | object] = queue.Queue(maxsize=queue_frames)
+        self.queue_bytes = queue_bytes
+        self._bytes = 0  # held by frames submitted and not yet acknowledged
+        self._bytes_cv = threading.Condition()
+        self._blocked = 0  # submits waiting for bytes to be freed
+        self.max_quarantine_rows_per_frame = max_quarantine_rows_per_frame
+        self.frame_write_attempts = frame_write_attempts
+        self.failure: str | None = None
+        self.writer_restarts = 0
+        self._registry_poll_s = registry_poll_s
+        self._watch: Any = None  # ingest.registry_watch.RegistryWatch once started
         self._index: ChannelIndex | None = None
         self._reload_every_s = reload_every_s
         self._last_reload = 0.0
@@ -74,6 +119,12 @@ class IngestPipeline:
             future_tolerance_s=future_tolerance_s,
             earliest_epoch=earliest_epoch,
             on_unknown_device=self._maybe_reload,
+            max_payload_bytes=max_payload_bytes,
+            max_readings_per_frame=max_readings_per_frame,
+            max_payload_depth=max_payload_depth,
+            clock_skew_s=clock_skew_s,
+            clock_skew_action=clock_skew_action,
+            live_window_days=live_window_days,
         )
         self._thread: threading.Thread | None = None
         self._acker: threading.Thread = threading.Thread()
@@ -91,6 +142,11 @@ class IngestPipeline:
         self._last_reload = time.monotonic()
         return len(self._index)
 
+    def _registry_changed(self) -> None:
+        """``devices sync`` ran somewhere: take the new registry for the next frames."""
+        n = self.reload_index()
+        log.info("registry changed: %d channels reloaded", n)
+
     def _maybe_reload(self) -> bool:
         with self._reload_lock:
             if time.monotonic() - self._last_reload < self._reload_every_s:
@@ -106,16 +162,41 @@ class IngestPipeline:
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> IngestPipeline:
         self.reload_index()
-        self._thread = threading.Thread(target=self._run, name="aquameter-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._supervise, name="aquameter-writer", daemon=True
+        )
         self._acker = threading.Thread(target=self._run_acks, name="aquameter-acks", daemon=True)
         self._thread.start()
         self._acker.start()
+        if self._registry_poll_s:
+            try:  # TEMP while the watch lands
+                from ingest.registry_watch import RegistryWatch
+            except ImportError:
+                return self
+            self._watch = RegistryWatch(
+                self.database_url, self._registry_changed, poll_s=self._registry_poll_s
+            ).start()
         return self
+
+    def healthy(self) -> bool:
+        """The writer runs (or has not started) and nothing failed for good."""
+        return self.failure is None and (self._thread is None or self._thread.is_alive())
+
+    def saturated(self) -> bool:
+        """A submit now would block: the queue is full in frames or in bytes."""
+        return self._queue.full() or self._blocked > 0 or self._bytes >= self.queue_bytes
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
 
     def close(self, timeout: float | None = 60.0) -> None:
         """Drain what was submitted, commit it, and stop the writer."""
         if self._thread is None:
             return
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         self._queue.put(_STOP)
         self._thread.join(timeout)
         self._thread = None
@@ -130,9 +211,55 @@ class IngestPipeline:
 
     # --- the submit side -------------------------------------------------------------------
     def submit(self, frame: Frame, on_durable: DurableCallback) -> None:
-        prepared = self.validator.prepare(frame)
-        self.counters.add(frames=1, readings_received=len(prepared) + len(prepared.rejections))
-        self._queue.put(_Item(frame, prepared, on_durable))
+        """Validate ``frame`` and queue it; blocks while the queue is full (back-pressure).
+
+        Never raises for what the frame holds: whatever goes wrong becomes its quarantine row.
+        """
+        try:
+            prepared = self.validator.prepare(frame)
+        except Exception as err:  # the poison contract: one frame's bug stays with the frame
+            self.counters.add(processing_errors=1)
+            log.warning(
+                "frame from %s %s: %s: %s",
+                frame.source,
+                safe_text(frame.address, 120),
+                type(err).__name__,
+                safe_text(str(err), 200),
+            )
+            prepared = Prepared(
+                rejections=[
+                    Rejection(
+                        PROCESSING_ERROR,
+                        f"{type(err).__name__}: {err}",
+                        _device_hint(frame),
+                        _raw_of(frame),
+                    )
+                ]
+            )
+        limit = self.max_quarantine_rows_per_frame
+        if len(prepared.rejections) > limit:
+            prepared.rejections = bound_rejections(prepared.rejections, limit, _raw_of(frame))
+        received = len(prepared) + sum(r.readings for r in prepared.rejections)
+        self.counters.add(frames=1, readings_received=received)
+        size = frame.size + _READING_BYTES * len(prepared)
+        with self._bytes_cv:
+            # Bounded in bytes as well as frames: six 11 MB messages once took RSS to 742 MB.
+            # A frame larger than the whole bound still goes through once the queue is empty.
+            if self._bytes > 0 and self._bytes + size > self.queue_bytes:
+                self._blocked += 1
+                try:
+                    while self._bytes > 0 and self._bytes + size > self.queue_bytes:
+                        self._bytes_cv.wait(1.0)
+                finally:
+                    self._blocked -= 1
+            self._bytes += size
+        self._queue.put(_Item(frame, prepared, on_durable, size))
+
+    def _release(self, items: list[_Item]) -> None:
+        freed = sum(it.size for it in items)
+        with self._bytes_cv:
+            self._bytes -= freed
+            self._bytes_cv.notify_all()
 
     def submit_many(self, frames: list[Frame]) -> list[FrameOutcome]:
         """Submit frames and wait until all are durable (bulk import, tests)."""
@@ -155,6 +282,37 @@ class IngestPipeline:
             self._conn = connect(self.database_url)
             self._writer = BatchWriter(self._conn)
         return self._conn
+
+    def _supervise(self) -> None:
+        """Run the writer loop; restart it after an unexpected exception, give up on a loop.
+
+        Why: a writer thread that dies leaves every transport blocked on a full queue with no
+        word said. Restarting keeps ingest going through a one-off; five crashes within a
+        minute is a bug, not bad luck, and ``failure`` makes the process exit loudly."""
+        crashes: list[float] = []
+        while True:
+            try:
+                self._run()
+                return
+            except Exception as err:
+                now = time.monotonic()
+                crashes = [t for t in crashes if now - t < 60.0] + [now]
+                self.writer_restarts += 1
+                log.exception("ingest writer crashed (%s); restarting", err)
+                self._reset_connection()
+                if len(crashes) >= 5:
+                    self.failure = f"ingest writer crashed {len(crashes)} times in 60 s: {err!r}"
+                    log.critical("%s; giving up", self.failure)
+                    return
+
+    def _reset_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        self._stream = None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # closing a broken connection may itself fail
+                pass
 
     def _run(self) -> None:
         stopping = False
@@ -187,7 +345,12 @@ class IngestPipeline:
                 assert isinstance(item, _Item)
                 items.append(item)
                 rows += self._feed(item)
-            self._finish(items)
+            try:
+                self._finish(items)
+            except Exception as err:  # a bug on this batch's path: write it the careful way
+                log.exception("batch commit failed unexpectedly (%s); isolating its frames", err)
+                self._reset_connection()
+                self._commit(items)
         if self._conn is not None:
             self._conn.close()
 
@@ -208,7 +371,7 @@ class IngestPipeline:
             if stream.pending >= self.stream_rows:
                 try:
                     stream.flush()
-                except psycopg.Error as err:
+                except Exception as err:
                     self._stream = None
                     _abandon(stream, err)
         return len(p)
@@ -223,7 +386,7 @@ class IngestPipeline:
             ]
             try:
                 result = stream.commit(rejections)
-            except psycopg.Error as err:
+            except Exception as err:
                 if isinstance(err, psycopg.errors.UniqueViolation):
                     self._writer.note_duplicates()
                 _abandon(stream, err)
@@ -247,7 +410,13 @@ class IngestPipeline:
 
     def _commit(self, items: list[_Item]) -> None:
         """Write items; retry with backoff while the database is away. Never acknowledges a frame
-        before its transaction committed."""
+        before its transaction committed.
+
+        A batch refused for any other reason is halved until the frame that fails is alone
+        (log2(n) rounds instead of one transaction per frame); a lone frame that still fails
+        after ``frame_write_attempts`` becomes one WRITE_FAILED row, and if even that row cannot
+        be written the frame is left unacknowledged and the pipeline reports ``failure``.
+        """
         batch = self._batch(items)
         delay = 0.1
         failures = 0
@@ -259,19 +428,39 @@ class IngestPipeline:
             except psycopg.OperationalError as err:
                 self.counters.add(db_errors=1)
                 log.warning("database unavailable (%s); retrying in %.1fs", err, delay)
-            except psycopg.Error as err:
+            except Exception as err:
                 self.counters.add(db_errors=1)
                 failures += 1
-                log.error("batch write failed (%s)", err)
-                if failures >= 3 and len(items) > 1:
-                    for item in items:  # isolate the frame that fails; the others go through
-                        self._commit([item])
+                log.error("batch write failed (%s: %s)", type(err).__name__, safe_text(err, 300))
+                self._reset_if_broken()
+                if len(items) > 1:
+                    half = len(items) // 2
+                    self._commit(items[:half])
+                    self._commit(items[half:])
                     return
-                if failures >= 3:
-                    batch = self._quarantine_instead(items[0], str(err))
+                if failures == self.frame_write_attempts:
+                    batch = self._quarantine_instead(items[0], err)
+                elif failures > self.frame_write_attempts:
+                    self.failure = (
+                        f"cannot write even a quarantine row: {type(err).__name__}: "
+                        f"{safe_text(err, 300)}"
+                    )
+                    log.critical("%s; frame left unacknowledged", self.failure)
+                    self._release(items)
+                    return
             time.sleep(delay)
             delay = min(delay * 2, self.retry_max_s)
         self._acknowledge(items, result)
+
+    def _reset_if_broken(self) -> None:
+        conn = self._conn
+        if conn is not None and (conn.closed or conn.broken):
+            self._reset_connection()
+        elif conn is not None:
+            try:
+                conn.rollback()
+            except Exception:
+                self._reset_connection()
 
     def _acknowledge(self, items: list[_Item], result: WriteResult) -> None:
         """Count a committed batch and hand its frames to the ack thread.
@@ -283,6 +472,7 @@ class IngestPipeline:
         """
         self.counters.add(stored=result.inserted, duplicates=result.duplicates, batches=1)
         self.counters.add_quarantined(result.quarantined)
+        self._release(items)
         self._acks.put(items)
 
     def _run_acks(self) -> None:
@@ -291,7 +481,7 @@ class IngestPipeline:
                 p = it.prepared
                 outcome = FrameOutcome(
                     accepted=len(p),
-                    quarantined=len(p.rejections),
+                    quarantined=sum(r.readings for r in p.rejections),
                     reasons=[r.reason for r in p.rejections],
                 )
                 try:
@@ -299,18 +489,41 @@ class IngestPipeline:
                 except Exception:  # a transport's callback must not stop the acknowledgements
                     log.exception("on_durable callback failed")
 
-    def _quarantine_instead(self, item: _Item, error: str) -> Batch:
+    def _quarantine_instead(self, item: _Item, error: BaseException) -> Batch:
+        """The frame's rows could not be stored: one WRITE_FAILED row keeps all of it instead
+        (its raw bytes, or its rows as JSON, and why), so it can be replayed once fixed."""
+        p = item.prepared
+        readings = len(p) + sum(r.readings for r in p.rejections)
         item.prepared = Prepared(
             rejections=[
                 Rejection(
-                    WRITE_FAILED, error[:500], item.frame.device_hint, item.frame.payload or None
+                    WRITE_FAILED,
+                    f"{type(error).__name__}: {error}",
+                    _device_hint(item.frame),
+                    _raw_of(item.frame),
+                    readings=max(1, readings),
                 )
             ]
         )
         return self._batch([item])
 
 
-def _abandon(stream: CopyStream, err: psycopg.Error) -> None:
+def _raw_of(frame: Frame) -> bytes | None:
+    try:
+        return frame_raw(frame)
+    except Exception:  # a frame too odd to serialise still gets its row, without raw
+        return None
+
+
+def _device_hint(frame: Frame) -> str | None:
+    if frame.device_hint:
+        return frame.device_hint
+    if frame.uplinks and len({u.device for u in frame.uplinks}) == 1:
+        return frame.uplinks[0].device
+    return None
+
+
+def _abandon(stream: CopyStream, err: Exception) -> None:
     """Roll a streamed batch back; its frames are then written as one batch (``_commit``)."""
     if not isinstance(err, psycopg.errors.UniqueViolation):  # a redelivery is not news
         log.warning("streamed write failed (%s); writing the batch again", err)
@@ -327,4 +540,13 @@ def pipeline_from_settings(database_url: str, settings: Settings) -> IngestPipel
         queue_frames=settings.queue_frames,
         future_tolerance_s=settings.future_tolerance_s,
         earliest_epoch=settings.earliest_timestamp.timestamp(),
+        queue_bytes=settings.queue_bytes,
+        max_payload_bytes=settings.max_payload_bytes,
+        max_readings_per_frame=settings.max_readings_per_frame,
+        max_payload_depth=settings.max_payload_depth,
+        max_quarantine_rows_per_frame=settings.max_quarantine_rows_per_frame,
+        clock_skew_s=settings.clock_skew_s,
+        clock_skew_action=settings.clock_skew_action,
+        live_window_days=settings.live_window_days,
+        registry_poll_s=settings.registry_poll_s,
     )

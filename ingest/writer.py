@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import psycopg
 
+from ingest.quarantine import quarantine_row
 from ingest.validate import CONFLICTING_DUPLICATE, Rejection
 from sql.copy_format import COPY_HEADER, COPY_TRAILER, PG_EPOCH_S, READING_ROW
 
@@ -95,9 +96,16 @@ class BatchWriter:
         self.mark_days = mark_days
         self.careful_batches = careful_batches
         self._careful_left = 0
+        # What is known to exist in the database. Only committed knowledge lives here: what the
+        # open transaction created (partitions, the staging table) is held apart in ``_tx_*``
+        # and merged by :meth:`committed`, or forgotten by :meth:`rolled_back` — a rolled-back
+        # CREATE leaves nothing behind, and a cache that believed otherwise would make every
+        # later write fail ("no partition of relation found").
         self._weeks: set[int] = set()
+        self._tx_weeks: set[int] = set()
         self._width_us: int | None = None
         self._staging_ready = False
+        self._tx_staging = False
 
     def _partition_width_us(self) -> int:
         """Partition width as aq_ensure_partitions uses it (plain backend), cached."""
@@ -121,29 +129,61 @@ class BatchWriter:
         lo = int((int(ts_us.min()) - _PARTITION_ORIGIN_US) // width)
         hi = int((int(ts_us.max()) - _PARTITION_ORIGIN_US) // width)
         if lo == hi:
-            return [] if lo in self._weeks else [lo]
+            return [] if lo in self._weeks or lo in self._tx_weeks else [lo]
         weeks = np.unique((ts_us - _PARTITION_ORIGIN_US) // width)
-        return [int(w) for w in weeks if int(w) not in self._weeks]
+        known = self._weeks | self._tx_weeks
+        return [int(w) for w in weeks if int(w) not in known]
 
     def _ensure_partitions(self, ts_us: np.ndarray) -> None:
+        """Create the partitions of exactly the weeks that hold rows, not the span between them.
+
+        Why: one frame with a reading in 2000 and one today once made 1,399 weekly partitions
+        (ingest stalled, planning slowed 40x). Consecutive missing weeks go in one call.
+        """
         missing = self._missing_weeks(ts_us)
         if not missing:
             return
-        lo = float(ts_us.min()) / 1e6 + PG_EPOCH_S
-        hi = float(ts_us.max()) / 1e6 + PG_EPOCH_S
+        width = self._partition_width_us()
+        runs: list[tuple[int, int]] = []
+        for w in sorted(missing):
+            if runs and runs[-1][1] == w - 1:
+                runs[-1] = (runs[-1][0], w)
+            else:
+                runs.append((w, w))
+        starts = [(lo * width + _PARTITION_ORIGIN_US) / 1e6 + PG_EPOCH_S for lo, _ in runs]
+        ends = [(hi * width + _PARTITION_ORIGIN_US) / 1e6 + PG_EPOCH_S for _, hi in runs]
         self.conn.execute(
-            "SELECT aq_ensure_partitions(to_timestamp(%s), to_timestamp(%s))", (lo, hi)
+            "SELECT sum(aq_ensure_partitions(to_timestamp(a), to_timestamp(b))) "
+            "FROM unnest(%s::float8[], %s::float8[]) AS u(a, b)",
+            (starts, ends),
         )
-        self._weeks.update(missing)
+        self._tx_weeks.update(missing)
+
+    def committed(self) -> None:
+        """The open transaction committed: what it created exists from now on."""
+        self._weeks |= self._tx_weeks
+        self._tx_weeks.clear()
+        self._staging_ready = self._staging_ready or self._tx_staging
+        self._tx_staging = False
+
+    def rolled_back(self) -> None:
+        """The open transaction rolled back: forget what it created."""
+        self._tx_weeks.clear()
+        self._tx_staging = False
 
     def write(self, batch: Batch) -> WriteResult:
         result = WriteResult()
         conn = self.conn
-        with conn.transaction():
-            if len(batch):
-                self._write_readings(batch, result)
-            if batch.rejections:
-                self._write_quarantine(batch.rejections, result)
+        try:
+            with conn.transaction():
+                if len(batch):
+                    self._write_readings(batch, result)
+                if batch.rejections:
+                    self._write_quarantine(batch.rejections, result)
+        except BaseException:
+            self.rolled_back()
+            raise
+        self.committed()
         return result
 
     def _write_readings(self, batch: Batch, result: WriteResult) -> None:
@@ -206,9 +246,9 @@ class BatchWriter:
         self, cur: psycopg.Cursor, stream: bytes, n: int, result: WriteResult
     ) -> None:
         """COPY into a temp staging table, then ``INSERT … ON CONFLICT DO NOTHING``."""
-        if not self._staging_ready:
+        if not (self._staging_ready or self._tx_staging):
             self.conn.execute(STAGING_DDL)
-            self._staging_ready = True
+            self._tx_staging = True
         with cur.copy(
             "COPY aq_staging (channel_id, ts, value, quality) FROM STDIN (FORMAT BINARY)"
         ) as copy:
@@ -245,13 +285,17 @@ class BatchWriter:
     def _write_quarantine(
         self, rejections: list[tuple[str, str, Rejection]], result: WriteResult
     ) -> None:
+        """COPY the rejections, each made safe to store first (:func:`quarantine_row`): the
+        quarantine is the place of last resort, so its write must not fail on content."""
         with self.conn.cursor() as cur:
             with cur.copy(
                 "COPY quarantine (source, address, device_id, reason, detail, raw) FROM STDIN"
             ) as copy:
                 for source, address, rej in rejections:
-                    copy.write_row((source, address, rej.device, rej.reason, rej.detail, rej.raw))
-                    result.quarantined[rej.reason] = result.quarantined.get(rej.reason, 0) + 1
+                    copy.write_row(quarantine_row(source, address, rej))
+                    result.quarantined[rej.reason] = (
+                        result.quarantined.get(rej.reason, 0) + rej.readings
+                    )
 
 
 class CopyStream:
@@ -325,6 +369,7 @@ class CopyStream:
         if rejections:
             self._w._write_quarantine(rejections, result)
         self._w.conn.commit()
+        self._w.committed()
         self._cur.close()
         return result
 
@@ -338,6 +383,7 @@ class CopyStream:
         except (psycopg.Error, RuntimeError):
             pass
         finally:
+            self._w.rolled_back()
             try:
                 self._w.conn.rollback()
             except psycopg.Error:
