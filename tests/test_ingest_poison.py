@@ -327,9 +327,10 @@ def test_an_exception_while_validating_becomes_that_frames_row(db_url):
 
 
 def test_a_frame_the_database_refuses_is_isolated_and_quarantined_with_its_rows(db_url):
-    """One frame's rows fail in the database (a trigger refuses 666 L/s, 2397.6 m³/h): the 63 other frames
-    of its batch are stored, the poison frame becomes one WRITE_FAILED row with its rows as JSON
-    (import, Modbus and OPC-UA frames have no bytes of their own), and every frame is acked."""
+    """One frame's rows fail in the database (a trigger refuses 666 L/s, i.e. 2397.6 m³/h): the
+    63 other frames of its batch are stored, the poison frame becomes one WRITE_FAILED row with
+    its rows as JSON (import, Modbus and OPC-UA frames have no bytes of their own), and every
+    frame is acked."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(
             "CREATE FUNCTION refuse_666() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
