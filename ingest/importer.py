@@ -10,7 +10,7 @@ optional ``status`` (quality bits).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -24,9 +24,16 @@ FRAME_ROWS = 2_000
 
 @dataclass
 class ImportResult:
+    """What one import did, in readings. ``stored`` and ``duplicates`` are the pipeline's counter
+    deltas over the import (exact when nothing else writes through the same pipeline, as with
+    ``aquameter import``): a re-import shows ``stored=0`` instead of pretending to add data."""
+
     rows: int
     accepted: int
     quarantined: int
+    stored: int = 0
+    duplicates: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
 
 
 def _scan(path: Path) -> pl.LazyFrame:
@@ -122,6 +129,7 @@ def import_file(
     index = pipeline.index()
     channel_names = {c.id: (c.device_id, c.name) for c in index.by_key.values()}
     total = accepted = quarantined = 0
+    before = pipeline.counters.snapshot()
     for chunk in _scan(path).collect_batches(chunk_size=CHUNK_ROWS):
         if chunk.height == 0:
             continue
@@ -134,4 +142,24 @@ def import_file(
         quarantined += sum(o.quarantined for o in outcomes)
         if progress is not None:
             progress(chunk.height)
-    return ImportResult(total, accepted, quarantined)
+    after = pipeline.counters.snapshot()
+    return ImportResult(
+        total,
+        accepted,
+        quarantined,
+        stored=_delta(after, before, "stored"),
+        duplicates=_delta(after, before, "duplicates"),
+        reasons=_reason_delta(after, before),
+    )
+
+
+def _reason_delta(after: dict[str, object], before: dict[str, object]) -> dict[str, int]:
+    a, b = after["quarantined"], before["quarantined"]
+    assert isinstance(a, dict) and isinstance(b, dict)
+    return {k: int(v) - int(b.get(k, 0)) for k, v in a.items() if int(v) != int(b.get(k, 0))}
+
+
+def _delta(after: dict[str, object], before: dict[str, object], key: str) -> int:
+    a, b = after[key], before[key]
+    assert isinstance(a, int) and isinstance(b, int)
+    return a - b

@@ -130,6 +130,7 @@ def test_overlapping_reimport_with_new_weeks_stores_every_new_reading(db_url, tm
         b = import_file(second, p)
     assert (a.rows, a.accepted, a.quarantined) == (336, 336, 0)
     assert (b.rows, b.accepted, b.quarantined) == (840, 840, 0)
+    assert (b.stored, b.duplicates, b.reasons) == (504, 336, {})
     assert _rows(db_url, "SELECT count(*), count(DISTINCT ts) FROM readings") == [(840, 840)]
     assert _reasons(db_url) == {}
     assert p.counters.stored == 840 and p.counters.duplicates == 336
