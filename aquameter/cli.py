@@ -299,7 +299,9 @@ def import_cmd(
 
                 r = import_file(path, pipeline, progress=advance)
             console.print(
-                f"{path}: rows={r.rows:,} accepted={r.accepted:,} quarantined={r.quarantined:,}"
+                f"{path}: rows={r.rows:,} accepted={r.accepted:,} stored={r.stored:,} "
+                f"duplicates={r.duplicates:,} quarantined={r.quarantined:,}"
+                + "".join(f" {k}={v:,}" for k, v in sorted(r.reasons.items()))
             )
     finally:
         pipeline.close()
