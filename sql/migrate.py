@@ -9,6 +9,7 @@ than a silent drift between databases.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,8 @@ from typing import Literal
 
 import psycopg
 from psycopg import sql
+
+log = logging.getLogger("aquameter.migrate")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+?)(?:\.(timescale|plain))?\.sql$")
@@ -93,13 +96,19 @@ def recorded_backend(conn: psycopg.Connection) -> Backend | None:
     return row[0] if row else None
 
 
+NOT_LOADED_FIX = "add timescaledb to shared_preload_libraries and restart PostgreSQL to use it"
+
+
 def choose_backend(conn: psycopg.Connection, mode: str) -> Backend:
     """The backend a database uses: the recorded one once migrated, else decided now.
 
-    ``auto`` takes TimescaleDB when the extension is installed on the server, plain PostgreSQL
-    when it is not. Installed but not loaded (missing from ``shared_preload_libraries``) is an
-    error rather than a silent fall back, because the choice is recorded for good: the operator
-    either preloads it or says ``timescale=off``.
+    ``auto`` takes TimescaleDB when the extension is installed on the server *and* loaded, plain
+    PostgreSQL otherwise. Installed but not loaded (missing from ``shared_preload_libraries``) is
+    common right after ``apt install``: ``auto`` then migrates as plain PostgreSQL and logs one
+    warning naming the fix, because an operator who asked for "whatever is there" should get a
+    working database rather than an aborted migrate. The choice is recorded (``schema_backend``):
+    preloading TimescaleDB later does not convert a database migrated as plain. ``on`` is an
+    explicit request and fails with the fix.
     """
     if mode not in ("auto", "on", "off"):
         raise MigrationError(f"timescale mode must be auto, on or off, not {mode!r}")
@@ -110,15 +119,29 @@ def choose_backend(conn: psycopg.Connection, mode: str) -> Backend:
         return recorded
     if mode == "off":
         return "plain"
-    if not timescale_available(conn):
+    available = timescale_available(conn)
+    return decide_backend(mode, available, available and timescale_loaded(conn))
+
+
+def decide_backend(mode: str, available: bool, loaded: bool) -> Backend:
+    """The decision of :func:`choose_backend` for a database not yet migrated, without a server:
+    ``mode`` and what the server reports (extension installed, loader running)."""
+    if mode == "off":
+        return "plain"
+    if not available:
         if mode == "on":
             raise MigrationError("timescale=on but the timescaledb extension is not available")
         return "plain"
-    if not timescale_loaded(conn):
-        raise MigrationError(
-            "the timescaledb extension is installed but not loaded: add it to "
-            "shared_preload_libraries and restart the server, or migrate with timescale=off"
+    if not loaded:
+        if mode == "on":
+            raise MigrationError(
+                f"timescale=on but TimescaleDB is installed and not loaded: {NOT_LOADED_FIX}"
+            )
+        log.warning(
+            "TimescaleDB is installed but not loaded: %s; migrating as plain PostgreSQL",
+            NOT_LOADED_FIX,
         )
+        return "plain"
     return "timescale"
 
 
