@@ -3,6 +3,10 @@
 Upserts are keyed on the registry's own ids, so a sync is idempotent and a re-sync after editing the
 file updates in place. Devices that disappeared from the file are marked inactive, not deleted:
 their readings stay valid history.
+
+Every sync bumps ``registry_version`` and sends ``NOTIFY aquameter_registry, '<version>'`` in the
+same transaction, so running ingest workers (``ingest.registry_watch``) reload exactly when the
+new registry is committed, never before, and a rolled-back sync notifies nobody.
 """
 
 from __future__ import annotations
@@ -26,9 +30,39 @@ class SyncResult:
     sensors: int
     channels: int
     deactivated: int
+    version: int | None = None  # registry_version after this sync; None before migration 0005
+
+
+REGISTRY_CHANNEL = "aquameter_registry"
+
+
+def bump_registry_version(conn: psycopg.Connection) -> int | None:
+    """Increment ``registry_version`` and queue the notify, inside the caller's transaction.
+
+    PostgreSQL delivers a NOTIFY only when the transaction commits, so listeners never reload a
+    half-written registry. The row lock of the UPDATE orders concurrent syncs: each gets its own
+    version. Returns None on a database not yet migrated to 0005 (no table), where there is no
+    one to tell either.
+    """
+    exists = conn.execute("SELECT to_regclass('registry_version') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = conn.execute(
+        "UPDATE registry_version SET version = version + 1, synced_at = now() RETURNING version"
+    ).fetchone()
+    if row is None:  # the seed row was deleted by hand: start again
+        row = conn.execute(
+            "INSERT INTO registry_version (version, synced_at) VALUES (1, now()) RETURNING version"
+        ).fetchone()
+    assert row is not None
+    version = int(row[0])
+    conn.execute("SELECT pg_notify(%s, %s)", (REGISTRY_CHANNEL, str(version)))
+    return version
 
 
 def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
+    """Upsert ``registry`` and deactivate devices no longer in it, in one transaction that also
+    bumps the registry version (see :func:`bump_registry_version`)."""
     devices = registry.all_devices()
     serials = [d.serial for d in devices if d.serial is not None]
     if len(serials) != len(set(serials)):
@@ -181,6 +215,7 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
             (ids,),
         )
         deactivated = cur.rowcount
+        version = bump_registry_version(conn)
     return SyncResult(
         len(dma_rows),
         len(vendor_rows),
@@ -189,4 +224,5 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
         len(sensor_rows),
         len(channel_rows),
         deactivated,
+        version,
     )
