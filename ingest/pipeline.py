@@ -27,7 +27,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import psycopg
 
@@ -35,6 +34,7 @@ from aquameter.settings import Settings
 from ingest.channels import ChannelIndex
 from ingest.counters import IngestCounters
 from ingest.quarantine import bound_rejections, safe_text
+from ingest.registry_watch import RegistryWatch
 from ingest.validate import (
     PROCESSING_ERROR,
     WRITE_FAILED,
@@ -109,7 +109,7 @@ class IngestPipeline:
         self.failure: str | None = None
         self.writer_restarts = 0
         self._registry_poll_s = registry_poll_s
-        self._watch: Any = None  # ingest.registry_watch.RegistryWatch once started
+        self._watch: RegistryWatch | None = None
         self._index: ChannelIndex | None = None
         self._reload_every_s = reload_every_s
         self._last_reload = 0.0
@@ -144,7 +144,8 @@ class IngestPipeline:
 
     def _registry_changed(self) -> None:
         """``devices sync`` ran somewhere: take the new registry for the next frames."""
-        n = self.reload_index()
+        with self._reload_lock:
+            n = self.reload_index()
         log.info("registry changed: %d channels reloaded", n)
 
     def _maybe_reload(self) -> bool:
@@ -161,6 +162,11 @@ class IngestPipeline:
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> IngestPipeline:
+        if self._registry_poll_s:
+            # Watch first, load second: a sync committed in between is then seen, not missed.
+            self._watch = RegistryWatch(
+                self.database_url, self._registry_changed, poll_s=self._registry_poll_s
+            ).start()
         self.reload_index()
         self._thread = threading.Thread(
             target=self._supervise, name="aquameter-writer", daemon=True
@@ -168,14 +174,6 @@ class IngestPipeline:
         self._acker = threading.Thread(target=self._run_acks, name="aquameter-acks", daemon=True)
         self._thread.start()
         self._acker.start()
-        if self._registry_poll_s:
-            try:  # TEMP while the watch lands
-                from ingest.registry_watch import RegistryWatch
-            except ImportError:
-                return self
-            self._watch = RegistryWatch(
-                self.database_url, self._registry_changed, poll_s=self._registry_poll_s
-            ).start()
         return self
 
     def healthy(self) -> bool:
