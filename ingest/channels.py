@@ -29,10 +29,18 @@ class ChannelInfo:
 
 
 class ChannelIndex:
-    def __init__(self, channels: list[ChannelInfo], aliases: dict[str, str]) -> None:
+    def __init__(
+        self,
+        channels: list[ChannelInfo],
+        aliases: dict[str, str],
+        vendors: dict[str, str] | None = None,
+        gateways: dict[str, str] | None = None,
+    ) -> None:
         self.by_key = {(c.device_id, c.name): c for c in channels}
         self.devices = {c.device_id for c in channels}
         self.aliases = aliases
+        self.vendors = vendors or {}
+        self.gateways = gateways or {}
         self._conv: dict[tuple[str, str], tuple[float, float]] = {}
 
     def __len__(self) -> int:
@@ -43,6 +51,10 @@ class ChannelIndex:
 
     def get(self, device: str, channel: str) -> ChannelInfo | None:
         return self.by_key.get((device, channel))
+
+    def may_send(self, peer: str, device: str) -> bool:
+        """A proven identity speaks for itself and for the meters registered under it."""
+        return device == peer or self.gateways.get(device) == peer
 
     def conversion(self, info: ChannelInfo, unit: str | None) -> tuple[float, float]:
         """Cached (factor, offset) from ``unit`` (None: the channel's device unit) to canonical."""
@@ -83,8 +95,15 @@ class ChannelIndex:
                 "SELECT id, serial FROM devices WHERE serial IS NOT NULL"
             ).fetchall()
         }
+        vendors, gateways = {}, {}
+        for dev, vendor, gateway in conn.execute(
+            "SELECT id, vendor_id, gateway FROM devices"
+        ).fetchall():
+            vendors[dev] = vendor
+            if gateway:
+                gateways[dev] = gateway
         conn.commit()
-        return cls(channels, aliases)
+        return cls(channels, aliases, vendors, gateways)
 
 
 __all__ = ["ChannelIndex", "ChannelInfo", "UnknownUnit"]

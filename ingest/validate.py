@@ -232,6 +232,24 @@ class Validator:
         if not info.active:
             reject_all(INACTIVE_DEVICE, f"device {dev!r} is inactive in the registry")
             return
+        if frame.peer is not None and not index.may_send(frame.peer, dev):
+            reject_all(
+                UNAUTHORIZED,
+                f"{frame.source} peer {frame.peer!r} (proven) sent readings for {up.device!r} "
+                f"(claimed), which is neither it nor registered under it",
+            )
+            return
+        if (
+            frame.peer_vendor is not None
+            and frame.peer == dev
+            and index.vendors.get(dev, frame.peer_vendor) != frame.peer_vendor
+        ):
+            reject_all(
+                UNAUTHORIZED,
+                f"{frame.source} topic vendor {frame.peer_vendor!r} (claimed) but {dev!r} is "
+                f"registered with vendor {index.vendors.get(dev)!r}",
+            )
+            return
         if frame.authenticated_device is not None and frame.authenticated_device != dev:
             reject_all(
                 UNAUTHORIZED, f"peer {frame.authenticated_device!r} sent readings for {dev!r}"

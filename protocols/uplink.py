@@ -36,9 +36,7 @@ class Quality(IntFlag):
     CLOCK_SKEW = 256  # reading far behind its receive time: a device clock to check
 
 
-VENDOR_STATUS_MASK = int(
-    Quality.LEAK | Quality.REVERSE_FLOW | Quality.TAMPER | Quality.LOW_BATTERY
-)
+VENDOR_STATUS_MASK = int(Quality.LEAK | Quality.REVERSE_FLOW | Quality.TAMPER | Quality.LOW_BATTERY)
 
 
 STATUS_NAMES: dict[str, Quality] = {
@@ -89,6 +87,12 @@ class Frame:
     received_at: float = field(default_factory=time.time)
     uplinks: list[Uplink] | None = None
     authenticated_device: str | None = None
+    # The identity the transport proved — an MQTT topic's device or gateway (the broker's ACL
+    # lets each client publish only under its own prefix), a DTLS-PSK identity — and, for a
+    # device's own topic, its vendor. Ingest accepts readings only for that device or the meters
+    # registered under that gateway; anything else is UNAUTHORIZED, claimed and proven named.
+    peer: str | None = None
+    peer_vendor: str | None = None
     # A frame the transport already refused (reason code, detail): ingest writes only its
     # quarantine row (with ``payload``) and acknowledges it like any other frame.
     rejection: tuple[str, str] | None = None
