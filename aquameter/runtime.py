@@ -10,13 +10,26 @@ import contextlib
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from aquameter.embedded import Broker, embedded_postgres_url, start_broker
 from aquameter.settings import Settings
 
 
-def database_url(settings: Settings) -> str:
+DbRole = Literal["owner", "ingest", "analytics", "billing"]
+
+
+def database_url(settings: Settings, role: DbRole = "owner") -> str:
+    """The URL ``role``'s work connects with: its own login when configured, else the owner's
+    (or the embedded server's)."""
+    own = {
+        "ingest": settings.database_url_ingest,
+        "analytics": settings.database_url_analytics,
+        "billing": settings.database_url_billing,
+    }.get(role)
+    if own:
+        return own
     if settings.database_url:
         return settings.database_url
     return embedded_postgres_url(settings.data_path("postgres"))

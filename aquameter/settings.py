@@ -28,6 +28,12 @@ class Settings(BaseSettings):
         default=None,
         description="PostgreSQL/TimescaleDB URL; unset starts an embedded PostgreSQL in data_dir.",
     )
+    # One login per service, each in one of the roles `db migrate` makes (README "Database
+    # roles"); unset, a service uses ``database_url`` (the owner: fine for a demo, not for a
+    # utility). The owner's URL stays for `db migrate` and `devices sync`.
+    database_url_ingest: str | None = None
+    database_url_analytics: str | None = None
+    database_url_billing: str | None = None
     mqtt_url: str | None = Field(
         default=None,
         description="mqtt://host:port; unset starts mosquitto from PATH or embedded amqtt.",

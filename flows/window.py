@@ -48,7 +48,8 @@ def resolve_window(
 def resolve_database_url(database_url: str | None) -> str:
     if database_url:
         return database_url
-    url = get_settings().database_url
+    settings = get_settings()
+    url = settings.database_url_analytics or settings.database_url
     if not url:
         raise ValueError(
             "no database URL: pass database_url or set AQUAMETER_DATABASE_URL for the flow process"
