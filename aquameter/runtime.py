@@ -16,7 +16,6 @@ from urllib.parse import urlparse
 from aquameter.embedded import Broker, embedded_postgres_url, start_broker
 from aquameter.settings import Settings
 
-
 DbRole = Literal["owner", "ingest", "analytics", "billing"]
 
 
