@@ -188,10 +188,17 @@ def ingest_cmd(
     """Run every adapter the registry asks for into the validated write path until Ctrl-C.
 
     With ``--mqtt-workers N`` (N > 1, MQTT v5 broker, a shared group) MQTT runs in N worker
-    processes on the shared subscription; CoAP, Modbus and OPC-UA stay in this process."""
+    processes on the shared subscription; CoAP, Modbus and OPC-UA stay in this process.
+
+    Exits 1 (after a clean stop) when ingest cannot go on here: paho's network thread died, the
+    pipeline reported ``failure``, or an async adapter's task ended with an exception. A process
+    that reads nothing must not look alive; the service manager restarts it and the broker
+    redelivers what was not acknowledged. (Worker processes watch themselves: ingest.workers.)"""
     from ingest.service import (
         adapter_options,
         build_async_adapters,
+        close_bounded,
+        ingest_problem,
         make_pipeline,
         start_mqtt,
         vendor_formats,
@@ -205,6 +212,14 @@ def ingest_cmd(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     workers: MqttWorkers | None = None
+    problem: str | None = None
+
+    def close_pipeline() -> None:
+        # A pipeline whose writer gave up may never drain: do not wait on it forever.
+        if problem is None:
+            pipeline.close()
+        else:
+            close_bounded(pipeline, 15.0)
 
     def tick() -> None:
         line = pipeline.counters.line() if workers is None else workers.line(pipeline.counters)
@@ -226,22 +241,39 @@ def ingest_cmd(
                 + (f", {n} MQTT worker processes" if workers is not None else "")
             )
             adapters = build_async_adapters(reg, pipeline, options=adapter_options(s))
+
+            def check() -> str | None:
+                return ingest_problem(pipeline, client)
+
             try:
-                asyncio.run(_until(stop, duration, adapters, tick, s.stats_interval_s))
+                problem = asyncio.run(
+                    _until(stop, duration, adapters, tick, s.stats_interval_s, check)
+                )
             except KeyboardInterrupt:
                 pass
             finally:
+                if problem is not None:
+                    from rich.markup import escape
+
+                    console.print(
+                        f"[bold red]ingest stopped: {escape(problem)}. Nothing more is read here; "
+                        "exiting with status 1 so the service manager restarts ingest (what "
+                        "was not acknowledged is redelivered). If it recurs, check the log "
+                        "above and the database.[/]"
+                    )
                 if client is not None:
-                    client.shutdown(pipeline.close)  # commit and acknowledge what was read
+                    client.shutdown(close_pipeline)  # commit and acknowledge what was read
                 if workers is not None:
                     workers.stop()
     finally:
-        pipeline.close()
+        close_pipeline()
         if workers is None:
             console.print(_counters_table(pipeline.counters))
         else:
             console.print(_counters_table(workers.counters(plus=pipeline.counters)))
             console.print(_workers_table(workers))
+    if problem is not None:
+        raise typer.Exit(code=1)
 
 
 async def _until(
@@ -250,15 +282,26 @@ async def _until(
     adapters: dict[str, object],
     tick: Callable[[], None],
     every: float,
-) -> None:
-    from ingest.service import run_adapters
+    check: Callable[[], str | None] | None = None,
+) -> str | None:
+    """Run the adapters until ``stop``, ``duration`` or a failure; return what failed (None
+    after a normal stop). ``check`` (dead MQTT thread, failed pipeline) runs every second."""
+    from ingest.service import IngestFailed, run_adapters
 
-    task = asyncio.create_task(run_adapters(adapters, duration, tick, every))
+    task = asyncio.create_task(run_adapters(adapters, duration, tick, every, check))
     while not task.done():
         if stop.is_set():
             task.cancel()
         await asyncio.sleep(0.2)
     await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return None
+    exc = task.exception()
+    if isinstance(exc, IngestFailed):
+        return str(exc)
+    if exc is not None:
+        return f"ingest loop failed: {type(exc).__name__}: {exc}"
+    return None
 
 
 @app.command("import")

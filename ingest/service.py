@@ -4,6 +4,19 @@ MQTT runs on paho's network thread (or, with ``--mqtt-workers N``, in N processe
 subscription: ``ingest.workers``); CoAP, Modbus and OPC-UA adapters run concurrently on one asyncio
 loop. All of them submit to the same :class:`IngestPipeline`, so validation, de-duplication and the
 quarantine behave the same whatever the protocol.
+
+Health: a process that reads nothing must not look alive. :func:`ingest_problem` names what
+broke for good — paho's network thread died, or the pipeline reported ``failure`` (its writer
+gave up) — and the supervisors (``aquameter ingest``, each ``ingest.workers`` process) stop
+cleanly and exit non-zero on it, so the service manager (or the worker supervisor) restarts the
+process and the broker redelivers what was not acknowledged.
+
+Async adapters are not restarted in-process: :func:`run_adapters` raises :class:`IngestFailed`
+as soon as one adapter's ``run()`` ends with an exception. Each adapter already retries what is
+expected to fail (CoAP binding, Modbus and OPC-UA connections) and contains per-request and
+per-poll errors; an exception that still escapes ``run()`` is a bug or a broken configuration,
+after which the adapter's state (sockets, sessions, half-drained frames) is unknown. Restarting
+the whole process is the one restart whose outcome is known, and it is loud.
 """
 
 from __future__ import annotations
@@ -11,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import time
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +43,41 @@ ASYNC_ADAPTERS: dict[str, tuple[str, str]] = {
     "modbus": ("protocols.modbus", "ModbusPoller"),
     "opcua": ("protocols.opcua", "OpcUaSubscriber"),
 }
+
+
+class IngestFailed(RuntimeError):
+    """Ingest cannot go on in this process (an adapter died, the pipeline or MQTT failed); the
+    message says what failed and what to do. The process must stop cleanly and exit non-zero."""
+
+
+def ingest_problem(pipeline: object, mqtt: MqttIngest | None = None) -> str | None:
+    """None while this process can ingest; else what failed, as one line for the log.
+
+    ``pipeline.failure`` is read with ``getattr``: any sink may stand in for the pipeline."""
+    failure = getattr(pipeline, "failure", None)
+    if failure:
+        return f"ingest pipeline failed: {failure}"
+    if mqtt is not None:
+        return mqtt.problem()
+    return None
+
+
+def close_bounded(pipeline: object, timeout_s: float) -> bool:
+    """Close a pipeline that may have failed, waiting at most ``timeout_s``; True if it closed.
+
+    A writer that died leaves a full queue that ``close`` would wait on forever. What is not
+    committed by then is not acknowledged either, and the broker redelivers it after the
+    restart; the closing thread is a daemon, so it does not hold up the process exit."""
+    close = getattr(pipeline, "close", None)
+    if close is None:
+        return True
+    t = threading.Thread(target=close, name="close-failed-pipeline", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        log.error("ingest pipeline did not drain in %.0fs; exiting without it", timeout_s)
+        return False
+    return True
 
 
 @dataclass
@@ -81,6 +129,7 @@ def adapter_options(settings: Settings) -> dict[str, dict[str, Any]]:
             "host": settings.coap_host,
             "port": settings.coap_port,
             "path": settings.coap_path,
+            "max_payload_bytes": settings.max_payload_bytes,
         },
     }
 
@@ -108,21 +157,47 @@ async def run_adapters(
     duration_s: float | None,
     tick: Callable[[], None] | None = None,
     tick_every_s: float = 5.0,
+    check: Callable[[], str | None] | None = None,
+    check_every_s: float = 1.0,
 ) -> None:
+    """Run the async adapters until ``duration_s`` passes (or forever, until cancelled).
+
+    ``tick`` (the counters line) runs every ``tick_every_s``; ``check`` (what failed, or None)
+    every ``check_every_s``. Raises :class:`IngestFailed` when ``check`` reports a problem or
+    an adapter's ``run()`` ended with an exception (see the module docstring for why adapters
+    are not restarted here); the other adapters are cancelled (and drain) first.
+    """
     tasks = [asyncio.create_task(a.run(), name=f"adapter-{p}") for p, a in adapters.items()]
-    deadline = None if duration_s is None else time.monotonic() + duration_s
+    loop = asyncio.get_running_loop()
+    deadline = None if duration_s is None else loop.time() + duration_s
+    next_tick = loop.time() + tick_every_s
+    finished: set[asyncio.Task[Any]] = set()
     try:
-        while deadline is None or time.monotonic() < deadline:
-            await asyncio.sleep(
-                tick_every_s
-                if deadline is None
-                else min(tick_every_s, max(0.0, deadline - time.monotonic()))
-            )
-            if tick is not None:
+        while deadline is None or loop.time() < deadline:
+            step = min(check_every_s, max(0.0, next_tick - loop.time()))
+            if deadline is not None:
+                step = min(step, max(0.0, deadline - loop.time()))
+            await asyncio.sleep(step)
+            if tick is not None and loop.time() >= next_tick:
+                next_tick = loop.time() + tick_every_s
                 tick()
             for t in tasks:
-                if t.done() and not t.cancelled() and t.exception() is not None:
-                    log.error("adapter %s stopped: %r", t.get_name(), t.exception())
+                if not t.done() or t in finished:
+                    continue
+                finished.add(t)
+                exc = None if t.cancelled() else t.exception()
+                if exc is not None:
+                    log.error("adapter %s stopped: %r", t.get_name(), exc)
+                    raise IngestFailed(
+                        f"{t.get_name()} stopped with {type(exc).__name__}: {exc}; fix the "
+                        "cause (see the traceback above) and start ingest again"
+                    ) from exc
+                log.warning("adapter %s ended (nothing left to run)", t.get_name())
+            problem = check() if check is not None else None
+            if problem is not None:
+                raise IngestFailed(problem)
+        if tick is not None:
+            tick()  # the counters at the end of a timed run
     finally:
         for t in tasks:
             t.cancel()

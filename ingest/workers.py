@@ -19,6 +19,13 @@ The parent (:class:`MqttWorkers`) starts the workers, restarts one that dies wit
 backoff (counted), gathers their counters for one combined line, and stops them with SIGTERM, on
 which a worker stops reading, lets its pipeline commit what it holds, sends the PUBACKs, and
 disconnects cleanly.
+
+A worker that is dead inside exits instead of looking healthy: each report tick it asks
+:func:`ingest.service.ingest_problem` whether paho's network thread still runs and whether its
+pipeline reported ``failure``. On a problem it sends a ``failed`` report (not connected, the
+problem named), stops as cleanly as it still can, and exits with :data:`EXIT_UNHEALTHY`; the
+parent then counts and restarts it with the same backoff as a crash, and shows the problem in
+:meth:`MqttWorkers.line` and :meth:`MqttWorkers.rows` meanwhile.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -41,7 +49,7 @@ from typing import Literal
 from aquameter.settings import Settings
 from ingest.counters import IngestCounters
 from ingest.pipeline import pipeline_from_settings
-from ingest.service import mqtt_client
+from ingest.service import close_bounded, ingest_problem, mqtt_client
 from protocols.mqtt import MqttIngest
 
 log = logging.getLogger("aquameter.ingest.workers")
@@ -51,9 +59,24 @@ log = logging.getLogger("aquameter.ingest.workers")
 _CTX = mp.get_context("spawn")
 
 COUNTER_FIELDS = ("frames", "readings_received", "stored", "duplicates", "batches", "db_errors")
-MQTT_FIELDS = ("messages", "acked", "ignored_topics", "connects", "disconnects")
+MQTT_FIELDS = (
+    "messages",
+    "acked",
+    "ignored_topics",
+    "errors",
+    "unprocessable",
+    "connects",
+    "disconnects",
+)
 
-WorkerState = Literal["held", "running", "stopping", "stopped"]
+WorkerState = Literal["held", "running", "stopping", "stopped", "failed"]
+
+# Exit status of a worker that found itself unable to ingest (dead MQTT thread, failed pipeline).
+EXIT_UNHEALTHY = 3
+
+# How long a failed worker waits for its pipeline to drain before exiting anyway: a pipeline
+# whose writer gave up may never empty its queue.
+FAILED_DRAIN_S = 15.0
 
 
 def effective_workers(requested: int, *, v5: bool, shared_group: str | None) -> int:
@@ -109,7 +132,9 @@ class WorkerReport:
     """A worker's cumulative counters since it started (one incarnation), sent to the parent.
 
     Cumulative rather than deltas, so a lost or late report never skews the totals; a worker
-    killed outright contributes what its last report said."""
+    killed outright contributes what its last report said. ``connected`` is true only while
+    paho's network thread runs and the subscription stands; ``problem`` names what made a
+    ``failed`` worker give up."""
 
     index: int
     incarnation: int
@@ -119,6 +144,7 @@ class WorkerReport:
     counters: dict[str, int]
     quarantined: dict[str, int]
     mqtt: dict[str, int]
+    problem: str | None = None
 
 
 def _ints(snapshot: dict[str, object]) -> dict[str, int]:
@@ -135,6 +161,7 @@ def _report(
     state: WorkerState,
     counters: IngestCounters,
     client: MqttIngest | None,
+    problem: str | None = None,
 ) -> WorkerReport:
     snap = counters.snapshot()
     quarantined = snap["quarantined"]
@@ -144,10 +171,11 @@ def _report(
         incarnation=config.incarnation,
         pid=os.getpid(),
         state=state,
-        connected=client is not None and client.connected.is_set(),
+        connected=client is not None and client.alive() and client.connected.is_set(),
         counters=_ints(snap),
         quarantined={str(k): int(v) for k, v in quarantined.items()},
         mqtt={k: int(getattr(client.stats, k)) if client else 0 for k in MQTT_FIELDS},
+        problem=problem,
     )
 
 
@@ -165,6 +193,10 @@ def worker_main(config: WorkerConfig, conn: Connection, gate: MpEvent) -> None:
     the pipeline commit everything it holds (its ``on_durable`` callbacks send the PUBACKs), then
     flush those and DISCONNECT. Whatever was read but not committed is simply never acknowledged
     and comes back to this session next time.
+
+    Each report tick also checks health (:func:`ingest.service.ingest_problem`): a dead paho
+    thread or a failed pipeline ends the worker with :data:`EXIT_UNHEALTHY`, so the parent
+    restarts it rather than showing a worker that reads nothing as healthy.
     """
     stop = threading.Event()
     parent = os.getppid()
@@ -185,6 +217,7 @@ def worker_main(config: WorkerConfig, conn: Connection, gate: MpEvent) -> None:
     s = config.settings
     pipeline = pipeline_from_settings(config.database_url, s).start()
     client: MqttIngest | None = None
+    problem: str | None = None
     try:
         _send(conn, _report(config, "held", pipeline.counters, None))
         while not gate.wait(0.05):
@@ -203,21 +236,38 @@ def worker_main(config: WorkerConfig, conn: Connection, gate: MpEvent) -> None:
                 # replacement for the same client id, so stop cleanly instead.
                 log.warning("MQTT worker %d: parent process is gone; stopping", config.index)
                 break
+            problem = ingest_problem(pipeline, client)
+            if problem is not None:
+                log.error(
+                    "MQTT worker %d: %s; exiting with status %d so it is restarted",
+                    config.index,
+                    problem,
+                    EXIT_UNHEALTHY,
+                )
+                _send(conn, _report(config, "failed", pipeline.counters, client, problem))
+                break
             _send(conn, _report(config, "running", pipeline.counters, client))
     finally:
         if client is not None:
 
             def drain() -> None:
-                _send(conn, _report(config, "stopping", pipeline.counters, client))
-                pipeline.close()
+                state: WorkerState = "failed" if problem else "stopping"
+                _send(conn, _report(config, state, pipeline.counters, client, problem))
+                if problem is None:
+                    pipeline.close()
+                else:
+                    close_bounded(pipeline, FAILED_DRAIN_S)
 
             # Stop reading, commit and acknowledge what was read, DISCONNECT: the broker keeps
             # the session for the restart and redelivers nothing that was stored.
             client.shutdown(drain)
         else:
             pipeline.close()
-        _send(conn, _report(config, "stopped", pipeline.counters, client))
+        final: WorkerState = "failed" if problem else "stopped"
+        _send(conn, _report(config, final, pipeline.counters, client, problem))
         conn.close()
+    if problem is not None:
+        sys.exit(EXIT_UNHEALTHY)
 
 
 @dataclass
@@ -228,6 +278,8 @@ class WorkerRow:
     pid: int | None
     alive: bool
     connected: bool
+    healthy: bool  # alive, and its current incarnation has not reported a problem
+    problem: str | None  # the current incarnation's problem, else the last one that restarted
     restarts: int
     last_exitcode: int | None
     counters: dict[str, int]
@@ -382,11 +434,21 @@ class MqttWorkers:
     def line(self, plus: IngestCounters | None = None) -> str:
         rows = self.rows()
         mq = self.mqtt_totals()
-        alive = sum(r.alive for r in rows)
-        return (
-            f"{self.counters(plus).line()} | mqtt workers={alive}/{len(rows)} "
+        healthy = sum(r.healthy for r in rows)
+        line = (
+            f"{self.counters(plus).line()} | mqtt workers={healthy}/{len(rows)} "
             f"messages={mq['messages']} acked={mq['acked']} restarts={self.restarts()}"
         )
+        if mq["errors"] or mq["unprocessable"]:
+            line += f" errors={mq['errors']} unprocessable={mq['unprocessable']}"
+        down = [
+            f"w{r.index}: {r.problem or ('down' if not r.alive else 'starting')}"
+            for r in rows
+            if not r.healthy
+        ]
+        if down:
+            line += " | unhealthy " + "; ".join(down)
+        return line
 
     def wait_all(
         self, state: Literal["held", "running", "stopping", "connected"], timeout_s: float
@@ -425,11 +487,15 @@ class MqttWorkers:
             mq.update(r.mqtt)
         alive = slot.process is not None and slot.process.is_alive()
         current = slot.reports.get(slot.incarnation)
+        failed = current is not None and (current.state == "failed" or current.problem is not None)
+        problems = [r.problem for _, r in sorted(slot.reports.items()) if r.problem]
         return WorkerRow(
             index=slot.index,
             pid=slot.process.pid if alive and slot.process is not None else None,
             alive=alive,
             connected=bool(alive and current is not None and current.connected),
+            healthy=alive and not failed,
+            problem=problems[-1] if problems else None,
             restarts=slot.restarts,
             last_exitcode=slot.last_exitcode,
             counters={k: counters[k] for k in COUNTER_FIELDS},
@@ -505,11 +571,14 @@ class MqttWorkers:
         slot.failures_in_a_row = 1 if lived >= self.stable_after_s else slot.failures_in_a_row + 1
         delay = restart_delay(slot.failures_in_a_row, self.restart_min_s, self.restart_max_s)
         slot.restart_at = time.monotonic() + delay
+        last = slot.reports.get(slot.incarnation)
+        why = f" ({last.problem})" if last is not None and last.problem else ""
         log.warning(
-            "MQTT worker %d (pid %s) exited with %s after %.1fs; restarting in %.1fs",
+            "MQTT worker %d (pid %s) exited with %s%s after %.1fs; restarting in %.1fs",
             slot.index,
             process.pid,
             process.exitcode,
+            why,
             lived,
             delay,
         )

@@ -15,10 +15,29 @@ and *manual* acknowledgement: a PUBACK is sent only when ingest reports that eve
 message is committed or quarantined. A crash or a database outage therefore leaves unacknowledged
 messages with the broker, which redelivers them; ingest's ``ON CONFLICT DO NOTHING`` makes the
 redelivery harmless.
+
+Poison messages: no message can stop the receive thread. paho runs ``on_message`` on its one
+network thread, and an exception escaping it ends that thread: nothing is read or acknowledged
+any more, the unacknowledged message comes back on every reconnect and kills the next thread
+too. So ``_on_message`` never raises:
+
+- a topic under our root that fits neither scheme (``{root}/{vendor}/gw/up``, which the
+  ``+/+/up`` filter delivers) is submitted as a refused frame, ``UNKNOWN_TOPIC``, and
+  acknowledged once that quarantine row is committed (counted in ``stats.ignored_topics``);
+- any exception while handling a message is logged (one line: topic, exception), counted in
+  ``stats.errors``, and the message is submitted as a refused ``PROCESSING_ERROR`` frame with its
+  payload, acknowledged when durable like any other;
+- if even that submit raises, the message is acknowledged without a row (``stats.unprocessable``,
+  logged as lost): redelivering it could only fail the same way, forever.
+
+:meth:`MqttIngest.alive` tells whether paho's network thread still runs; the process
+supervisors (``ingest.workers``, ``aquameter ingest``) exit non-zero when it does not, so the
+process is restarted instead of reporting healthy while it reads nothing.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import select
 import socket
@@ -37,11 +56,24 @@ from protocols.uplink import Frame, FrameOutcome, FrameSink
 log = logging.getLogger("aquameter.mqtt")
 
 
+# Reason codes of frames this transport refuses itself (documented in ingest/validate.py;
+# protocols/ does not import ingest).
+UNKNOWN_TOPIC = "UNKNOWN_TOPIC"
+PROCESSING_ERROR = "PROCESSING_ERROR"
+
+# Longest exception text carried in a PROCESSING_ERROR detail or log line.
+MAX_ERROR_TEXT = 500
+
+
 @dataclass
 class MqttStats:
+    """Counters of the MQTT adapter, bumped from paho's network thread and the ack thread."""
+
     messages: int = 0
     acked: int = 0
     ignored_topics: int = 0
+    errors: int = 0  # exceptions while handling a message (quarantined as PROCESSING_ERROR)
+    unprocessable: int = 0  # not even that could be submitted: acknowledged and lost (logged)
     connects: int = 0
     disconnects: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -111,8 +143,10 @@ class MqttIngest:
         self.session_expiry_s = session_expiry_s
         self.receive_maximum = receive_maximum
         self.v5 = v5
+        self.client_id = client_id
         self.stats = MqttStats()
         self.connected = threading.Event()
+        self._thread: threading.Thread | None = None  # paho's network thread, once started
         protocol = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
         kwargs: dict[str, object] = {}
         if not v5:
@@ -146,6 +180,7 @@ class MqttIngest:
         else:
             self.client.connect_async(self.host, self.port, keepalive=60)
         self.client.loop_start()
+        self._thread = getattr(self.client, "_thread", None)
         if not self.connected.wait(wait_s):
             log.warning("MQTT broker %s:%s not reachable yet; retrying", self.host, self.port)
         return self
@@ -158,6 +193,7 @@ class MqttIngest:
         was read, and its acknowledgements go straight to the socket since no network thread
         runs any more), flush them, DISCONNECT, and close the socket only after the broker has.
         Whatever was read but not committed is never acknowledged and comes back next time."""
+        self._thread = None  # stopped on purpose: no longer a problem for the supervisor
         self.client.loop_stop()
         if drain is not None:
             drain()
@@ -223,32 +259,140 @@ class MqttIngest:
         log.log(level, "MQTT disconnected: %s", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        """paho's message callback: hand the message to the sink; never raise (see the module
+        docstring: an exception here would end paho's network thread)."""
         self.stats.bump("messages")
-        route = parse_topic(msg.topic, self.topic_root)
+        ack = _AckOnce(self, msg.mid, msg.qos)
+        try:
+            # Blocks while ingest is full: the network thread stops reading, the broker holds
+            # the rest.
+            self.sink.submit(self._frame(msg), ack)
+        except Exception as exc:
+            self._poisoned(msg, exc, ack)
+
+    def _frame(self, msg: mqtt.MQTTMessage) -> Frame:
+        """The frame for ``msg``: a routed uplink, or a refused UNKNOWN_TOPIC frame."""
+        topic = _topic_text(msg)
+        route = parse_topic(topic, self.topic_root)
         if route is None:
-            # Not ours; acknowledge so the broker does not redeliver it forever.
             self.stats.bump("ignored_topics")
-            self._ack(msg.mid, msg.qos)
-            return
-        frame = Frame(
+            root = self.topic_root
+            detail = (
+                f"topic {topic!r} does not match {root}/{{vendor}}/{{device}}/up "
+                f"or {root}/{{vendor}}/gw/{{gateway}}/batch"
+            )
+            log.warning("MQTT message on unknown topic %r quarantined (UNKNOWN_TOPIC)", topic)
+            return Frame(
+                source="mqtt",
+                address=topic,
+                payload=bytes(msg.payload),
+                rejection=(UNKNOWN_TOPIC, detail),
+            )
+        return Frame(
             source="mqtt",
-            address=msg.topic,
+            address=topic,
             payload=bytes(msg.payload),
             payload_format=self.vendor_formats.get(route.vendor),
             device_hint=route.device,
         )
-        mid, qos = msg.mid, msg.qos
 
-        def durable(outcome: FrameOutcome) -> None:
-            self._ack(mid, qos)
+    def _poisoned(self, msg: mqtt.MQTTMessage, exc: Exception, ack: _AckOnce) -> None:
+        """An exception while handling ``msg``: quarantine it as PROCESSING_ERROR, or, when
+        even that fails, acknowledge it so the broker stops redelivering a poison message.
 
-        # Blocks while ingest is full: the network thread stops reading, the broker holds the rest.
-        self.sink.submit(frame, durable)
+        Both frames of one message share ``ack``, which sends at most one PUBACK: had the sink
+        queued the first frame before raising, a second PUBACK for the same packet id could
+        acknowledge a newer message the broker sent under the reused id."""
+        self.stats.bump("errors")
+        topic = _topic_text(msg)
+        text = _error_text(exc)
+        log.error("MQTT message on %r: %s; quarantined as PROCESSING_ERROR", topic, text)
+        try:
+            frame = Frame(
+                source="mqtt",
+                address=topic,
+                payload=bytes(msg.payload),
+                rejection=(PROCESSING_ERROR, text),
+            )
+            self.sink.submit(frame, ack)
+        except Exception as again:
+            self.stats.bump("unprocessable")
+            log.error(
+                "MQTT message on %r cannot be processed (%s) nor quarantined (%s): acknowledged "
+                "so the broker stops redelivering it; this message is lost",
+                topic,
+                text,
+                _error_text(again),
+            )
+            try:
+                ack(None)
+            except Exception as err:  # a closed socket: the broker redelivers, we try again
+                log.error("MQTT acknowledgement failed: %s", _error_text(err))
 
     def _ack(self, mid: int, qos: int) -> None:
         if qos > 0:
             self.client.ack(mid, qos)
         self.stats.bump("acked")
+
+    # --- health ------------------------------------------------------------------------------
+    def alive(self) -> bool:
+        """True while paho's network thread runs (started and neither stopped nor died).
+
+        paho 2.x keeps the thread of ``loop_start`` in ``Client._thread`` and sets it back to
+        None when ``loop_forever`` returns or raises (an exception escaping a callback ends it
+        without any other sign: ``connected`` would stay set). We keep our own reference too,
+        so a thread that died is seen as dead whatever paho's attribute says."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return False
+        return getattr(self.client, "_thread", thread) is thread
+
+    def problem(self) -> str | None:
+        """None while healthy; else what is wrong, for a supervisor's log line and exit."""
+        if self._thread is None:
+            return None  # not started (or stopped on purpose): nothing to supervise
+        if not self.alive():
+            return (
+                f"MQTT network thread (paho) of {self.client_id} is not running: nothing is "
+                "read or acknowledged any more (see the traceback above)"
+            )
+        return None
+
+
+class _AckOnce:
+    """The ``on_durable`` of one message: sends its PUBACK once, however often it is called."""
+
+    __slots__ = ("_calls", "_ingest", "_mid", "_qos")
+
+    def __init__(self, ingest: MqttIngest, mid: int, qos: int) -> None:
+        self._ingest = ingest
+        self._mid = mid
+        self._qos = qos
+        self._calls = itertools.count()
+
+    def __call__(self, outcome: FrameOutcome | None) -> None:
+        if next(self._calls) == 0:  # atomic under the GIL: one caller wins
+            self._ingest._ack(self._mid, self._qos)
+
+
+def _topic_text(msg: mqtt.MQTTMessage) -> str:
+    """The message's topic as text, even when it is not valid UTF-8 (paho's ``topic`` raises)."""
+    try:
+        return str(msg.topic)
+    except Exception:
+        raw = getattr(msg, "_topic", b"")
+        return bytes(raw).decode("utf-8", "backslashreplace")
+
+
+def _error_text(exc: BaseException) -> str:
+    """``Type: message`` of an exception, bounded (a RecursionError's text can be huge)."""
+    try:
+        text = f"{type(exc).__name__}: {exc}"
+    except Exception:
+        text = type(exc).__name__
+    if len(text) > MAX_ERROR_TEXT:
+        text = f"{text[:MAX_ERROR_TEXT]}…[cut {len(text) - MAX_ERROR_TEXT} chars]"
+    return text
 
 
 def _flush_writes(client: mqtt.Client, timeout_s: float = 10.0) -> None:
