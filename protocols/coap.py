@@ -26,10 +26,27 @@ Response codes (bad input is always quarantined by ingest first, never dropped):
                        of the gateway's meters), or a keyed device's readings over plain CoAP
 4.04 Not Found         UNKNOWN_DEVICE / UNKNOWN_CHANNEL / INACTIVE_DEVICE; or another path
 4.08 Incomplete        a Block1 block out of sequence (nothing reached ingest; restart upload)
-4.13 Too Large         an upload over ``max_payload_bytes`` (refused while its blocks arrive)
+4.13 Too Large         an upload over ``max_payload_bytes``, refused while its blocks arrive:
+                       one OVERSIZE row per upload with the bytes received so far (or, when
+                       only a Size1 option announced it, the declared size in the detail)
 4.15 Unsupported CF    a Content-Format other than the four above
-5.00 / 5.03            the write failed / the sink is unavailable (the meter retries later)
+5.00 Internal Error    the write failed (WRITE_FAILED), or our handler raised: that request is
+                       quarantined as PROCESSING_ERROR with its payload before the answer
+5.03 Unavailable       ingest is saturated (its queue full in frames or bytes): answered at
+                       once with Max-Age ``busy_max_age_s`` and *nothing* submitted, no row
 =====================  ==================================================================
+
+Why 5.03 writes no row: a meter keeps its readings until it sees 2.04 and retries after
+Max-Age, so nothing is lost; writing a row (or blocking on a full queue) would add work exactly
+when ingest is behind and defeat the back-pressure. Busy answers count in ``stats.busy`` and are
+logged at most once per ``BUSY_LOG_EVERY_S`` with the count since the last line.
+
+Nothing raised while rendering escapes to aiocoap (which would answer 5.00 and keep no trace):
+the catch-all quarantines the request as PROCESSING_ERROR and answers 5.00. The address of a
+row (``host:port/uri/path``) is always text of at most ``MAX_ADDRESS_CHARS`` characters (a
+Uri-Path segment may hold a NUL, which the quarantine writer escapes). A Uri-Path that is not
+valid UTF-8 never reaches this module: aiocoap 0.4.17 fails to decode the datagram, sends no
+answer, and the server goes on serving (the meter's retransmissions time out).
 
 Block-wise uploads (RFC 7959 Block1) of large concentrator batches are reassembled by aiocoap
 before the resource sees them (2.31 Continue per block); a block out of sequence answers 4.08 and
@@ -61,11 +78,20 @@ from typing import Any
 import aiocoap
 import aiocoap.resource as resource
 from aiocoap.credentials import DTLS, CredentialsMap
+from aiocoap.error import RenderableError
 from aiocoap.numbers.codes import Code
 
 from aquameter.registry import Device, Registry
 from protocols.payloads import BAD_CRC, MALFORMED, UNSUPPORTED_FORMAT, decode
-from protocols.uplink import Frame, FrameOutcome, FrameSink, PayloadError, Uplink, submit_and_wait
+from protocols.uplink import (
+    Frame,
+    FrameOutcome,
+    FrameSink,
+    PayloadError,
+    Uplink,
+    sink_saturated,
+    submit_and_wait,
+)
 
 log = logging.getLogger("aquameter.coap")
 
@@ -83,7 +109,14 @@ WRITE_FAILED = "WRITE_FAILED"
 # device id can equal it (ids have no spaces), so ingest quarantines them as UNAUTHORIZED.
 UNAUTHENTICATED = "(unauthenticated coap)"
 
+PROCESSING_ERROR = "PROCESSING_ERROR"
+OVERSIZE = "OVERSIZE"
+
 MAX_DIAGNOSTIC_BYTES = 200
+MAX_ADDRESS_CHARS = 512  # a Frame.address is at most this (plus a cut marker)
+OVERSIZE_KEEP_BYTES = 4096  # bytes of a refused upload handed to the quarantine
+BUSY_LOG_EVERY_S = 10.0
+MAX_ERROR_CHARS = 500  # exception text in a PROCESSING_ERROR detail
 
 
 @dataclass
@@ -102,6 +135,8 @@ class CoapStats:
     unknown_path: int = 0
     blockwise_incomplete: int = 0
     too_large: int = 0
+    busy: int = 0  # 5.03 answers while ingest was saturated (nothing submitted)
+    processing_errors: int = 0  # exceptions in our handler, quarantined as PROCESSING_ERROR
     bind_failures: int = 0
     readings_accepted: int = 0
     readings_quarantined: int = 0
@@ -268,35 +303,98 @@ class _UplinkEndpoint(resource.Resource, resource.PathCapable):  # type: ignore[
         self._adapter = adapter
 
     async def render_to_pipe(self, pipe: Any) -> None:
-        # Every message (each Block1 block too) passes here: a DTLS request proves its handshake.
-        request = pipe.request
-        self._adapter._note_request(request)
-        limit = self._adapter.max_payload_bytes
-        block1 = request.opt.block1
-        size = (block1.start if block1 is not None else 0) + len(request.payload)
-        if size > limit or (request.opt.size1 or 0) > limit:
-            self._adapter.stats.too_large += 1
-            log.warning("upload from %s over %d bytes refused", request.remote.hostinfo, limit)
-            response = aiocoap.Message(
-                code=Code.REQUEST_ENTITY_TOO_LARGE, payload=f"max {limit} bytes".encode()
-            )
-            response.opt.size1 = limit
-            pipe.add_response(response, is_last=True)
-            return
+        """Every message (each Block1 block too) passes here. Nothing raised here escapes to
+        aiocoap except its own renderable errors (2.31 Continue, 4.08 of the Block1 spool)."""
+        answered = False
         try:
-            await super().render_to_pipe(pipe)
-        except ValueError:
-            # aiocoap's Block1 spool raises a bare ValueError for a block that does not continue
-            # the upload it has for this endpoint and resource (a lost block, or two uploads
-            # interleaved without Request-Tag). Nothing reached ingest: the client must restart.
-            self._adapter.stats.blockwise_incomplete += 1
-            log.warning("Block1 upload from %s out of sequence", pipe.request.remote.hostinfo)
-            pipe.add_response(
-                aiocoap.Message(
-                    code=Code.REQUEST_ENTITY_INCOMPLETE, payload=b"block out of sequence"
-                ),
-                is_last=True,
-            )
+            request = pipe.request
+            # A DTLS request proves its handshake.
+            self._adapter._note_request(request)
+            if await self._refuse_oversize(pipe):
+                answered = True
+                return
+            try:
+                await super().render_to_pipe(pipe)
+                answered = True
+            except ValueError:
+                # aiocoap's Block1 spool raises a bare ValueError for a block that does not
+                # continue the upload it has for this endpoint and resource (a lost block, or
+                # two uploads interleaved without Request-Tag). Nothing reached ingest: the
+                # client must restart.
+                self._adapter.stats.blockwise_incomplete += 1
+                log.warning("Block1 upload from %s out of sequence", request.remote.hostinfo)
+                pipe.add_response(
+                    aiocoap.Message(
+                        code=Code.REQUEST_ENTITY_INCOMPLETE, payload=b"block out of sequence"
+                    ),
+                    is_last=True,
+                )
+                answered = True
+        except RenderableError:
+            raise  # aiocoap's own answers (2.31 Continue, 4.08 from the Block1 spool)
+        except Exception as exc:
+            if answered:
+                log.exception("CoAP: error after the response was sent")
+                return
+            response = await self._adapter.processing_error(pipe.request, exc)
+            pipe.add_response(response, is_last=True)
+
+    async def _refuse_oversize(self, pipe: Any) -> bool:
+        """Answer 4.13 to an upload over the limit (while its blocks arrive, so the Block1
+        spool cannot grow without bound); True when refused."""
+        adapter = self._adapter
+        request = pipe.request
+        limit = adapter.max_payload_bytes
+        block1 = request.opt.block1
+        start = block1.start if block1 is not None else 0
+        size = start + len(request.payload)
+        declared = request.opt.size1 or 0
+        if size <= limit and declared <= limit:
+            return False
+        adapter.stats.too_large += 1
+        log.warning("upload from %s over %d bytes refused", request.remote.hostinfo, limit)
+        response = aiocoap.Message(
+            code=Code.REQUEST_ENTITY_TOO_LARGE, payload=f"max {limit} bytes".encode()
+        )
+        response.opt.size1 = limit
+        # One row per upload: the block that crosses the limit (or the first block, when
+        # Size1 announced too much). Later blocks of a refused upload are refused silently.
+        first = start == 0 or start <= limit < size
+        if first and sink_saturated(adapter.sink):
+            response = adapter.busy(request)
+        elif first:
+            received = self._received_so_far(request)
+            await adapter.oversize(request, received, size, declared, limit)
+        self._forget_upload(request)
+        pipe.add_response(response, is_last=True)
+        return True
+
+    def _received_so_far(self, request: aiocoap.Message) -> bytes:
+        """The first bytes of the upload: the Block1 spool's assembly plus this block.
+
+        The spool is aiocoap-internal (0.4.17: ``Resource._block1._assemblies``, a TimeoutDict
+        keyed by ``blockwise._extract_block_key``); when it is not there, this block is what
+        we have."""
+        head = b""
+        block1 = request.opt.block1
+        if block1 is not None and block1.block_number > 0:
+            try:
+                from aiocoap.blockwise import _extract_block_key
+
+                assembly = self._block1._assemblies[_extract_block_key(request)]
+                head = bytes(assembly.payload)[: block1.start]
+            except Exception:  # no assembly (or aiocoap internals changed): this block only
+                head = b""
+        return (head + bytes(request.payload))[:OVERSIZE_KEEP_BYTES]
+
+    def _forget_upload(self, request: aiocoap.Message) -> None:
+        """Drop a refused upload's partial assembly now rather than at the spool's timeout."""
+        try:
+            from aiocoap.blockwise import _extract_block_key
+
+            self._block1._assemblies._items.pop(_extract_block_key(request), None)
+        except Exception:  # aiocoap internals changed: the spool's own timeout frees it
+            pass
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
         return await self._adapter.handle(request)
@@ -323,13 +421,17 @@ class CoapIngest:
         sweep_every_s: float = 1.0,
         max_payload_bytes: int = 1 << 20,
         bind_retry_max_s: float = 30.0,
+        busy_max_age_s: int = 30,
     ) -> None:
         """``dtls`` None: serve coaps on ``port + 1`` when a device has a ``psk`` and DTLSSocket
         is installed; True: required (run() raises without DTLSSocket); False: plain CoAP only.
         ``host`` must be a specific address when DTLS runs (an aiocoap limitation).
         ``max_payload_bytes`` bounds a (block-wise) upload: larger ones get 4.13 while they
         arrive, so a client cannot make the Block1 spool grow without limit. While the ports
-        cannot be bound, run() retries with backoff up to ``bind_retry_max_s`` apart."""
+        cannot be bound, run() retries with backoff up to ``bind_retry_max_s`` apart.
+        ``busy_max_age_s`` is the Max-Age of a 5.03 while ingest is saturated: how long a meter
+        waits before it retries (long enough for the queue to drain, short enough that a
+        meter's buffer does not fill)."""
         self.devices = devices
         self.registry = registry
         self.sink = sink
@@ -345,6 +447,9 @@ class CoapIngest:
         self.sweep_every_s = sweep_every_s
         self.max_payload_bytes = max_payload_bytes
         self.bind_retry_max_s = bind_retry_max_s
+        self.busy_max_age_s = busy_max_age_s
+        self._busy_logged_at = -BUSY_LOG_EVERY_S
+        self._busy_unlogged = 0
         self.watch = HandshakeWatch(dtls_handshake_timeout_s)
         self.ready = asyncio.Event()
         self._context: Any = None
@@ -434,14 +539,76 @@ class CoapIngest:
 
     # --- requests ----------------------------------------------------------------------------
     async def handle(self, request: aiocoap.Message) -> aiocoap.Message:
+        """Answer one (reassembled) uplink request; never raises (see the module docstring)."""
         try:
             return await self._handle(request)
         except Exception as exc:  # never let one request take the server down
-            log.exception("CoAP uplink failed")
-            self.stats.server_errors += 1
-            return aiocoap.Message(
-                code=Code.SERVICE_UNAVAILABLE, payload=str(exc).encode()[:MAX_DIAGNOSTIC_BYTES]
+            return await self.processing_error(request, exc)
+
+    async def processing_error(self, request: aiocoap.Message, exc: Exception) -> aiocoap.Message:
+        """Our handler raised: quarantine the request as PROCESSING_ERROR, answer 5.00.
+
+        The meter retries a 5.00, so the row may repeat; it is still better than a request
+        that failed without a trace. Never raises: if even the row fails, 5.00 alone."""
+        self.stats.server_errors += 1
+        self.stats.processing_errors += 1
+        text = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+        log.error("CoAP uplink failed: %s", text, exc_info=exc)
+        try:
+            frame = Frame(
+                source=_source(request),
+                address=request_address(request),
+                payload=bytes(request.payload),
+                rejection=(PROCESSING_ERROR, text),
             )
+            await submit_and_wait(self.sink, frame)
+        except Exception:
+            log.exception("CoAP: could not quarantine the failed request either")
+        return aiocoap.Message(
+            code=Code.INTERNAL_SERVER_ERROR, payload=text.encode()[:MAX_DIAGNOSTIC_BYTES]
+        )
+
+    def busy(self, request: aiocoap.Message) -> aiocoap.Message:
+        """5.03 with Max-Age: ingest is saturated. Nothing is submitted (see the module
+        docstring); counted, and logged at most once per ``BUSY_LOG_EVERY_S``."""
+        self.stats.busy += 1
+        self._busy_unlogged += 1
+        now = time.monotonic()
+        if now - self._busy_logged_at >= BUSY_LOG_EVERY_S:
+            log.warning(
+                "ingest saturated: %d CoAP request(s) answered 5.03 (Max-Age %ds) since the "
+                "last line, latest from %s",
+                self._busy_unlogged,
+                self.busy_max_age_s,
+                request_address(request),
+            )
+            self._busy_logged_at = now
+            self._busy_unlogged = 0
+        response = aiocoap.Message(code=Code.SERVICE_UNAVAILABLE, payload=b"busy, retry later")
+        response.opt.max_age = self.busy_max_age_s
+        return response
+
+    async def oversize(
+        self, request: aiocoap.Message, received: bytes, size: int, declared: int, limit: int
+    ) -> None:
+        """Quarantine a refused upload as OVERSIZE with the bytes that arrived so far."""
+        if received:
+            detail = (
+                f"upload over max_payload_bytes {limit}: refused at {size} bytes"
+                + (f" (Size1 declared {declared})" if declared else "")
+                + f"; first {len(received)} bytes kept"
+            )
+        else:
+            detail = f"upload over max_payload_bytes {limit}: Size1 declared {declared} bytes"
+        frame = Frame(
+            source=_source(request),
+            address=request_address(request),
+            payload=received,
+            rejection=(OVERSIZE, detail),
+        )
+        outcome = await submit_and_wait(self.sink, frame)
+        self.stats.readings_quarantined += outcome.quarantined
+        self.stats.quarantined.update(outcome.reasons)
 
     async def _handle(self, request: aiocoap.Message) -> aiocoap.Message:
         path = tuple(request.opt.uri_path)
@@ -449,15 +616,18 @@ class CoapIngest:
         if path[:n] != self.path or len(path) > n + 1 or (len(path) == n + 1 and not path[n]):
             self.stats.unknown_path += 1
             return aiocoap.Message(code=Code.NOT_FOUND, payload=b"no such resource")
+        # Not cut: the codec refuses a device id over 128 characters with its real length.
         hint = path[n] if len(path) == n + 1 else None
+        if sink_saturated(self.sink):
+            return self.busy(request)
         identity = _identity(request)
         self.stats.requests += 1
         self.stats.dtls_requests += identity is not None
         cf = request.opt.content_format
         fmt, supported = payload_format(None if cf is None else int(cf))
         frame = Frame(
-            source="coaps" if identity is not None else "coap",
-            address=f"{request.remote.hostinfo}/{'/'.join(path)}",
+            source=_source(request),
+            address=request_address(request),
             payload=bytes(request.payload),
             payload_format=fmt,
             device_hint=hint,
@@ -505,6 +675,32 @@ def _check_bindable(host: str, port: int) -> None:
     family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.bind(addr)
+
+
+def request_address(request: aiocoap.Message) -> str:
+    """``host:port/uri/path`` of a request as text of bounded length, whatever it holds."""
+    try:
+        host = str(request.remote.hostinfo)
+    except Exception:
+        host = "?"
+    try:
+        path = "/".join(str(p) for p in request.opt.uri_path)
+    except Exception:
+        path = "?"
+    return _bounded(f"{host}/{path}", MAX_ADDRESS_CHARS)
+
+
+def _bounded(text: str, limit: int) -> str:
+    if len(text) > limit:
+        return f"{text[:limit]}…[cut {len(text) - limit} chars]"
+    return text
+
+
+def _source(request: aiocoap.Message) -> str:
+    try:
+        return "coaps" if _identity(request) is not None else "coap"
+    except Exception:
+        return "coap"
 
 
 def _identity(request: aiocoap.Message) -> str | None:
