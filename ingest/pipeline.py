@@ -195,7 +195,10 @@ class IngestPipeline:
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
-        self._queue.put(_STOP)
+        try:  # a writer that died for good leaves a full queue nobody empties
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            log.error("ingest writer is not draining; closing without it")
         self._thread.join(timeout)
         self._thread = None
         self._acks.put(None)
