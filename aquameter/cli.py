@@ -104,6 +104,44 @@ def db_status() -> None:
             console.print(f"  quarantine {reason}: {n:,}")
 
 
+@db_app.command("roles")
+def db_roles(
+    login: Annotated[str, typer.Argument(help="The login to make, e.g. aq_ingest_1.")],
+    role: Annotated[str, typer.Option(help="ingest, analytics or billing.")],
+    password_env: Annotated[
+        str | None, typer.Option(help="Env var holding the login's password.")
+    ] = None,
+    password_file: Annotated[
+        Path | None, typer.Option(help="File holding the login's password.")
+    ] = None,
+) -> None:
+    """Make a login in one of the least-privilege roles `db migrate` creates; print its URL
+    (password masked) for the service's AQUAMETER_DATABASE_URL_<ROLE>."""
+    import os
+
+    from sql.connect import connect
+    from sql.roles import ROLES, create_login, role_url
+
+    group = f"aquameter_{role}"
+    if group not in ROLES:
+        raise typer.BadParameter(f"--role must be ingest, analytics or billing, not {role!r}")
+    password = None
+    if password_env is not None:
+        password = os.environ.get(password_env)
+        if not password:
+            raise typer.BadParameter(f"env var {password_env} is not set or empty")
+    elif password_file is not None:
+        password = password_file.read_text().strip()
+        if not password:
+            raise typer.BadParameter(f"{password_file} is empty")
+    s = _settings()
+    owner = database_url(s)
+    with connect(owner) as conn:
+        create_login(conn, group, login, password)
+    url = role_url(owner, login, "PASSWORD" if password else None).replace("PASSWORD", "***")
+    console.print(f"login {login} in {group}: AQUAMETER_DATABASE_URL_{role.upper()}={url}")
+
+
 @devices_app.command("sync")
 def devices_sync(
     registry: Annotated[Path | None, typer.Option(help="Registry TOML file.")] = None,
@@ -207,7 +245,7 @@ def ingest_cmd(
 
     s = _settings()
     reg = load_registry(registry or s.registry)
-    db = database_url(s)
+    db = database_url(s, "ingest")
     pipeline = make_pipeline(s, db)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -315,7 +353,7 @@ def import_cmd(
     from ingest.service import make_pipeline
 
     s = _settings()
-    pipeline = make_pipeline(s, database_url(s))
+    pipeline = make_pipeline(s, database_url(s, "ingest"))
     try:
         for path in files:
             rows = (
@@ -539,7 +577,7 @@ def flow_run(
         name,
         _when(since),
         _when(until),
-        database_url(s),
+        database_url(s, "analytics"),
         overrides=parse_assignments(set_ or []),
         full=full,
     )
@@ -556,7 +594,7 @@ def flow_serve(
     """Serve every flow on its schedule (Prefect) until Ctrl-C."""
     from flows.runner import serve_all
 
-    serve_all(database_url(_settings()), names=only)
+    serve_all(database_url(_settings(), "analytics"), names=only)
 
 
 @export_app.command("billing")
@@ -570,7 +608,7 @@ def export_billing_cmd(
 
     if format_ not in ("csv", "parquet"):
         raise typer.BadParameter("--format must be csv or parquet")
-    r = export_billing(database_url(_settings()), period, format_, output)  # type: ignore[arg-type]
+    r = export_billing(database_url(_settings(), "billing"), period, format_, output)  # type: ignore[arg-type]
     console.print(f"billing export {r.path}: rows={r.rows:,} replacements={r.replacements:,}")
 
 
