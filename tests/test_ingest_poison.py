@@ -359,3 +359,18 @@ def test_a_frame_the_database_refuses_is_isolated_and_quarantined_with_its_rows(
     [(reason, raw, detail)] = _rows(db_url, "SELECT reason, raw, detail FROM quarantine")
     assert reason == "WRITE_FAILED" and "value 666 refused" in detail
     assert json.loads(bytes(raw))["readings"][0]["v"] == [666.0]
+
+
+def test_csv_with_nan_inf_and_huge_values_quarantines_them_and_stores_the_rest(db_url, tmp_path):
+    csv = tmp_path / "odd.csv"
+    csv.write_text(
+        "device,ts,value\n"
+        "AQN00001,2026-03-02T00:00:00Z,1.5\n"
+        "AQN00001,2026-03-02T01:00:00Z,NaN\n"
+        "AQN00001,2026-03-02T02:00:00Z,inf\n"
+        "AQN00001,2026-03-02T03:00:00Z,1e999\n"
+        "AQN00001,2026-03-02T04:00:00Z,2.5\n"
+    )
+    with IngestPipeline(db_url, registry_poll_s=None) as p:
+        r = import_file(csv, p)
+    assert (r.rows, r.stored, r.quarantined, r.reasons) == (5, 2, 3, {"NOT_A_NUMBER": 3})
