@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -61,6 +61,25 @@ class Settings(BaseSettings):
     # MQTT ingest worker processes on the shared subscription (> 1 needs MQTT v5 and a group):
     # one Python process tops out near 10k messages/s at one reading per message.
     mqtt_workers: int = Field(default=1, ge=1)
+    # The topic as proof of identity: a meter's readings only on its own
+    # {root}/{vendor}/{device}/up, with its registered vendor; a concentrator's batch only for the
+    # meters registered under it. Proof needs the broker's ACL (`aquameter mqtt acl`) to limit
+    # each client to its own prefix. Off (a broker without such an ACL, where the topic proves
+    # nothing) skips the vendor and gateway checks; a payload naming another device than its
+    # single-device topic is refused (UNAUTHORIZED) either way.
+    mqtt_trust_topic: bool = True
+    # Broker security. TLS needs an mqtts:// URL (port 8883 unless given); the CA verifies the
+    # broker (system CAs when unset), cert+key are this client's certificate (for brokers with
+    # require_certificate), the TLS version is a minimum ("1.2" or "1.3").
+    mqtt_ca_file: Path | None = None
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
+    mqtt_tls_version: Literal["1.2", "1.3"] | None = None
+    # Login apart from the URL, so the URL can be shown: the password from AQUAMETER_MQTT_PASSWORD
+    # or, preferred, a file only this service reads (first line); either overrides the URL's.
+    mqtt_username: str | None = None
+    mqtt_password: SecretStr | None = None
+    mqtt_password_file: Path | None = None
 
     # --- CoAP (NB-IoT uplinks; DTLS-PSK on port + 1 when devices have keys) ----------------
     coap_host: str = "127.0.0.1"

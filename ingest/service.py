@@ -99,7 +99,8 @@ def mqtt_client(
     v5: bool,
     client_id: str | None = None,
 ) -> MqttIngest:
-    """The MQTT adapter as the settings describe it (not started)."""
+    """The MQTT adapter as the settings describe it (not started): login and TLS from the
+    settings, never only from the URL (so the URL stays printable)."""
     return MqttIngest(
         url,
         sink,
@@ -113,6 +114,18 @@ def mqtt_client(
         reconnect_min_s=settings.mqtt_reconnect_min_s,
         reconnect_max_s=settings.mqtt_reconnect_max_s,
         v5=v5,
+        username=settings.mqtt_username,
+        password=(
+            settings.mqtt_password.get_secret_value()
+            if settings.mqtt_password is not None
+            else None
+        ),
+        password_file=settings.mqtt_password_file,
+        ca_file=settings.mqtt_ca_file,
+        cert_file=settings.mqtt_cert_file,
+        key_file=settings.mqtt_key_file,
+        tls_version=settings.mqtt_tls_version,
+        trust_topic=settings.mqtt_trust_topic,
     )
 
 

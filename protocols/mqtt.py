@@ -33,19 +33,37 @@ too. So ``_on_message`` never raises:
 :meth:`MqttIngest.alive` tells whether paho's network thread still runs; the process
 supervisors (``ingest.workers``, ``aquameter ingest``) exit non-zero when it does not, so the
 process is restarted instead of reporting healthy while it reads nothing.
+
+Identity: the topic names who sent a message, and with the broker's ACL (``aquameter mqtt acl``:
+each meter may write only ``{root}/{vendor}/{device}/up``, each concentrator only
+``{root}/+/gw/{gateway}/batch``) the topic is *proven*. Frames carry it as ``peer`` (the device or
+gateway) and ``peer_vendor`` (a meter's topic vendor); ingest refuses, as UNAUTHORIZED, readings
+of a device other than the topic's, of a device registered with another vendor, or in a batch of
+a meter not registered under that gateway. ``trust_topic=False`` (a broker without such an ACL,
+where a topic proves nothing) keeps only the first check: a payload contradicting its own
+single-device topic is refused in any case.
+
+Broker security: TLS (``mqtts://``, port 8883 by default) with a CA file, an optional client
+certificate, a minimum TLS version; username and password given apart from the URL (a password
+file, ``AQUAMETER_MQTT_PASSWORD``), so the URL can be printed. No log line carries a secret:
+connect, refusal and failure lines name host:port and the user only (:func:`safe_url` masks a
+URL's password for printing).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
+from pathlib import Path
+from urllib.parse import unquote, urlparse, urlunparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -76,6 +94,8 @@ class MqttStats:
     unprocessable: int = 0  # not even that could be submitted: acknowledged and lost (logged)
     connects: int = 0
     disconnects: int = 0
+    refused: int = 0  # CONNACK with a failure reason (bad credentials, not authorised)
+    connect_failures: int = 0  # no CONNACK at all: TCP refused, TLS handshake failed
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def bump(self, name: str, n: int = 1) -> None:
@@ -111,6 +131,74 @@ def batch_topic(root: str, vendor: str, gateway: str) -> str:
     return f"{root}/{vendor}/gw/{gateway}/batch"
 
 
+TLS_SCHEMES = ("mqtts", "ssl")
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def safe_url(url: str) -> str:
+    """``url`` with its password masked (``mqtt://user:***@host:port``), for output and logs.
+
+    A URL may still carry a password (it works), but it must never reach a log line or a
+    terminal; anything not parseable as a URL with a password is returned unchanged."""
+    try:
+        parsed = urlparse(url)
+        if parsed.password is None:
+            return url
+        host = parsed.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{parsed.username or ''}:***@{host}"
+        if parsed.port is not None:
+            netloc += f":{parsed.port}"
+        return urlunparse(parsed._replace(netloc=netloc))
+    except ValueError:  # a malformed port: mask everything between scheme and host
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
+
+
+def read_secret_file(path: str | os.PathLike[str]) -> str:
+    """The secret in ``path``: its first line without the newline (editors add one).
+
+    An empty file is an error rather than an empty password, which a broker configured with
+    ``allow_anonymous`` could silently accept."""
+    text = Path(path).read_text(encoding="utf-8")
+    secret = text.splitlines()[0] if text else ""
+    if not secret:
+        raise ValueError(f"MQTT password file {path} is empty")
+    return secret
+
+
+def tls_context(
+    ca_file: str | os.PathLike[str] | None = None,
+    cert_file: str | os.PathLike[str] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+    tls_version: str | None = None,
+) -> ssl.SSLContext:
+    """The client TLS context: verify the broker against ``ca_file`` (else the system CAs)
+    including its host name, present ``cert_file``/``key_file`` when given.
+
+    This is what paho's ``tls_set(ca_certs, certfile, keyfile, tls_version)`` builds, except
+    that ``tls_version`` is a *minimum* (``ssl.TLSVersion``) rather than one of the deprecated
+    fixed-version ``ssl.PROTOCOL_TLSv1_x`` constants paho would take."""
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=None if ca_file is None else os.fspath(ca_file)
+    )
+    if tls_version is not None:
+        try:
+            context.minimum_version = TLS_VERSIONS[tls_version]
+        except KeyError:
+            raise ValueError(
+                f"MQTT TLS version {tls_version!r}: expected one of {', '.join(TLS_VERSIONS)}"
+            ) from None
+    if cert_file is not None:
+        context.load_cert_chain(
+            os.fspath(cert_file), None if key_file is None else os.fspath(key_file)
+        )
+    elif key_file is not None:
+        raise ValueError("MQTT client key given without a client certificate")
+    return context
+
+
 class MqttIngest:
     """Subscribes to meter traffic and feeds a :class:`FrameSink`, acknowledging when durable."""
 
@@ -129,12 +217,37 @@ class MqttIngest:
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
         v5: bool = True,
+        username: str | None = None,
+        password: str | None = None,
+        password_file: str | os.PathLike[str] | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        cert_file: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        tls_version: str | None = None,
+        trust_topic: bool = True,
     ) -> None:
+        """``username``/``password`` (or ``password_file``) take precedence over the URL's;
+        the TLS options need an ``mqtts://`` URL: configured certificates with a plain-text
+        URL would send the password in clear, so that is an error, not a guess."""
         parsed = urlparse(url)
+        tls = parsed.scheme in TLS_SCHEMES
+        if not tls and any(f is not None for f in (ca_file, cert_file, key_file, tls_version)):
+            raise ValueError(
+                f"MQTT TLS options are set but {safe_url(url)} is not mqtts://: refusing to "
+                "connect in plain text"
+            )
         self.host = parsed.hostname or "127.0.0.1"
-        self.port = parsed.port or 1883
-        self.username = parsed.username
-        self.password = parsed.password
+        self.port = parsed.port or (8883 if tls else 1883)
+        self.tls = tls
+        self.username = username or (unquote(parsed.username) if parsed.username else None)
+        if password is None and password_file is not None:
+            password = read_secret_file(password_file)
+        if password is None and parsed.password is not None:
+            password = unquote(parsed.password)
+        self._password = password
+        if self._password is not None and not self.username:
+            raise ValueError("an MQTT password needs a username")
+        self.trust_topic = trust_topic
         self.sink = sink
         self.vendor_formats = vendor_formats
         self.topic_root = topic_root.rstrip("/")
@@ -159,14 +272,37 @@ class MqttIngest:
             **kwargs,  # type: ignore[arg-type]
         )
         if self.username:
-            self.client.username_pw_set(self.username, self.password)
-        if parsed.scheme in ("mqtts", "ssl"):
-            self.client.tls_set()
+            self.client.username_pw_set(self.username, self._password)
+        if tls:
+            self.client.tls_set_context(tls_context(ca_file, cert_file, key_file, tls_version))
         self.client.reconnect_delay_set(int(max(1, reconnect_min_s)), int(reconnect_max_s))
+        self._last_connect_error: str | None = None
+        self._wrap_reconnect()
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+
+    @property
+    def endpoint(self) -> str:
+        """Where and as whom we connect, for log lines: host:port, TLS, user; never a secret."""
+        who = f" as {self.username!r}" if self.username else ""
+        return f"{self.host}:{self.port}{' (TLS)' if self.tls else ''}{who}"
+
+    def _wrap_reconnect(self) -> None:
+        """Remember why a connection attempt failed (paho's network thread swallows the
+        OSError — refused TCP, a failed TLS handshake — and reports only that it failed)."""
+        original = self.client.reconnect
+
+        def reconnect() -> mqtt.MQTTErrorCode:
+            try:
+                return original()
+            except OSError as exc:
+                self._last_connect_error = _error_text(exc)
+                raise
+
+        self.client.reconnect = reconnect  # type: ignore[method-assign]
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, wait_s: float = 10.0) -> MqttIngest:
@@ -182,7 +318,7 @@ class MqttIngest:
         self.client.loop_start()
         self._thread = getattr(self.client, "_thread", None)
         if not self.connected.wait(wait_s):
-            log.warning("MQTT broker %s:%s not reachable yet; retrying", self.host, self.port)
+            log.warning("MQTT broker %s not reachable yet; retrying", self.endpoint)
         return self
 
     def stop(self) -> None:
@@ -217,18 +353,23 @@ class MqttIngest:
         properties: Properties | None,
     ) -> None:
         if reason_code.is_failure:
-            log.error("MQTT connect refused: %s", reason_code)
+            self.stats.bump("refused")
+            log.error("MQTT connect to %s refused: %s", self.endpoint, reason_code)
             return
         self.stats.bump("connects")
         # Re-subscribing is harmless on a resumed session and needed on a new one. `connected`
         # is set on SUBACK, not here: until the broker has the subscription, a publish made
         # right now would not reach us, and "ready" must mean ready to receive.
         client.subscribe([(f, self.qos) for f in self.subscriptions()])
-        log.info(
-            "MQTT connected to %s:%s (session present: %s)",
-            self.host,
-            self.port,
-            flags.session_present,
+        log.info("MQTT connected to %s (session present: %s)", self.endpoint, flags.session_present)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        """No CONNACK at all (TCP refused, TLS handshake failed); paho retries after a delay."""
+        self.stats.bump("connect_failures")
+        log.warning(
+            "MQTT connection to %s failed: %s; retrying",
+            self.endpoint,
+            self._last_connect_error or "no detail",
         )
 
     def _on_subscribe(
@@ -288,12 +429,22 @@ class MqttIngest:
                 payload=bytes(msg.payload),
                 rejection=(UNKNOWN_TOPIC, detail),
             )
+        # The identity the topic proves (see the module docstring); without trust in the topic
+        # only a single meter's own topic still binds its payload to that meter.
+        peer: str | None = route.device
+        peer_vendor: str | None = None
+        if route.device is not None:
+            peer_vendor = route.vendor if self.trust_topic else None
+        elif self.trust_topic:
+            peer = route.gateway
         return Frame(
             source="mqtt",
             address=topic,
             payload=bytes(msg.payload),
             payload_format=self.vendor_formats.get(route.vendor),
             device_hint=route.device,
+            peer=peer,
+            peer_vendor=peer_vendor,
         )
 
     def _poisoned(self, msg: mqtt.MQTTMessage, exc: Exception, ack: _AckOnce) -> None:
