@@ -47,9 +47,14 @@ def test_json_shapes():
     single = json.dumps({"dev": "A", "ts": "2026-01-01T00:00:00Z", "reg": 1.5, "status": ["leak"]})
     [up] = decode(single.encode())
     assert (up.ts, up.values, up.status) == ([1_767_225_600.0], [1.5], Quality.LEAK)
-    multi = {"dev": "A", "t0": 1_767_225_600_000, "step": 900, "reg": [1, 2]}  # milliseconds
+    multi = {"dev": "A", "t0_ms": 1_767_225_600_000, "step": 900, "reg": [1, 2]}
     [up] = decode(json.dumps(multi).encode())
     assert up.ts == [1_767_225_600.0, 1_767_226_500.0]
+    # Milliseconds under "t0" are not guessed: they are seconds far in the future (quarantined
+    # as FUTURE_TIMESTAMP by the validator), not a silent division.
+    multi = {"dev": "A", "t0": 1_767_225_600_000, "step": 900, "reg": [1, 2]}
+    [up] = decode(json.dumps(multi).encode())
+    assert up.ts == [1_767_225_600_000.0, 1_767_225_600_900.0]
     batch = {
         "gw": "G",
         "readings": [
@@ -103,6 +108,9 @@ def test_unknown_format():
     [
         {"dev": "M1", "t0": 1767571200, "step": 900, "reg": [1, 2.5, 3]},
         {"dev": "M1", "t0": 1767571200000, "step": 900, "reg": [1.0], "unit": "L"},
+        {"dev": "M1", "t0_ms": 1767571200123, "step": 900, "reg": [1.0, 2], "unit": "L"},
+        {"dev": "M1", "t0": 1767571200, "step": 900, "reg": [1.0], "status": 0xFF},
+        {"dev": "M1", "t0": 1767571200, "step": 900, "reg": [1.0], "unit": ""},
         {"dev": "M1", "t0": 1767571200.5, "step": 60, "reg": [0.0, 0.1], "status": 5},
         {"dev": "M1", "t0": 1767571200, "step": 900, "reg": [1.0], "extra": {"x": 1}},
         {"dev": "M1", "t0": 1767571200, "step": 900, "reg": [1.0], "status": ["leak"]},
@@ -124,6 +132,16 @@ def test_typed_fast_path_decodes_like_the_general_path(doc):
         {"dev": "M1", "t0": 1767571200, "step": 900, "reg": []},
         {"dev": "", "t0": 1767571200, "step": 900, "reg": [1.0]},
         {"dev": "M1", "step": 900, "reg": [1.0]},
+        {"dev": "M1", "t0": 1767571200, "t0_ms": 1767571200000, "step": 900, "reg": [1.0]},
+        {"dev": "M1", "t0": None, "t0_ms": 1767571200000, "step": 900, "reg": [1.0]},
+        {"dev": "M1", "t0": 1767571200, "step": 0, "reg": [1.0]},
+        {"dev": "M1", "t0": 1767571200, "step": -900, "reg": [1.0]},
+        {"dev": "M1", "t0": 1e300, "step": 900, "reg": [1.0]},
+        {"dev": "M1", "t0": 1767571200, "step": 1e300, "reg": [1.0, 2.0]},
+        {"dev": "M\x00", "t0": 1767571200, "step": 900, "reg": [1.0]},
+        {"dev": "M" * 129, "t0": 1767571200, "step": 900, "reg": [1.0]},
+        {"dev": "M1", "t0": 1767571200, "step": 900, "reg": [1.0], "unit": "m" * 33},
+        {"dev": "M1", "t0": 1767571200, "step": 900, "reg": [1.0], "status": -1},
     ],
 )
 def test_typed_fast_path_leaves_bad_series_to_the_general_errors(doc):
