@@ -13,7 +13,9 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from aquameter.secrets import SecretError, resolve_secret
 
 Protocol = Literal["mqtt", "coap", "modbus", "opcua", "import"]
 PayloadFormat = Literal["json", "binary-v1", "cbor"]
@@ -80,19 +82,105 @@ class Vendor(_Model):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+# Keys that once held a secret inline; now refused with a pointer to the *_env / *_file keys.
+INLINE_SECRETS = {"psk": "psk", "password": "password"}
+
+
+def _refuse_inline_secrets(data: Any, what: str) -> None:
+    if not isinstance(data, dict):
+        return
+    for key, stem in INLINE_SECRETS.items():
+        if key in data:
+            raise ValueError(
+                f"{what}: inline {key} is not accepted (secrets are never kept in the registry);"
+                f' move it to {stem}_env = "VARIABLE" or {stem}_file = "path"'
+            )
+
+
 class Device(_Model):
+    """One device. Secrets are *referenced*, never held: ``psk_env``/``psk_file`` name where the
+    DTLS pre-shared key is (read by the CoAP server when it starts), ``password_env``/
+    ``password_file`` where an MQTT password is. A relative ``*_file`` is relative to the registry
+    file's directory (:func:`load_registry` makes it absolute).
+
+    ``allow_plain_coap``: this CoAP device may send over plain (unauthenticated) CoAP. Off by
+    default because over plain CoAP anyone who can reach the port can claim to be any device;
+    only meters that cannot do DTLS should be marked, and they can never have a key."""
+
     id: str
     vendor: str
     protocol: Protocol = "mqtt"
     dma: str | None = None
     gateway: str | None = None
     serial: int | None = None
-    psk: str | None = None
+    psk_env: str | None = None
+    psk_file: Path | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    allow_plain_coap: bool = False
     meter: Meter | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     channels: list[Channel] = Field(default_factory=list, alias="channel")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        what = f"device {data.get('id', '?')}" if isinstance(data, dict) else "device"
+        _refuse_inline_secrets(data, what)
+        return data
+
+    @model_validator(mode="after")
+    def _check_secrets(self) -> Device:
+        for stem in ("psk", "password"):
+            if getattr(self, f"{stem}_env") and getattr(self, f"{stem}_file"):
+                raise ValueError(f"device {self.id}: give {stem}_env or {stem}_file, not both")
+        if self.allow_plain_coap and self.protocol != "coap":
+            raise ValueError(f"device {self.id}: allow_plain_coap is only for protocol coap")
+        if self.allow_plain_coap and self.keyed:
+            raise ValueError(
+                f"device {self.id}: a device with a psk must use DTLS; drop allow_plain_coap"
+            )
+        return self
+
+    @property
+    def keyed(self) -> bool:
+        """Has a DTLS key (referenced): its readings are accepted only over DTLS."""
+        return bool(self.psk_env or self.psk_file)
+
+    def resolve_psk(self) -> str | None:
+        """The DTLS key, read now from its variable or file (None: the device has none).
+        Raises :class:`~aquameter.secrets.SecretError` naming the device and where it looked."""
+        return _resolve(self.id, "psk", self.psk_env, self.psk_file)
+
+    def resolve_password(self) -> str | None:
+        """The MQTT password, read now from its variable or file (None: none configured)."""
+        return _resolve(self.id, "password", self.password_env, self.password_file)
+
+    @property
+    def psk(self) -> str | None:
+        """Deprecated alias of :meth:`resolve_psk` for code written when the key was inline
+        (the CoAP meter simulator): reads the variable or file on every access."""
+        return self.resolve_psk()
+
+    def secret_refs(self) -> dict[str, str]:
+        """Where this device's secrets live (variable names, file paths): what may be stored."""
+        refs = {
+            "psk_env": self.psk_env,
+            "psk_file": None if self.psk_file is None else str(self.psk_file),
+            "password_env": self.password_env,
+            "password_file": None if self.password_file is None else str(self.password_file),
+        }
+        return {k: v for k, v in refs.items() if v}
+
+
+def _resolve(device: str, stem: str, env: str | None, file: Path | None) -> str | None:
+    try:
+        return resolve_secret(env, file)
+    except SecretError as err:
+        where = f"{stem}_env {env}" if env else f"{stem}_file {file}"
+        raise SecretError(f"device {device}: {where}: {err}") from None
 
 
 class MeterGroup(_Model):
@@ -112,6 +200,14 @@ class MeterGroup(_Model):
     q3: float = 2.5
     register_digits: int = 5
     install_date: date | None = None
+    allow_plain_coap: bool = False  # see Device.allow_plain_coap
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        what = f"meter_group {data.get('id_format', '?')}" if isinstance(data, dict) else "group"
+        _refuse_inline_secrets(data, what)
+        return data
 
     def expand(self) -> list[Device]:
         devices = []
@@ -125,6 +221,7 @@ class MeterGroup(_Model):
                     dma=self.dma,
                     gateway=self.gateway,
                     serial=None if self.serial_start is None else self.serial_start + i,
+                    allow_plain_coap=self.allow_plain_coap,
                     meter=Meter(
                         id=dev_id,
                         account=self.account_format.format(i) if self.account_format else None,
@@ -146,6 +243,14 @@ class Registry(_Model):
     meter_groups: list[MeterGroup] = Field(default_factory=list, alias="meter_group")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    # The directory of the file this registry was loaded from (None: built in code); relative
+    # secret files were resolved against it by load_registry.
+    _source_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_dir(self) -> Path | None:
+        return self._source_dir
 
     @model_validator(mode="after")
     def _check_refs(self) -> Registry:
@@ -180,6 +285,18 @@ class Registry(_Model):
 
 
 def load_registry(path: Path | str) -> Registry:
+    """Parse and validate a registry file. Relative ``psk_file``/``password_file`` paths are
+    made absolute against the file's directory, so the registry works from any working directory
+    and the path stored by ``devices sync`` says exactly which file holds the key."""
+    path = Path(path)
     with open(path, "rb") as fh:
         data = tomllib.load(fh)
-    return Registry.model_validate(data)
+    registry = Registry.model_validate(data)
+    base = path.resolve().parent
+    registry._source_dir = base
+    for dev in registry.devices:
+        if dev.psk_file is not None and not dev.psk_file.is_absolute():
+            dev.psk_file = base / dev.psk_file
+        if dev.password_file is not None and not dev.password_file.is_absolute():
+            dev.password_file = base / dev.password_file
+    return registry

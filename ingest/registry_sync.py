@@ -7,18 +7,31 @@ their readings stay valid history.
 Every sync bumps ``registry_version`` and sends ``NOTIFY aquameter_registry, '<version>'`` in the
 same transaction, so running ingest workers (``ingest.registry_watch``) reload exactly when the
 new registry is committed, never before, and a rolled-back sync notifies nobody.
+
+Secrets never reach the database: ``devices.params`` holds where a device's key or password
+lives (``psk_env``/``psk_file``/``password_env``/``password_file``), never the value, because the
+table is readable by roles (analytics, billing) and copied by backups that must not hold keys.
+A ``psk``/``password`` key inside a device's free-form ``params`` is dropped with a warning that
+names the device and the key (migration 0007 scrubs what older syncs stored).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import psycopg
 
-from aquameter.registry import Registry
+from aquameter.registry import Device, Registry
 from ingest.units import CANONICAL, DEFAULT_RANGES
+
+log = logging.getLogger("aquameter.registry_sync")
+
+# Keys of ``devices.params`` that would hold a secret's value: never stored.
+SECRET_PARAM_KEYS = ("psk", "password")
 
 
 @dataclass
@@ -60,6 +73,27 @@ def bump_registry_version(conn: psycopg.Connection) -> int | None:
     return version
 
 
+def device_params(dev: Device) -> dict[str, Any]:
+    """What ``devices.params`` stores for ``dev``: its params, the *references* to its secrets
+    and ``allow_plain_coap``, without any secret value."""
+    params = dict(dev.params)
+    for key in SECRET_PARAM_KEYS:
+        if key in params:
+            del params[key]
+            log.warning(
+                "device %s: params.%s not stored (secrets never go to the database); "
+                "use %s_env or %s_file",
+                dev.id,
+                key,
+                key,
+                key,
+            )
+    params.update(dev.secret_refs())
+    if dev.allow_plain_coap:
+        params["allow_plain_coap"] = True
+    return params
+
+
 def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
     """Upsert ``registry`` and deactivate devices no longer in it, in one transaction that also
     bumps the registry version (see :func:`bump_registry_version`)."""
@@ -84,9 +118,7 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
     vendor_rows = [(v.id, v.name, v.payload) for v in registry.vendors]
     device_rows, meter_rows, exchange_rows, sensor_rows, channel_rows = [], [], [], [], []
     for dev in devices:
-        params = dict(dev.params)
-        if dev.psk:
-            params["psk"] = dev.psk
+        params = device_params(dev)
         device_rows.append(
             (dev.id, dev.vendor, dev.protocol, dev.dma, dev.gateway, dev.serial, json.dumps(params))
         )

@@ -4,7 +4,8 @@ Resource (``path`` defaults to ``up``)::
 
     POST|PUT coap://HOST:PORT/up              device named by the payload (``dev``, or a serial)
     POST|PUT coap://HOST:PORT/up/{device_id}  device_id is the default for payloads without ``dev``
-    the same on coaps://HOST:PORT+1/...       DTLS-PSK; identity = device id, key = ``device.psk``
+    the same on coaps://HOST:PORT+1/...       DTLS-PSK; identity = device id, key from the
+                                              device's ``psk_env`` / ``psk_file``
 
 Payloads are the formats of :mod:`protocols.payloads`, chosen by the Content-Format option:
 50 ``application/json``, 60 ``application/cbor``, 42 ``application/octet-stream`` (``binary-v1``);
@@ -23,7 +24,8 @@ Response codes (bad input is always quarantined by ingest first, never dropped):
 4.00 Bad Request       nothing stored: undecodable (MALFORMED, BAD_CRC, UNSUPPORTED_FORMAT, the
                        decoder's detail is the diagnostic) or every reading failed validation
 4.03 Forbidden         UNAUTHORIZED: readings for a device other than the DTLS identity (or one
-                       of the gateway's meters), or a keyed device's readings over plain CoAP
+                       of the gateway's meters), or, over plain CoAP, for any device that is
+                       not a CoAP device marked ``allow_plain_coap`` (see "Who may send")
 4.04 Not Found         UNKNOWN_DEVICE / UNKNOWN_CHANNEL / INACTIVE_DEVICE; or another path
 4.08 Incomplete        a Block1 block out of sequence (nothing reached ingest; restart upload)
 4.13 Too Large         an upload over ``max_payload_bytes``, refused while its blocks arrive:
@@ -56,6 +58,23 @@ options). Retransmitted confirmable requests (a lost ACK) are answered from aioc
 de-duplication cache without a second render, and a meter that resends an uplink as a new request
 stores nothing twice (ingest's ON CONFLICT).
 
+Who may send (the identity rules; ingest enforces them per reading):
+
+* over DTLS, the PSK identity is a device id; it may send its own readings and those of the
+  devices whose ``gateway`` it is (checked here against the registry the server started with, and
+  again by ingest against the live registry as the frame's ``peer``). A frame naming any other
+  device is refused whole: UNAUTHORIZED with the claimed device and the proven identity.
+* over plain CoAP nothing is proven, so only CoAP devices with ``allow_plain_coap = true`` (which
+  cannot have a key) are accepted. Readings for any other device -- a keyed meter, an MQTT meter,
+  a device added to the registry after this server started -- are quarantined UNAUTHORIZED with
+  the claimed device and ``unauthenticated coap from <address>`` as the proven identity, and
+  counted in ``stats.plain_refused``. A plain frame mixing both is split: the allowed devices'
+  readings are stored, the others refused (2.04 with a diagnostic, like any partial uplink).
+
+Keys are read from each device's ``psk_env``/``psk_file`` (:mod:`aquameter.secrets`) when the
+server starts (so a rotated key takes effect at the next start); a missing one stops the start
+with a one-line error naming the device and the variable or file. Keys are never logged.
+
 DTLS (``aiocoap[tinydtls]``, the ``DTLSSocket`` package): PSK only; aiocoap binds it on ``port + 1``
 and only to a specific address. tinydtls silently drops the records of a handshake made with a
 wrong key (RFC 6347 allows it) and reports nothing, so a refused handshake is counted here: a key
@@ -72,7 +91,7 @@ import logging
 import socket
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiocoap
@@ -82,6 +101,7 @@ from aiocoap.error import RenderableError
 from aiocoap.numbers.codes import Code
 
 from aquameter.registry import Device, Registry
+from aquameter.secrets import SecretError
 from protocols.payloads import BAD_CRC, MALFORMED, UNSUPPORTED_FORMAT, decode
 from protocols.uplink import (
     Frame,
@@ -105,9 +125,16 @@ NOT_FOUND_REASONS = frozenset({"UNKNOWN_DEVICE", "UNKNOWN_CHANNEL", "INACTIVE_DE
 UNAUTHORIZED = "UNAUTHORIZED"
 WRITE_FAILED = "WRITE_FAILED"
 
-# The authenticated_device given to ingest for a keyed device's readings over plain CoAP: no
-# device id can equal it (ids have no spaces), so ingest quarantines them as UNAUTHORIZED.
-UNAUTHENTICATED = "(unauthenticated coap)"
+# The start of the authenticated_device given to ingest for readings over plain CoAP that plain
+# CoAP may not send: "unauthenticated coap from <address>". It contains spaces, so no registry id
+# equals it and ingest quarantines those readings as UNAUTHORIZED, naming it as the proven peer.
+UNAUTHENTICATED = "unauthenticated coap"
+
+
+def unauthenticated(address: str) -> str:
+    """The proven identity of a plain CoAP request: nobody, seen from ``address``."""
+    return f"{UNAUTHENTICATED} from {address}"
+
 
 PROCESSING_ERROR = "PROCESSING_ERROR"
 OVERSIZE = "OVERSIZE"
@@ -143,6 +170,7 @@ class CoapStats:
     quarantined: Counter[str] = field(default_factory=Counter)
     dtls_handshakes_refused: int = 0
     dtls_unknown_identity: int = 0
+    plain_refused: int = 0  # plain CoAP requests with readings for a device plain may not send
 
 
 # --- pure parts: formats, authorisation, response codes ------------------------------------
@@ -165,35 +193,72 @@ def psk_bytes(psk: str) -> bytes:
 @dataclass(frozen=True)
 class Authorisation:
     """Who may send readings for whom: a DTLS identity sends its own readings, a gateway's
-    identity also those of the meters whose ``gateway`` it is; keyed devices must use DTLS."""
+    identity also those of the meters whose ``gateway`` it is; over plain CoAP only the devices
+    in ``plain_allowed`` (CoAP devices marked ``allow_plain_coap``). Default deny: a device this
+    server does not know (added after it started, or unknown) is not plain-allowed."""
 
     keyed: frozenset[str]
     gateway_of: dict[str, str]
     aliases: dict[str, str]
+    plain_allowed: frozenset[str] = frozenset()
     require_dtls_for_keyed: bool = True
 
     @classmethod
     def from_registry(
         cls, devices: list[Device], registry: Registry, require_dtls_for_keyed: bool = True
     ) -> Authorisation:
+        """``devices``: the CoAP devices this server serves. ``require_dtls_for_keyed`` False
+        (a migration aid only) also lets keyed devices send over plain CoAP."""
         everyone = registry.all_devices()
+        coap = [d for d in devices if d.protocol == "coap"]
+        plain = {d.id for d in coap if d.allow_plain_coap}
+        if not require_dtls_for_keyed:
+            plain |= {d.id for d in coap if d.keyed}
         return cls(
-            keyed=frozenset(d.id for d in devices if d.psk),
+            keyed=frozenset(d.id for d in devices if d.keyed),
             gateway_of={d.id: d.gateway for d in everyone if d.gateway},
             aliases={f"serial:{d.serial}": d.id for d in everyone if d.serial is not None},
+            plain_allowed=frozenset(plain),
             require_dtls_for_keyed=require_dtls_for_keyed,
         )
 
-    def authenticated_device(self, identity: str | None, uplinks: list[Uplink]) -> str | None:
-        """The ``Frame.authenticated_device`` for ingest: None when every reading is allowed."""
-        devices = {self.aliases.get(u.device, u.device) for u in uplinks}
+    def may_send(self, identity: str | None, device: str) -> bool:
+        """May a request with DTLS ``identity`` (None: plain CoAP) send ``device``'s readings?"""
+        dev = self.aliases.get(device, device)
         if identity is None:
-            if self.require_dtls_for_keyed and devices & self.keyed:
-                return UNAUTHENTICATED
+            return dev in self.plain_allowed
+        return dev == identity or self.gateway_of.get(dev) == identity
+
+    def authenticated_device(
+        self, identity: str | None, uplinks: list[Uplink], address: str = "?"
+    ) -> str | None:
+        """The ``Frame.authenticated_device`` for ingest: None when every reading is allowed,
+        else the proven identity (the DTLS identity, or ``unauthenticated coap from ADDRESS``),
+        which makes ingest refuse every reading of the frame as UNAUTHORIZED."""
+        if all(self.may_send(identity, u.device) for u in uplinks):
             return None
-        if all(d == identity or self.gateway_of.get(d) == identity for d in devices):
-            return None
-        return identity
+        return identity if identity is not None else unauthenticated(address)
+
+    def split(
+        self, identity: str | None, uplinks: list[Uplink], address: str
+    ) -> list[tuple[list[Uplink], str | None]]:
+        """The uplinks as (group, authenticated_device) frames to submit.
+
+        Over DTLS one group (a frame naming a device the identity may not send is refused
+        whole: the identity tried to speak for someone else). Over plain CoAP the plain-allowed
+        devices' uplinks (accepted from anyone anyway) are kept apart from the others, so one
+        foreign or unknown meter in a concentrator batch does not take the rest down with it.
+        """
+        if identity is not None or not uplinks:
+            return [(uplinks, self.authenticated_device(identity, uplinks, address))]
+        allowed = [u for u in uplinks if self.may_send(None, u.device)]
+        refused = [u for u in uplinks if not self.may_send(None, u.device)]
+        groups: list[tuple[list[Uplink], str | None]] = []
+        if allowed:
+            groups.append((allowed, None))
+        if refused:
+            groups.append((refused, unauthenticated(address)))
+        return groups
 
 
 def diagnostic(outcome: FrameOutcome) -> bytes:
@@ -440,8 +505,8 @@ class CoapIngest:
         self.path = tuple(p for p in path.strip("/").split("/") if p)
         self.stats = CoapStats()
         self.auth = Authorisation.from_registry(devices, registry, require_dtls_for_keyed)
-        self.keys = {d.id: psk_bytes(d.psk) for d in devices if d.psk}
-        self.dtls = bool(self.keys) if dtls is None else dtls
+        self.keys: dict[str, bytes] = {}  # read from psk_env / psk_file by start()
+        self.dtls = bool(self.auth.keyed) if dtls is None else dtls
         self._dtls_required = dtls is True
         self.dtls_port: int | None = port + 1 if self.dtls else None
         self.sweep_every_s = sweep_every_s
@@ -455,7 +520,30 @@ class CoapIngest:
         self._context: Any = None
 
     # --- lifecycle ---------------------------------------------------------------------------
+    def load_keys(self) -> dict[str, bytes]:
+        """Every keyed device's DTLS key, read now from its ``psk_env`` / ``psk_file``.
+
+        Why at start and not at registry load: the key then lives only in this process's
+        memory, a rotated key is picked up by a restart, and a missing key stops the server
+        with a one-line :class:`~aquameter.secrets.SecretError` naming the device and the
+        variable or file (never the key) instead of refusing that meter's handshakes silently.
+        """
+        keys: dict[str, bytes] = {}
+        for dev in self.devices:
+            if not dev.keyed:
+                continue
+            psk = dev.resolve_psk()
+            assert psk is not None
+            try:
+                keys[dev.id] = psk_bytes(psk)
+            except ValueError:
+                raise SecretError(
+                    f"device {dev.id}: its psk starts with hex: but is not hex"
+                ) from None
+        return keys
+
     async def start(self) -> None:
+        self.keys = self.load_keys()
         transports = ["udp6"]
         if self.dtls:
             missing = dtls_available()
@@ -631,22 +719,51 @@ class CoapIngest:
             payload=bytes(request.payload),
             payload_format=fmt,
             device_hint=hint,
+            peer=identity,  # ingest checks the DTLS identity again, against the live registry
         )
         decode_detail = None
+        frames = [frame]
         if supported:
             try:
                 uplinks = decode(frame.payload, fmt, hint)
             except PayloadError as err:
                 decode_detail = err.detail  # ingest decodes again and quarantines the payload
             else:
-                frame.uplinks = uplinks
-                frame.authenticated_device = self.auth.authenticated_device(identity, uplinks)
-        outcome = await submit_and_wait(self.sink, frame)
+                frames = self._authorise(frame, identity, uplinks)
+        outcome = FrameOutcome()
+        for part in frames:
+            got = await submit_and_wait(self.sink, part)
+            outcome.accepted += got.accepted
+            outcome.quarantined += got.quarantined
+            outcome.reasons += got.reasons
+            outcome.error = outcome.error or got.error
         code, body = response_for(outcome, decode_detail=decode_detail, supported=supported)
         self._count(code, outcome)
         if code != Code.CHANGED or body:
             log.info("CoAP %s from %s: %s %s", path, frame.address, code, body.decode())
         return aiocoap.Message(code=code, payload=body)
+
+    def _authorise(self, frame: Frame, identity: str | None, uplinks: list[Uplink]) -> list[Frame]:
+        """``frame`` as the frames to submit, each with its ``authenticated_device``
+        (:meth:`Authorisation.split`); a plain request with refused readings is counted and
+        logged with the claimed devices and the address (never a key)."""
+        groups = self.auth.split(identity, uplinks, frame.address)
+        frames = []
+        for i, (group, authenticated) in enumerate(groups):
+            part = frame if i == 0 else replace(frame)
+            part.uplinks = group
+            part.authenticated_device = authenticated
+            frames.append(part)
+            if identity is None and authenticated is not None:
+                self.stats.plain_refused += 1
+                claimed = sorted({u.device for u in group})
+                log.warning(
+                    "plain CoAP from %s for %s refused: not allow_plain_coap (use DTLS)",
+                    frame.address,
+                    ", ".join(claimed[:5])
+                    + (f" (+{len(claimed) - 5})" if len(claimed) > 5 else ""),
+                )
+        return frames
 
     def _count(self, code: Code, outcome: FrameOutcome) -> None:
         s = self.stats

@@ -238,12 +238,21 @@ def test_authorisation_of_identities_gateways_and_keyed_devices(registry):
         return [Uplink(d, "register", [T0], [1.0]) for d in devs]
 
     assert auth.authenticated_device(None, up("CJ001")) is None
-    assert auth.authenticated_device(None, up("CJ001", "CK001")) == UNAUTHENTICATED
+    refused = auth.authenticated_device(None, up("CJ001", "CK001"), "10.0.0.9:5683/up")
+    assert refused == f"{UNAUTHENTICATED} from 10.0.0.9:5683/up"
+    assert auth.authenticated_device(None, up("GHOST")) is not None  # default deny
     assert auth.authenticated_device("CK001", up("CK001")) is None
     assert auth.authenticated_device("CK001", up("CJ001")) == "CK001"
     assert auth.authenticated_device("GW-C1", up("CG001", "CG002", "GW-C1")) is None
     assert auth.authenticated_device("GW-C1", up("CG001", "CJ001")) == "GW-C1"
-    relaxed = Authorisation.from_registry([], registry, require_dtls_for_keyed=False)
+    # plain: the allowed devices' uplinks go apart from the refused ones
+    groups = auth.split(None, up("CJ001", "CK001", "CJ002"), "a")
+    assert [([u.device for u in g], who) for g, who in groups] == [
+        (["CJ001", "CJ002"], None),
+        (["CK001"], f"{UNAUTHENTICATED} from a"),
+    ]
+    coap = registry.devices_by_protocol("coap")
+    relaxed = Authorisation.from_registry(coap, registry, require_dtls_for_keyed=False)
     assert relaxed.authenticated_device(None, up("CK001")) is None
 
 
