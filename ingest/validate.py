@@ -161,7 +161,7 @@ class Validator:
                     frame.payload,
                     frame.payload_format,
                     frame.device_hint,
-                    # max_depth=self.max_payload_depth,  # TEMP until codec lands
+                    max_depth=self.max_payload_depth,
                 )
             except PayloadError as err:
                 out.rejections.append(Rejection(err.reason, err.detail, err.device, frame.payload))
