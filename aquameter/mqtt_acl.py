@@ -9,9 +9,12 @@ who may speak for which meter:
 - every gateway named by MQTT devices: ``user <gateway_id>`` /
   ``topic write {root}/+/gw/{gateway_id}/batch`` (the vendor segment picks the payload format;
   ingest checks that each meter in the batch is registered under that gateway);
-- the ingest user: ``topic read {root}/#`` and ``topic read $share/+/{root}/#``. Mosquitto 2.0
-  checks a SUBSCRIBE against the filter as sent, ``$share/{group}/…`` included, and each delivery
-  against the message's topic, so a shared subscription needs both lines.
+- the ingest user: ``topic read {root}/#`` and ``topic read $share/+/{root}/#``. Measured on
+  mosquitto 2.0.11: its acl_file grants every SUBSCRIBE (SUBACK 0 even for ``x/#``) and checks
+  each *delivery* against the message's topic, so ``{root}/#`` is what lets a shared subscriber
+  receive, and a client without a ``read`` line (every meter and gateway) receives nothing. The
+  ``$share/+/{root}/#`` line is for brokers that check a SUBSCRIBE against the filter as sent,
+  ``$share/{group}/…`` included; on 2.0.11 it is harmless.
 
 Nothing else is granted: anonymous clients get no line (use ``allow_anonymous false``), and a
 device cannot read anything. The user names are the MQTT usernames (``password_file``) or the

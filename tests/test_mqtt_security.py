@@ -363,11 +363,12 @@ def publish_as(broker: SecureBroker, user: str, messages: list[tuple[str, bytes]
 
 
 class Listener:
-    """A plain subscriber as the ingest user (not shared): what the broker delivers at all."""
+    """A plain (not shared) subscriber, by default as the ingest user: what the broker delivers
+    at all. mosquitto 2.0's acl_file grants any SUBSCRIBE and filters each delivery."""
 
-    def __init__(self, broker: SecureBroker, topic_filter: str) -> None:
+    def __init__(self, broker: SecureBroker, topic_filter: str, user: str = INGEST) -> None:
         self.topics: list[str] = []
-        self.client = _client(broker, user=INGEST, password=PASSWORDS[INGEST])
+        self.client = _client(broker, user=user, password=PASSWORDS[user])
         subscribed = threading.Event()
         self.client.on_message = lambda c, u, m: self.topics.append(m.topic)
         self.client.on_subscribe = lambda *a: subscribed.set()
@@ -419,6 +420,13 @@ def _wait_counter(pipeline: IngestPipeline, reason: str, n: int) -> int:
     while pipeline.counters.quarantined[reason] < n and time.monotonic() < deadline:
         time.sleep(0.05)
     return pipeline.counters.quarantined[reason]
+
+
+def _wait_log(broker: SecureBroker, text: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while text not in broker.log_file.read_text():
+        assert time.monotonic() < deadline, f"mosquitto never logged {text!r}"
+        time.sleep(0.1)
 
 
 def _assert_no_secret(text: str) -> None:
@@ -504,6 +512,10 @@ def test_refusals_no_credentials_wrong_password_untrusted_certificate(broker, ca
     # no certificate at all on the certificate listener
     bare = try_connect(broker, broker.cert_port)
     assert not bare.connected and bare.reason is None, bare
+    # the broker saw TLS fail (TLS 1.3: the client's side of the handshake completes, the
+    # broker's verification of its certificate fails, so no CONNACK ever comes)
+    _wait_log(broker, "certificate verify failed")
+    _wait_log(broker, "peer did not return a certificate")
     # a legitimate certificate connects (the listener works)
     good = try_connect(broker, broker.cert_port, cert=INGEST)
     assert good.connected, good
@@ -562,6 +574,7 @@ def test_password_login_legit_stored_spoofs_refused_and_counted(broker, db_url, 
         db_url, url, username=INGEST, password_file=pwfile, ca_file=broker.ca, tls_version="1.2"
     )
     spy = Listener(broker, f"{ROOT}/#")
+    nosy = Listener(broker, f"{ROOT}/#", user="AQN00002")  # a meter reading the others: nothing
     try:
         # legitimate: a meter on its own topic, a gateway batch of its own meters
         assert publish_as(broker, "AQN00001", [_uplink("AQN00001", [1.0, 1.1])]) == ["Success"]
@@ -606,7 +619,9 @@ def test_password_login_legit_stored_spoofs_refused_and_counted(broker, db_url, 
             {uplink_topic(ROOT, "aqualink", "AQN00001"), gw_topic}
         )
         assert ingest.stats.messages == 3
+        assert nosy.topics == []
     finally:
+        nosy.close()
         spy.close()
         ingest.stop()
         pipeline.close()
