@@ -22,7 +22,9 @@ PayloadFormat = Literal["json", "binary-v1", "cbor"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    # hide_input_in_errors: a validation error must not echo an inline key (``psk = "..."``,
+    # refused below) to the terminal or a CI log.
+    model_config = ConfigDict(extra="forbid", frozen=False, hide_input_in_errors=True)
 
 
 class Dma(_Model):
