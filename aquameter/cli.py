@@ -25,6 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from aquameter.mqtt_acl import mqtt_app
 from aquameter.registry import load_registry
 from aquameter.runtime import broker, database_url
 from aquameter.settings import Settings
@@ -42,6 +43,7 @@ app.add_typer(devices_app, name="devices")
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(flow_app, name="flow")
 app.add_typer(export_app, name="export")
+app.add_typer(mqtt_app, name="mqtt")
 
 console = Console()
 
@@ -242,6 +244,7 @@ def ingest_cmd(
         vendor_formats,
     )
     from ingest.workers import MqttWorkers, effective_workers
+    from protocols.mqtt import safe_url
 
     s = _settings()
     reg = load_registry(registry or s.registry)
@@ -274,7 +277,7 @@ def ingest_cmd(
             elif mqtt:
                 client = start_mqtt(s, reg, pipeline, url, v5)
             console.print(
-                f"ingest: broker {url} (MQTT {'v5' if v5 else '3.1.1'}), "
+                f"ingest: broker {safe_url(url)} (MQTT {'v5' if v5 else '3.1.1'}), "
                 f"{len(pipeline.index()):,} channels"
                 + (f", {n} MQTT worker processes" if workers is not None else "")
             )
