@@ -602,10 +602,16 @@ class Result:
     count_ms_median: float = 0.0
 
 
-def git_state() -> tuple[str, list[str]]:
+def git_state(code: Path) -> tuple[str, list[str]]:
+    """The commit ``code`` is at and its files with local changes; for a ``git archive``
+    snapshot (no .git) the commit written in its COMMIT file."""
+    if not (code / ".git").exists():
+        label = (code / "COMMIT").read_text().strip() if (code / "COMMIT").exists() else "?"
+        return f"{label} (snapshot {code})", []
+
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+            ["git", *args], cwd=code, capture_output=True, text=True, check=False
         ).stdout
 
     paths = ("ingest", "protocols", "aquameter", "sql")
@@ -637,6 +643,13 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write the result as JSON here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
     ap.add_argument(
+        "--code",
+        type=Path,
+        default=ROOT,
+        help="run the aquameter code in this directory (e.g. a `git archive` snapshot, so that "
+        "edits in the working tree cannot reach a worker restarted mid-run)",
+    )
+    ap.add_argument(
         "--pg-bin", type=Path, default=Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
     )
     args = ap.parse_args()
@@ -645,7 +658,15 @@ def main() -> int:
     if not (args.pg_bin / "pg_ctl").exists():
         raise SystemExit(f"no pg_ctl in {args.pg_bin} (Debian postgresql-15, or --pg-bin)")
 
-    commit, dirty = git_state()
+    # A background job has SIGINT ignored, and SIGTERM would skip the clean-up: both end the run
+    # through the `finally` below, which stops every process this script started.
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+    code = args.code.resolve()
+    commit, dirty = git_state(code)
     work = Path(tempfile.mkdtemp(prefix="aquameter-soak-"))
     work.chmod(0o755)  # the postgres user must reach its data dir inside
     say(f"work dir {work}; commit {commit}" + (f" + local changes in {dirty}" if dirty else ""))
@@ -679,11 +700,12 @@ def main() -> int:
             AQUAMETER_MQTT_CLIENT_ID="soak-ingest",
             AQUAMETER_MQTT_SHARED_GROUP="soak",
             AQUAMETER_STATS_INTERVAL_S="5",
+            PYTHONPATH=str(code),
         )
         aq = str(VENV_BIN / "aquameter")
         for cmd in (["db", "migrate"], ["devices", "sync"]):
             res = subprocess.run(
-                [aq, *cmd], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+                [aq, *cmd], env=env, cwd=code, capture_output=True, text=True, timeout=600
             )
             if res.returncode != 0:
                 raise SystemExit(f"aquameter {' '.join(cmd)} failed:\n{res.stdout}{res.stderr}")
@@ -700,7 +722,7 @@ def main() -> int:
         ingest = subprocess.Popen(
             [aq, "-v", "ingest", "--mqtt-workers", "2"],
             env=env,
-            cwd=ROOT,
+            cwd=code,
             stdout=ingest_log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
