@@ -456,7 +456,7 @@ def meters_from_registry(registry: Registry, limit: int | None = None) -> list[S
     """The registry's CoAP devices as simulated meters, in their vendor's payload format."""
     formats = {v.id: v.payload for v in registry.vendors}
     out = [
-        SimMeter(device=d.id, fmt=formats[d.vendor], serial=d.serial, psk=d.psk)
+        SimMeter(device=d.id, fmt=formats[d.vendor], serial=d.serial, psk=d.resolve_psk())
         for d in registry.devices_by_protocol("coap")
     ]
     return out[:limit] if limit is not None else out
