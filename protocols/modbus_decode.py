@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 from pymodbus.client.mixin import ModbusClientMixin
 
+from protocols.params import ModbusPointParams, ParamsError, validate_params
+
 Table = Literal["holding", "input", "coil", "discrete"]
 Order = Literal["big", "little"]
 
@@ -100,60 +102,45 @@ class Block:
     points: tuple[Point, ...]
 
 
-def _order(value: Any, key: str, where: str) -> Order:
-    value = str(value).lower() if value is not None else "big"
-    if value not in ("big", "little"):
-        raise ModbusConfigError(f"{where}: {key} must be 'big' or 'little', not {value!r}")
-    return value  # type: ignore[return-value]
-
-
 def parse_point(channel: str, unit: str, params: Mapping[str, Any], where: str = "") -> Point:
-    """Validate one channel's ``params`` (see protocols/modbus.sample.toml for every key)."""
+    """Validate one channel's ``params`` (see protocols/modbus.sample.toml for every key).
+
+    The keys and their types go through :class:`~protocols.params.ModbusPointParams` first, so a
+    misspelt key (``typ`` for ``type``) is refused here, by the poller, instead of silently
+    reading the default type; the rules that need the whole point are checked below."""
     where = where or f"channel {channel}"
-    table = str(params.get("table", "holding")).lower()
-    if table not in TABLES:
-        raise ModbusConfigError(f"{where}: table must be one of {TABLES}, not {table!r}")
     if "address" not in params:
         raise ModbusConfigError(f"{where}: address (0-based PDU address) is required")
     try:
-        address = int(params["address"])
-    except (TypeError, ValueError):
-        raise ModbusConfigError(
-            f"{where}: address {params['address']!r} is not an integer"
-        ) from None
-    default_type = "bool" if table in BIT_TABLES else "uint16"
-    typ = str(params.get("type", default_type)).lower()
-    if typ not in TYPES:
-        raise ModbusConfigError(f"{where}: type must be one of {sorted(TYPES)}, not {typ!r}")
+        p = validate_params(ModbusPointParams, params, where)
+    except ParamsError as err:
+        raise ModbusConfigError(str(err)) from None
+    table = p.table
+    address = p.address
+    typ = p.type or ("bool" if table in BIT_TABLES else "uint16")
     if table in BIT_TABLES and typ != "bool":
         raise ModbusConfigError(f"{where}: {table} points are bits; type must be 'bool'")
-    bit = params.get("bit")
+    bit = p.bit
     if bit is not None:
         if table in BIT_TABLES or typ != "bool":
             raise ModbusConfigError(f"{where}: bit applies only to type 'bool' on a register table")
-        bit = int(bit)
         if not 0 <= bit <= 15:
             raise ModbusConfigError(f"{where}: bit must be 0..15, not {bit}")
     elif typ == "bool" and table not in BIT_TABLES:
         raise ModbusConfigError(f"{where}: type 'bool' on a register table needs bit = 0..15")
-    try:
-        scale = float(params.get("scale", 1.0))
-        offset = float(params.get("offset", 0.0))
-    except (TypeError, ValueError):
-        raise ModbusConfigError(f"{where}: scale and offset must be numbers") from None
     point = Point(
         channel=channel,
         unit=unit,
-        table=table,  # type: ignore[arg-type]
+        table=table,
         address=address,
         type=typ,
-        byte_order=_order(params.get("byte_order"), "byte_order", where),
-        word_order=_order(params.get("word_order"), "word_order", where),
-        scale=scale,
-        offset=offset,
+        byte_order=p.byte_order,
+        word_order=p.word_order,
+        scale=p.scale,
+        offset=p.offset,
         bit=bit,
     )
-    if address < 0 or point.end > 65536:
+    if point.end > 65536:
         raise ModbusConfigError(f"{where}: address {address} (+{point.width}) outside 0..65535")
     return point
 
