@@ -522,3 +522,79 @@ def test_failed_interval_makes_the_period_incomplete_until_edited():
     assert d2["edited_m3"].to_list() == pytest.approx([0.02])
     assert d2["vee_status"].to_list() == ["SUSPECT"]  # the decrease is still on record
     assert d2["flags"].to_list() == [["A", "M"]]
+
+
+# --- the export file (flows.export) ------------------------------------------------------------
+
+
+def _bill(conn: object, meter: str, opening: float, closing: float) -> None:
+    conn.execute(  # type: ignore[attr-defined]
+        "INSERT INTO billing_volumes (meter_id, period_start, period_end, version, "
+        "opening_register, opening_read_type, closing_register, closing_read_type, volume, "
+        "estimated_m3, vee_status, reason) VALUES (%s, '2026-10-01', '2026-10-31', 1, %s, "
+        "'ACTUAL', %s, 'ACTUAL', %s, 0.0, 'VALID', 'INITIAL')",
+        (meter, opening, closing, closing - opening),
+    )
+
+
+def test_export_volumes_are_exact_decimals_at_register_resolution(
+    db_url: str, tmp_path: object
+) -> None:
+    """``closing − opening`` in doubles is 9.216999999999985; the file says 9.217 (1 L), or the
+    meter's own resolution when its register channel declares one."""
+    from decimal import Decimal
+    from pathlib import Path
+
+    import psycopg
+
+    from flows.export import export_billing
+
+    assert 1234.567 - 1225.35 == pytest.approx(9.217) and str(1234.567 - 1225.35) != "9.217"
+    with psycopg.connect(db_url) as conn:
+        _bill(conn, "AQN00001", 1225.35, 1234.567)
+        _bill(conn, "AQN00002", 10.0, 20.0)
+        _bill(conn, "AQN00003", 0.0, 1.23456)
+        conn.execute(
+            'UPDATE channels SET params = params || \'{"resolution": "0.01"}\' '
+            "WHERE meter_id = 'AQN00003' AND kind = 'register'"
+        )
+    out = Path(str(tmp_path))
+    csv = export_billing(db_url, "2026-10", "csv", out / "b.csv")
+    assert csv.rows == 3
+    lines = (out / "b.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    col = header.index("volume")
+    vols = {ln.split(",")[0]: ln.split(",")[col] for ln in lines[1:]}
+    assert vols == {"AQN00001": "9.217", "AQN00002": "10.000", "AQN00003": "1.230"}
+    opening = lines[1].split(",")[header.index("opening_register")]
+    assert opening == "1225.350"
+    export_billing(db_url, "2026-10", "parquet", out / "b.parquet")
+    frame = pl.read_parquet(out / "b.parquet")
+    assert frame.schema["volume"] == pl.Decimal(38, 3)
+    assert frame.sort("meter_id")["volume"].to_list() == [
+        Decimal("9.217"), Decimal("10.000"), Decimal("1.230"),
+    ]  # fmt: skip
+
+
+def test_export_of_a_period_never_computed_is_an_error_and_writes_nothing(
+    db_url: str, tmp_path: object
+) -> None:
+    from pathlib import Path
+
+    import psycopg
+
+    from flows.export import PeriodNotComputedError, export_billing
+
+    target = Path(str(tmp_path)) / "none.csv"
+    with pytest.raises(PeriodNotComputedError, match=r"2026-11-01\.\.2026-11-30.*never computed"):
+        export_billing(db_url, "2026-11", "csv", target)
+    assert not target.exists()
+    with psycopg.connect(db_url) as conn:
+        _bill(conn, "AQN00001", 1.0, 2.0)
+    with pytest.raises(PeriodNotComputedError, match=r"computed periods: 2026-10-01\.\.2026-10-31"):
+        export_billing(db_url, "2026-11", "csv", target)
+    # A computed period with nothing changed since a time is a real (empty) answer.
+    r = export_billing(
+        db_url, "2026-10", "csv", target, changed_since=datetime(2100, 1, 1, tzinfo=UTC)
+    )
+    assert r.rows == 0 and target.exists()
