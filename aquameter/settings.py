@@ -119,6 +119,15 @@ class Settings(BaseSettings):
     # How often running ingest checks the registry version (besides LISTEN/NOTIFY); 0 = never.
     registry_poll_s: float = Field(default=2.0, ge=0)
 
+    # --- operations ---------------------------------------------------------------------------
+    # `aquameter ingest` serves /metrics, /healthz and /readyz here (ingest.metrics); port None
+    # = off, 0 = a free port (printed). Loopback by default: the endpoints are unauthenticated.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    # Log lines as text, or as JSON objects one per line (ts, level, logger, message, exception)
+    # for a log shipper (aquameter.logs).
+    log_format: Literal["text", "json"] = "text"
+
     def data_path(self, *parts: str) -> Path:
         path = self.data_dir.joinpath(*parts)
         path.mkdir(parents=True, exist_ok=True)

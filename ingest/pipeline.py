@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -108,6 +109,10 @@ class IngestPipeline:
         self.frame_write_attempts = frame_write_attempts
         self.failure: str | None = None
         self.writer_restarts = 0
+        # Called by the writer thread with the seconds from a batch being closed to its commit
+        # (retries while the database is away included): the one timing only the writer sees,
+        # for the exporter's commit-latency histogram (ingest.metrics). Must be quick.
+        self.on_commit: Callable[[float], None] | None = None
         self._registry_poll_s = registry_poll_s
         self._watch: RegistryWatch | None = None
         self._index: ChannelIndex | None = None
@@ -346,14 +351,24 @@ class IngestPipeline:
                 assert isinstance(item, _Item)
                 items.append(item)
                 rows += self._feed(item)
+            closed = time.monotonic()
             try:
                 self._finish(items)
             except Exception as err:  # a bug on this batch's path: write it the careful way
                 log.exception("batch commit failed unexpectedly (%s); isolating its frames", err)
                 self._reset_connection()
                 self._commit(items)
+            self._observe_commit(time.monotonic() - closed)
         if self._conn is not None:
             self._conn.close()
+
+    def _observe_commit(self, seconds: float) -> None:
+        hook = self.on_commit
+        if hook is not None:
+            try:
+                hook(seconds)
+            except Exception:  # an observer's bug must not stop the writer
+                log.exception("on_commit hook failed")
 
     # A batch's readings are streamed into its COPY as frames arrive (see CopyStream); the frames
     # are kept until the commit, so any failure can fall back to writing them as one batch.
