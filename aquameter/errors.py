@@ -43,6 +43,16 @@ def set_verbose(verbose: bool) -> None:
     VERBOSE = verbose
 
 
+def preflight_database(url: str, tables: tuple[str, ...] = ("channels", "readings")) -> None:
+    """Connect once and touch ``tables``, so that an unreachable or unmigrated database fails
+    here, as one explained error, before a command starts threads that would log about it."""
+    from sql.connect import connect
+
+    with connect(url, connect_timeout=10) as conn:
+        for table in tables:
+            conn.execute(f"SELECT 1 FROM {table} LIMIT 0")
+
+
 def _database_target() -> str:
     from aquameter.secrets import mask_url
 
@@ -57,10 +67,11 @@ def _toml_file(exc: BaseException) -> str | None:
     while tb is not None:
         for name in ("fh", "path", "registry", "file"):
             value: Any = tb.tb_frame.f_locals.get(name)
-            if hasattr(value, "name") and isinstance(value.name, str):
+            if isinstance(value, str | Path):
+                if str(value).endswith(".toml"):
+                    found = str(value)
+            elif isinstance(getattr(value, "name", None), str):  # an open file
                 found = value.name
-            elif isinstance(value, str | Path) and str(value).endswith(".toml"):
-                found = str(value)
         tb = tb.tb_next
     return found
 
