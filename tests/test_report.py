@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import psycopg
@@ -23,7 +24,7 @@ from aquameter.report import (
 )
 
 T0 = datetime(2026, 3, 2, tzinfo=UTC)
-ALERT_SCHEMA = {
+ALERT_SCHEMA: dict[str, Any] = {
     "code": pl.String, "subject_id": pl.String, "start_ts": pl.Datetime("us", "UTC"),
     "end_ts": pl.Datetime("us", "UTC"), "status": pl.String, "severity": pl.String,
     "evidence": pl.String,
