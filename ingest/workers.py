@@ -87,8 +87,8 @@ def effective_workers(requested: int, *, v5: bool, shared_group: str | None) -> 
         return 1
     if not v5:
         log.warning(
-            "--mqtt-workers %d needs MQTT v5 shared subscriptions; this broker speaks 3.1.1 "
-            "(embedded amqtt): running 1 worker",
+            "--mqtt-workers %d needs MQTT v5 shared subscriptions; this broker speaks MQTT "
+            "3.1.1 only (e.g. the embedded amqtt): running 1 worker",
             requested,
         )
         return 1

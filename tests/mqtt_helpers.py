@@ -1,7 +1,10 @@
-"""Small test-side helpers: a plain paho publisher, a session made ahead, polling for rows."""
+"""Small test-side helpers: a plain paho publisher, a session made ahead, polling for rows, and
+what the broker under test speaks (mosquitto: MQTT v5; the embedded amqtt of a machine without
+mosquitto: 3.1.1 only)."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -9,8 +12,28 @@ from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 import psycopg
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from aquameter.runtime import speaks_mqtt5
+
+NEEDS_V5 = (
+    "needs MQTT v5 shared subscriptions ($share/...), which this broker does not speak "
+    "(MQTT 3.1.1 only, e.g. the embedded amqtt started when mosquitto is not on PATH)"
+)
+
+
+@functools.cache
+def broker_v5(url: str) -> bool:
+    """Whether the broker at ``url`` speaks MQTT v5 (asked once per URL)."""
+    return speaks_mqtt5(url)
+
+
+def skip_unless_v5(url: str, reason: str = NEEDS_V5) -> None:
+    """Skip the calling test on a 3.1.1-only broker: for tests whose subject is MQTT v5."""
+    if not broker_v5(url):
+        pytest.skip(reason)
 
 
 def publish_all(url: str, messages: list[tuple[str, bytes]], timeout: float = 30.0) -> None:
@@ -56,21 +79,26 @@ def wait_count(db_url: str, sql: str, expected: int, timeout: float = 30.0) -> i
 def create_session(
     url: str, client_id: str, topic_filters: list[str], expiry_s: int = 3600
 ) -> None:
-    """Subscribe with a persistent MQTT 5 session and leave, as a subscriber that ran before:
-    what is published next waits in the broker for that session."""
+    """Subscribe with a persistent session and leave, as a subscriber that ran before: what is
+    published next waits in the broker for that session (MQTT 5 with a session expiry, or
+    3.1.1 with clean_session=False on a broker that speaks only that)."""
     parsed = urlparse(url)
     done = threading.Event()
+    v5 = broker_v5(url)
     c = mqtt.Client(
         callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
-        protocol=mqtt.MQTTv5,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        **({} if v5 else {"clean_session": False}),  # type: ignore[arg-type]
     )
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = expiry_s
     c.on_subscribe = lambda *a: done.set()
-    c.connect(
-        parsed.hostname or "127.0.0.1", parsed.port or 1883, clean_start=False, properties=props
-    )
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 1883
+    if v5:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = expiry_s
+        c.connect(host, port, clean_start=False, properties=props)
+    else:
+        c.connect(host, port)
     c.loop_start()
     c.subscribe([(f, 1) for f in topic_filters])
     assert done.wait(10), "broker did not acknowledge the subscription"

@@ -14,7 +14,7 @@ from ingest.pipeline import IngestPipeline
 from ingest.service import vendor_formats
 from protocols.mqtt import MqttIngest, batch_topic, parse_topic, uplink_topic
 from protocols.payloads import encode_binary_v1
-from tests.mqtt_helpers import publish_all, wait_count
+from tests.mqtt_helpers import broker_v5, publish_all, wait_count
 from tests.servers import EXAMPLE_REGISTRY
 
 # A topic root of this run's own: other clients of a shared broker cannot cross-talk.
@@ -32,6 +32,7 @@ def _ingest(url: str, db_url: str, **kw: object) -> tuple[IngestPipeline, MqttIn
         client_id=f"ingest-{uuid.uuid4().hex[:8]}",
         shared_group=None,
         topic_root=ROOT,
+        v5=broker_v5(url),
         **kw,  # type: ignore[arg-type]
     ).start()
     assert client.connected.wait(10)
@@ -215,7 +216,13 @@ def test_unacknowledged_messages_are_redelivered_after_a_crash(mqtt_url, db_url)
     # First: register the persistent session, then "crash" while holding everything.
     holder = _HoldingSink()
     crashed = MqttIngest(
-        mqtt_url, holder, fmts, client_id=client_id, shared_group=None, topic_root=ROOT
+        mqtt_url,
+        holder,
+        fmts,
+        client_id=client_id,
+        shared_group=None,
+        topic_root=ROOT,
+        v5=broker_v5(mqtt_url),
     ).start()
     assert crashed.connected.wait(10)
     msgs, n = _fleet_messages(10, 4)
@@ -229,7 +236,13 @@ def test_unacknowledged_messages_are_redelivered_after_a_crash(mqtt_url, db_url)
     # A new worker with the same identity resumes the session and gets everything again.
     pipeline = IngestPipeline(db_url, batch_seconds=0.05).start()
     resumed = MqttIngest(
-        mqtt_url, pipeline, fmts, client_id=client_id, shared_group=None, topic_root=ROOT
+        mqtt_url,
+        pipeline,
+        fmts,
+        client_id=client_id,
+        shared_group=None,
+        topic_root=ROOT,
+        v5=broker_v5(mqtt_url),
     ).start()
     try:
         assert wait_count(db_url, "SELECT count(*) FROM readings", n) == n
@@ -291,7 +304,13 @@ def test_clean_shutdown_acknowledges_everything_it_stored(mqtt_url, db_url):
     msgs, n = _fleet_messages(40, 24)
     pipeline = IngestPipeline(db_url, batch_seconds=0.05).start()
     first = MqttIngest(
-        mqtt_url, pipeline, fmts, client_id=client_id, shared_group=None, topic_root=ROOT
+        mqtt_url,
+        pipeline,
+        fmts,
+        client_id=client_id,
+        shared_group=None,
+        topic_root=ROOT,
+        v5=broker_v5(mqtt_url),
     ).start()
     assert first.connected.wait(10)
     publish_all(mqtt_url, msgs)
@@ -303,7 +322,13 @@ def test_clean_shutdown_acknowledges_everything_it_stored(mqtt_url, db_url):
     assert first.stats.acked == read_first
     second_pipe = IngestPipeline(db_url, batch_seconds=0.05).start()
     second = MqttIngest(
-        mqtt_url, second_pipe, fmts, client_id=client_id, shared_group=None, topic_root=ROOT
+        mqtt_url,
+        second_pipe,
+        fmts,
+        client_id=client_id,
+        shared_group=None,
+        topic_root=ROOT,
+        v5=broker_v5(mqtt_url),
     ).start()
     try:
         assert wait_count(db_url, "SELECT count(*) FROM readings", n) == n

@@ -22,7 +22,7 @@ from ingest.service import vendor_formats
 from ingest.workers import MqttWorkers, effective_workers, restart_delay, worker_client_id
 from protocols.mqtt import uplink_topic
 from protocols.payloads import encode_binary_v1
-from tests.mqtt_helpers import create_session, publish_all, wait_count
+from tests.mqtt_helpers import create_session, publish_all, skip_unless_v5, wait_count
 from tests.servers import EXAMPLE_REGISTRY
 from tests.servers import ROOT as REPO
 
@@ -110,6 +110,7 @@ def test_effective_workers_falls_back_without_v5_or_group(caplog):
 
 
 def test_two_workers_split_the_load_and_store_each_reading_once(mqtt_url, db_url):
+    skip_unless_v5(mqtt_url)
     settings = _settings(db_url, mqtt_url, "split")
     msgs, n = _messages(range(3), 4)
     workers = _workers(settings, mqtt_url).start()
@@ -166,6 +167,7 @@ def test_a_worker_that_cannot_start_is_restarted_with_backoff(mqtt_url, db_url):
 
 
 def test_stop_mid_stream_commits_and_acks_what_was_read_and_leaves_the_rest(mqtt_url, db_url):
+    skip_unless_v5(mqtt_url)
     # Receive Maximum 10: each worker has at most 10 unacknowledged messages; the rest stay
     # queued in its session at the broker.
     settings = _settings(db_url, mqtt_url, "drain", mqtt_receive_maximum=10)
@@ -211,6 +213,7 @@ def test_stop_mid_stream_commits_and_acks_what_was_read_and_leaves_the_rest(mqtt
 
 
 def test_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(mqtt_url, db_url):
+    skip_unless_v5(mqtt_url)
     settings = _settings(db_url, mqtt_url, "kill")
     first, n_first = _messages(range(0, 2), 6)
     second, n_second = _messages(range(2, 4), 6)
@@ -252,6 +255,7 @@ def test_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(mqtt_
 
 
 def test_cli_mqtt_workers_flag_drains_a_backlog(mqtt_url, db_url):
+    skip_unless_v5(mqtt_url)
     settings = _settings(db_url, mqtt_url, "cli")
     assert settings.mqtt_shared_group is not None
     # The sessions of worker 0 and 1 exist (as after an earlier run), so the backlog published

@@ -36,7 +36,7 @@ from protocols.coap import CoapIngest
 from protocols.mqtt import MqttIngest, batch_topic, uplink_topic
 from protocols.uplink import DurableCallback, Frame
 from sql.migrate import migrate
-from tests.mqtt_helpers import publish_all, wait_count
+from tests.mqtt_helpers import broker_v5, publish_all, skip_unless_v5, wait_count
 from tests.servers import EXAMPLE_REGISTRY
 from tests.test_coap import NO_LIBCOAP, NOTLS, REGISTRY_PATH, client, request, rows, serving
 from tests.test_coap import T0 as COAP_T0
@@ -104,6 +104,7 @@ def _mqtt(url: str, sink: Any, client_id: str) -> MqttIngest:
         shared_group=None,
         topic_root=ROOT,
         session_expiry_s=120,
+        v5=broker_v5(url),
     ).start()
     assert client.connected.wait(10)
     return client
@@ -293,6 +294,7 @@ def _workers(db_url: str, mqtt_url: str, name: str) -> MqttWorkers:
 
 
 def test_two_workers_poison_does_not_strand_valid_messages(mqtt_url, db_url):
+    skip_unless_v5(mqtt_url)
     poison = _poison()
     valid = [_valid(i) for i in range(1, 41)]
     msgs = _interleaved(valid, [(t, p) for _, t, p in poison])
@@ -318,6 +320,7 @@ def test_two_workers_poison_does_not_strand_valid_messages(mqtt_url, db_url):
 
 
 def test_a_dead_worker_is_reported_and_restarted(mqtt_url, db_url):
+    skip_unless_v5(mqtt_url)
     workers = _workers(db_url, mqtt_url, "dead").start()
     try:
         assert workers.wait_all("connected", 30)

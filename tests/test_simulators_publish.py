@@ -20,6 +20,7 @@ from simulators.faults import Fault
 from simulators.fleet import simulate_fleet
 from simulators.publish import publish
 from simulators.traffic import Publish, TrafficParams, build_traffic, decode_publish
+from tests.mqtt_helpers import broker_v5
 
 START = datetime(2026, 3, 2, tzinfo=UTC)
 
@@ -27,8 +28,10 @@ START = datetime(2026, 3, 2, tzinfo=UTC)
 class Subscriber:
     """A plain paho client that records every (topic, payload) it receives under ``root``."""
 
-    def __init__(self, url: str, root: str, protocol: int = mqtt.MQTTv5) -> None:
+    def __init__(self, url: str, root: str, protocol: int | None = None) -> None:
         u = urlparse(url)
+        if protocol is None:  # v5 where the broker speaks it, else 3.1.1 (embedded amqtt)
+            protocol = mqtt.MQTTv5 if broker_v5(url) else mqtt.MQTTv311
         self.received: Counter[tuple[str, bytes]] = Counter()
         self.lock = threading.Lock()
         self.ready = threading.Event()
