@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import polars as pl
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -260,9 +261,14 @@ def _progress(console: Console) -> Progress:
 
 @contextlib.contextmanager
 def _quiet_prefect() -> Iterator[None]:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    """Prefect's own INFO lines would scroll the progress bars away; warnings still show."""
+    saved = os.environ.get("PREFECT_LOGGING_LEVEL")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    yield
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_LOGGING_LEVEL", None)
 
 
 def run_demo(
@@ -281,6 +287,10 @@ def run_demo(
     ``duration_s`` bounds the live phase: live traffic flows from the end of the history import
     until ``duration_s`` after the demo started (at least until the last day's traffic is sent).
     Ctrl-C ends the live phase early; the flows and the report still run on what arrived.
+
+    A failed analytics flow is never silent: ``summary["failed_flows"]`` lists one line per
+    failed flow (the CLI exits non-zero naming them) and the report shows them in a red banner,
+    since a missed fault may only mean the flow that should have found it did not run.
     """
     p = params or DemoParams()
     con = console or Console()
@@ -396,7 +406,7 @@ def _run(
                 loop.close()
         summary["ingest"] = pipeline.counters.snapshot()
     summary["interrupted"] = interrupted
-    _analyse(con, p, url, registry, fleet, start, end, report_dir, summary)
+    _analyse(con, settings, p, url, registry, fleet, start, end, report_dir, summary)
     summary["elapsed_s"] = round(time.monotonic() - t0, 1)
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(con, summary, report_dir)
@@ -493,8 +503,28 @@ def _drain(pipeline: Any, timeout_s: float) -> None:
 # --- analytics, report, summary -----------------------------------------------------------------
 
 
+def _flow_options(
+    name: str, p: DemoParams, bill_start: Any, bill_end: Any, report_dir: Path
+) -> dict[str, Any]:
+    """Per-flow options for the demo's compressed time (see ``DemoParams``)."""
+    kw: dict[str, Any] = {}
+    if name == "water_balance":
+        kw["overrides"] = {"period": "window"}
+    if name == "water_quality":
+        # The station streams once a second for a minute or two, not for days: the
+        # limits' minimum duration and the sampling assumptions scale down with it.
+        d = p.wq_limit_min_duration_s
+        kw["overrides"] = {"wq": {"limit_min_duration": d, "limit_quiet_time": d,
+                                  "sample_period": 1, "max_gap": 30}}  # fmt: skip
+    if name == "billing_export":
+        kw.update(period_start=bill_start, period_end=bill_end,
+                  export_dir=str(report_dir.resolve()))  # fmt: skip
+    return kw
+
+
 def _analyse(
     con: Console,
+    settings: Settings,
     p: DemoParams,
     url: str,
     registry: Registry,
@@ -504,35 +534,39 @@ def _analyse(
     report_dir: Path,
     summary: dict[str, Any],
 ) -> None:
-    from flows.runner import flow_names, run_flow
+    from aquameter.prefect_api import PrefectApiError, prefect_api
+    from flows.runner import FlowFailed, flow_names, run_flow
 
     until = datetime.now(UTC) + timedelta(minutes=1)
     bill_start = (start + timedelta(days=1)).date()
     bill_end = (end - timedelta(days=1)).date()
     results: dict[str, Any] = {}
-    with _progress(con) as bar:
-        names = flow_names()
-        task = bar.add_task("analytics flows (Prefect)", total=len(names))
+    failures: list[str] = []
+    names = flow_names()
+    try:
+        # One Prefect API for all flows, started here and stopped after the last one.
+        with prefect_api(settings), _progress(con) as bar:
+            task = bar.add_task("analytics flows (Prefect)", total=len(names))
+            for name in names:
+                bar.update(task, description=f"flow {name}")
+                try:
+                    results[name] = run_flow(name, start, until, url, full=True,
+                                             **_flow_options(name, p, bill_start, bill_end,
+                                                             report_dir))  # fmt: skip
+                except FlowFailed as exc:  # reported loudly; the other flows still run
+                    log.debug("flow %s failed", name, exc_info=exc.error)
+                    failures.append(exc.line)
+                    results[name] = {"status": "FAILED", "error": exc.line}
+                    con.print(f"[bold red]{escape(exc.line)}[/]", soft_wrap=True)
+                bar.advance(task)
+    except PrefectApiError as exc:  # no flow could run at all
         for name in names:
-            bar.update(task, description=f"flow {name}")
-            kw: dict[str, Any] = {}
-            if name == "water_balance":
-                kw["overrides"] = {"period": "window"}
-            if name == "water_quality":
-                # The station streams once a second for a minute or two, not for days: the
-                # limits' minimum duration and the sampling assumptions scale down with it.
-                d = p.wq_limit_min_duration_s
-                kw["overrides"] = {"wq": {"limit_min_duration": d, "limit_quiet_time": d,
-                                          "sample_period": 1, "max_gap": 30}}  # fmt: skip
-            if name == "billing_export":
-                kw.update(period_start=bill_start, period_end=bill_end,
-                          export_dir=str(report_dir.resolve()))  # fmt: skip
-            try:
-                results[name] = run_flow(name, start, until, url, full=True, **kw)
-            except Exception as exc:  # a failed flow is reported, the demo goes on
-                log.exception("flow %s failed", name)
-                results[name] = {"error": repr(exc)}
-            bar.advance(task)
+            if name not in results:
+                line = FlowFailed(name, exc).line
+                failures.append(line)
+                results[name] = {"status": "FAILED", "error": line}
+        con.print(f"[bold red]analytics flows not run: {escape(str(exc))}[/]", soft_wrap=True)
+    summary["failed_flows"] = failures
     summary["flows"] = {k: _jsonable(v) for k, v in results.items()}
     summary["billing_export"] = results.get("billing_export", {}).get("export_path")
 
@@ -549,7 +583,9 @@ def _analyse(
     )
     with con.status("building the report"):
         summary["report"] = str(
-            build_report(frames, fleet.dma_flow, fleet.manifest, table, report_dir)
+            build_report(
+                frames, fleet.dma_flow, fleet.manifest, table, report_dir, failures=failures
+            )
         )
 
 
@@ -582,3 +618,10 @@ def _print_summary(con: Console, s: dict[str, Any], report_dir: Path) -> None:
         f"report: {report_dir / 'index.html'}  billing export: {s.get('billing_export')}  "
         f"({s.get('elapsed_s')} s)"
     )
+    for line in s.get("failed_flows") or []:
+        con.print(f"[bold red]{escape(line)}[/]", soft_wrap=True)
+    if s.get("failed_flows"):
+        con.print(
+            f"[bold red]demo FAILED: {len(s['failed_flows'])} analytics flow(s) failed; "
+            "alerts they should have raised are missing from the table above[/]"
+        )
