@@ -89,6 +89,9 @@ class MetricSources:
     adapters: dict[str, Any] = field(default_factory=dict)
     database_url: str | None = None
     flows_database_url: str | None = None
+    # True when this process is to consume MQTT: until ``mqtt`` or ``workers`` is set, it is
+    # not ready (it would otherwise look ready during the broker connect of its start-up).
+    broker_expected: bool = False
     db_check_every_s: float = 5.0
     db_timeout_s: float = 2.0
     flows_every_s: float = 30.0
@@ -199,8 +202,12 @@ class _Probes:
             if down:
                 return f"MQTT workers not connected to the broker: {', '.join(down)}"
             return None
-        if s.mqtt is not None and not (s.mqtt.alive() and s.mqtt.connected.is_set()):
-            return f"MQTT not connected/subscribed to {s.mqtt.endpoint}"
+        if s.mqtt is not None:
+            if not (s.mqtt.alive() and s.mqtt.connected.is_set()):
+                return f"MQTT not connected/subscribed to {s.mqtt.endpoint}"
+            return None
+        if s.broker_expected:
+            return "MQTT not started yet"
         return None
 
     def ready_problems(self) -> list[str]:

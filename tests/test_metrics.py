@@ -229,6 +229,10 @@ def test_two_exporters_in_one_process_do_not_share_state(db_url):
             a.counters.add(frames=3)
             assert value(scrape(sa), "aquameter_frames_total") == 3
             assert value(scrape(sb), "aquameter_frames_total") == 0
+            # A process that is to consume MQTT is not ready before its client exists.
+            sb.sources.broker_expected = True
+            assert get(f"{sb.url}/readyz") == (503, "MQTT not started yet\n")
+            assert get(f"{sa.url}/readyz") == (200, "ok\n")
 
 
 def _free_port() -> int:
