@@ -326,9 +326,9 @@ def check_registry_text(path: Path, text: str) -> tuple[list[Problem], Summary |
     good = c.entries(data)
     dmas: list[Dma] = good.get("dma", [])
     vendors: list[Vendor] = good.get("vendor", [])
-    c.dmas(dmas)
     if c.problems:  # the cross-references need every entry
         return c.problems, None
+    c.dmas(dmas)
     try:
         registry = Registry.model_validate(data)
     except ValidationError as exc:
@@ -347,7 +347,12 @@ def check_registry_text(path: Path, text: str) -> tuple[list[Problem], Summary |
     for vi, vendor in enumerate(vendors):
         for ch in vendor.channels:
             line = c.loc.line("vendor", vi, (), ch.name)
-            c.channel(ch, protocols_of.get(vendor.id, set()), line, f"vendor {vendor.id}")
+            c.channel(
+                ch,
+                protocols_of.get(vendor.id, set()),
+                line,
+                f"vendor {vendor.id} channel {ch.name}",
+            )
     for di, dev in enumerate(registry.devices):
         c.device(dev, di, registry)
     channels = sum(len(registry.channels_of(d)) for d in devices)
