@@ -1,4 +1,4 @@
-"""Canonical units per quantity and the conversions vendors need (see shared domain reference).
+"""Canonical units per quantity and the conversions vendors need (see docs/domain.md).
 
 Stored values are always canonical: m³ for volumes, m³/h for flow, metres of head for pressure,
 so analytics never guess a unit. An unknown unit for a quantity is a quarantine reason, not a guess.

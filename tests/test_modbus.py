@@ -3,7 +3,7 @@ through the real ingest pipeline into PostgreSQL.
 
 Peers: our pump-station simulator (pymodbus server), Debian ``mbpoll`` reading the simulator, and
 PyPI ``pyModbusTCP``'s server read by our poller, so neither side is only checked against itself.
-Expected canonical values use the conversion factors of shared/domain.md written out here, not
+Expected canonical values use the conversion factors of docs/domain.md written out here, not
 ingest's own table.
 """
 
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "protocols" / "modbus.sample.toml"
 CASES = Path(__file__).resolve().parent / "cases" / "modbus"
 
-# Device unit -> canonical factor (shared/domain.md: 1 bar = 10.197 m, 1 L/s = 3.6 m3/h).
+# Device unit -> canonical factor (docs/domain.md: 1 bar = 10.197 m, 1 L/s = 3.6 m3/h).
 FACTORS = {"bar": 10.197, "L/s": 3.6, "L": 1e-3, "s": 1 / 3600}
 MORNING = 1_768_462_200.0  # 2026-01-15 07:30 UTC: morning peak, several pumps run
 UNCERTAIN = int(Quality.UNCERTAIN)
