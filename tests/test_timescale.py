@@ -110,6 +110,7 @@ def test_migrate_creates_timescale_backend(conn, migrated):
         "0005_registry_version.sql",
         "0006_roles.timescale.sql",
         "0007_no_plaintext_secrets.sql",
+        "0008_quarantine_import_key.sql",
     ]
     assert timescale_loaded(conn)
     assert choose_backend(conn, "auto") == "timescale"
@@ -174,7 +175,7 @@ def test_migrate_twice_changes_nothing(tsdb, migrated):
         before = (conn.execute("SELECT * FROM schema_migrations ORDER BY 1").fetchall(), jobs(conn))
         again = migrate(conn)
         after = (conn.execute("SELECT * FROM schema_migrations ORDER BY 1").fetchall(), jobs(conn))
-        assert again.applied == [] and again.already == 7 and again.backend == "timescale"
+        assert again.applied == [] and again.already == 8 and again.backend == "timescale"
         assert after == before
 
         # A changed setting replaces that policy only; back to the default restores it.
