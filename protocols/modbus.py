@@ -58,6 +58,7 @@ from protocols.modbus_decode import (
     parse_point,
     plan_blocks,
 )
+from protocols.params import ModbusDeviceParams, ParamsError, validate_params
 from protocols.uplink import Frame, FrameOutcome, FrameSink, Quality, Uplink, submit_and_wait
 
 log = logging.getLogger("aquameter.modbus")
@@ -166,6 +167,10 @@ def plan_device(
     opts = options or ModbusOptions()
     where = f"device {device.id}"
     p = device.params
+    try:  # a misspelt key is an error, not a silent default
+        validate_params(ModbusDeviceParams, p, where)
+    except ParamsError as err:
+        raise ModbusConfigError(str(err)) from None
     host = p.get("host")
     if not host:
         raise ModbusConfigError(f"{where}: params.host is required")
