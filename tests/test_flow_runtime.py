@@ -1,0 +1,131 @@
+"""The Prefect runtime of the flows (``aquameter.prefect_api``): one local API started once and
+reused, nothing left listening afterwards, a failed flow is a non-zero exit with one line, and a
+busy machine (two CPU hogs on two cores) still gets its flow run.
+
+Prefect itself is under test here, so these run real flows against a real local server (one
+data dir for the module: the first start pays Prefect's SQLite migrations once).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from aquameter.prefect_api import PrefectApi, _pid_alive, port_open, prefect_api
+from aquameter.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("aq-prefect")
+
+
+@pytest.fixture(autouse=True)
+def _no_external_api(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("AQUAMETER_DATA_DIR", str(data_dir))
+
+
+def _port(api: PrefectApi) -> int:
+    return int(api.url.rsplit(":", 1)[1].split("/")[0])
+
+
+def _probe_flow() -> Any:
+    from prefect import flow
+    from prefect.context import get_run_context
+    from prefect.settings import PREFECT_API_URL
+
+    @flow(name="aquameter-runtime-probe")
+    def probe() -> tuple[str, str]:
+        ctx = get_run_context()
+        return str(PREFECT_API_URL.value()), str(ctx.flow_run.id)  # type: ignore[union-attr]
+
+    return probe
+
+
+def _flow_runs(name: str) -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
+    return len(runs)
+
+
+def _assert_stopped(api: PrefectApi, data_dir: Path) -> None:
+    assert not port_open(_port(api)), f"something still listens on {api.url}"
+    assert api.pid is not None and not _pid_alive(api.pid)
+    assert not (data_dir / "prefect" / "api.json").exists()
+
+
+def test_api_started_once_reused_by_two_flow_runs_then_closed(data_dir: Path) -> None:
+    settings = Settings(data_dir=data_dir)
+    probe = _probe_flow()
+    with prefect_api(settings) as api:
+        assert api.started and api.pid is not None
+        assert api.home == data_dir / "prefect"
+        first_url, first_run = probe()
+        with prefect_api(settings) as inner:  # nested use shares the same server
+            assert inner is api
+            second_url, second_run = probe()
+        assert first_url == second_url == api.url
+        assert first_run != second_run
+        assert _flow_runs("aquameter-runtime-probe") >= 2  # both recorded in this API
+        assert port_open(_port(api))
+    _assert_stopped(api, data_dir)
+    assert (data_dir / "prefect" / "prefect.db").exists()  # Prefect's state is in our data dir
+
+
+def test_failed_flow_exits_non_zero_with_one_line(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect import flow
+
+    import flows.runner
+    from aquameter.cli import app
+
+    @flow(name="ingest_health", validate_parameters=False)
+    def broken(
+        database_url: str | None = None,
+        since: Any = None,
+        until: Any = None,
+        overrides: Any = None,
+        full: bool = False,
+    ) -> dict[str, Any]:
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setitem(flows.runner.FLOWS, "ingest_health", broken)
+    monkeypatch.setenv("AQUAMETER_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    result = CliRunner().invoke(app, ["flow", "run", "ingest_health"])
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.splitlines() if "FAILED:" in ln]
+    assert lines == ["flow ingest_health FAILED: RuntimeError: injected failure"], result.output
+    assert "FAILED" in result.output.split("flow ingest_health FAILED")[0]  # summary status
+    assert not (data_dir / "prefect" / "api.json").exists()  # server stopped after the failure
+
+
+@pytest.fixture
+def cpu_hogs() -> Iterator[None]:
+    """Two processes burning a core each for the duration of the test."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def test_flow_run_succeeds_beside_cpu_hogs(data_dir: Path, cpu_hogs: None) -> None:
+    settings = Settings(data_dir=data_dir)
+    probe = _probe_flow()
+    with prefect_api(settings) as api:
+        url, _ = probe()
+        assert url == api.url
+    _assert_stopped(api, data_dir)
