@@ -69,6 +69,7 @@ VENDOR = "soakjson"
 PROBE_VENDOR = "soakprobe"
 STEP_S = 60
 SAMPLE_S = 0.5
+STABLE_S = 5.0  # a fault counts as recovered once the lag stayed down this long
 # Lines of deploy/mosquitto.conf the soak replaces with its private ones.
 REPLACED = {
     "listener",
@@ -577,6 +578,7 @@ class Result:
     outage_s: float
     broker_kill: str
     broker_config: str
+    broker_in_outage: bool = False
     published: int = 0
     unconfirmed_msgs: int = 0
     stored_rows: int = 0
@@ -600,6 +602,7 @@ class Result:
     ingest_exit: int | None = None
     loadavg: str = ""
     count_ms_median: float = 0.0
+    samples: list[tuple[float, int, int | None, float]] = field(default_factory=list)
 
 
 def git_state(code: Path) -> tuple[str, list[str]]:
@@ -638,6 +641,12 @@ def main() -> int:
     )
     ap.add_argument(
         "--quick", action="store_true", help="20,000 readings at 200 msg/s, 1 per message, 5 s"
+    )
+    ap.add_argument(
+        "--broker-in-outage",
+        action="store_true",
+        help="also restart the broker (--broker-kill) halfway through the database outage, "
+        "while it holds the backlog: what its persistence settings are for",
     )
     ap.add_argument("--settle-timeout-s", type=float, default=180.0)
     ap.add_argument("--json", type=Path, help="also write the result as JSON here")
@@ -749,11 +758,16 @@ def main() -> int:
             f"{args.rate:,.0f} msg/s: {duration:,.0f} s of publishing; recovered = lag <= "
             f"{threshold:,} readings (1 s of traffic)"
         )
+        kill_signal = signal.SIGTERM if args.broker_kill == "term" else signal.SIGKILL
         faults = [
             Fault("worker-kill", t_start + 0.10 * duration),
             Fault("pg-restart", t_start + 0.28 * duration),
             Fault(f"broker-restart ({args.broker_kill})", t_start + 0.46 * duration),
-            Fault(f"db-outage {args.outage_s:g}s", t_start + 0.62 * duration),
+            Fault(
+                f"db-outage {args.outage_s:g}s"
+                + (f" + broker {args.broker_kill}" if args.broker_in_outage else ""),
+                t_start + 0.62 * duration,
+            ),
         ]
         progress = Progress(sampler, pub, plan, t_start)
         restarts = 0
@@ -785,14 +799,20 @@ def main() -> int:
                 pg.start()
                 f.ended = time.monotonic()
             elif f.name.startswith("broker-restart"):
-                broker.kill(signal.SIGTERM if args.broker_kill == "term" else signal.SIGKILL)
+                broker.kill(kill_signal)
                 broker.start()
                 f.ended = time.monotonic()
             else:
                 pg.stop("fast")
                 down_until = time.monotonic() + args.outage_s
+                broker_at = time.monotonic() + args.outage_s / 2 if args.broker_in_outage else None
                 while time.monotonic() < down_until:
                     progress.maybe()
+                    if broker_at is not None and time.monotonic() >= broker_at:
+                        say(f"broker {args.broker_kill} while the database is down")
+                        broker.kill(kill_signal)
+                        broker.start()
+                        broker_at = None
                     time.sleep(0.2)
                 pg.start()
                 f.ended = time.monotonic()
@@ -844,6 +864,7 @@ def main() -> int:
             outage_s=args.outage_s,
             broker_kill=args.broker_kill,
             broker_config=args.broker_config,
+            broker_in_outage=args.broker_in_outage,
             worker_restarts_seen=restarts,
         )
         res.publish_seconds = round((pub.finished_at or time.monotonic()) - t_start, 1)
@@ -861,6 +882,10 @@ def main() -> int:
         res.steady_lag = int(np.median(before)) if before else 0
         res.lag_threshold = threshold
         res.count_ms_median = round(float(np.median(sampler.count_ms)), 1)
+        res.samples = [
+            (round(x.t - t_start, 2), x.published, x.stored, round(x.rss / 1e6, 1))
+            for x in sampler.samples
+        ]
         res.loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
         ingest.send_signal(signal.SIGTERM)
@@ -1019,12 +1044,17 @@ def account(
     missing per message."""
     acked = np.array([info is not None and info._published for info in pub.infos])
     res.unconfirmed_msgs = int((~acked).sum())
-    sizes = np.array(
-        [min(plan.per_msg, plan.readings - i * plan.per_msg) for i in range(plan.messages)]
+    sizes = np.minimum(
+        plan.per_msg, plan.readings - np.arange(plan.messages, dtype=np.int64) * plan.per_msg
     )
     res.published = int(sizes[acked].sum())
     ids = sorted(meter_of)
     stored_per_msg = np.zeros(plan.messages, dtype=np.int64)
+    lut = np.full(max(ids) + 1, -(10**9), dtype=np.int64)
+    lut[np.array(ids)] = [meter_of[c] for c in ids]
+    idx = np.arange(plan.messages, dtype=np.int64)
+    first = (idx // plan.meters) * plan.per_msg
+    milli = sizes * (idx % plan.meters) * 10_000 + sizes * first + sizes * (sizes - 1) // 2
     with psycopg.connect(db_url) as conn:
         row = conn.execute(
             "SELECT count(*), count(DISTINCT (channel_id, ts)), "
@@ -1042,7 +1072,7 @@ def account(
         )
         while batch := cur.fetchmany(100_000):
             arr = np.array(batch, dtype=np.int64)
-            meters = np.array([meter_of[c] for c in arr[:, 0]], dtype=np.int64)
+            meters = lut[arr[:, 0]]
             slots = (arr[:, 1] - plan.t0) // STEP_S
             msgs = (slots // plan.per_msg) * plan.meters + meters
             np.add.at(stored_per_msg, msgs[(msgs >= 0) & (msgs < plan.messages)], 1)
@@ -1059,7 +1089,7 @@ def account(
     # (all published messages when nothing was lost). A reading stored twice or with a wrong
     # value shows as a difference; a message stored in part is counted as a difference too.
     complete = stored_per_msg == sizes
-    expected = sum(plan.milli_sum(int(i)) for i in np.flatnonzero(complete))
+    expected = int(milli[complete].sum())
     partial = int(((stored_per_msg > 0) & ~complete).sum())
     res.value_sum_diff = stored_sum - expected
     res.value_sum_ok = res.value_sum_diff == 0 and partial == 0
@@ -1109,8 +1139,15 @@ def recoveries(
             "note": f.note,
         }
         for key, series in (("recovery_s", lag), ("recovery_net_s", net)):
-            hit = np.flatnonzero(after & (series <= limit))
-            row[key] = round(float(ts[hit[0]] - f.ended), 1) if len(hit) else None
+            row[key] = None
+            ok = after & (series <= limit)  # NaN (database down) is not ok
+            for i in np.flatnonzero(ok):
+                # recovered: the lag stays down for STABLE_S (or until the next fault / the end),
+                # so a lull right after the fault (no PUBACKs yet) does not count
+                hold = (ts >= ts[i]) & (ts < min(ts[i] + STABLE_S, end))
+                if ok[hold].all():
+                    row[key] = round(float(ts[i] - f.ended), 1)
+                    break
         out.append(row)
     return out
 
@@ -1143,7 +1180,8 @@ def report(res: Result) -> None:
             f"{f['peak_lag']:>10,}  {f['note']}\n"
         )
     w(
-        f"(recovered = lag <= {res.lag_threshold:,} readings; steady lag before the first fault "
+        f"(recovered = lag <= {res.lag_threshold:,} readings for {STABLE_S:g} s; steady lag "
+        f"before the first fault "
         f"{res.steady_lag:,}; count(*) took {res.count_ms_median} ms median)\n"
     )
     w(f"published readings (PUBACK received) {res.published:,}")
