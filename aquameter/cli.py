@@ -15,18 +15,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
 from aquameter.mqtt_acl import mqtt_app
 from aquameter.registry import load_registry
+from aquameter.report_cli import db_serve_cmd, report_cmd
 from aquameter.runtime import broker, database_url
 from aquameter.settings import Settings
 
@@ -44,6 +37,8 @@ app.add_typer(simulate_app, name="simulate")
 app.add_typer(flow_app, name="flow")
 app.add_typer(export_app, name="export")
 app.add_typer(mqtt_app, name="mqtt")
+app.command("report")(report_cmd)
+db_app.command("serve")(db_serve_cmd)
 
 console = Console()
 
@@ -52,12 +47,45 @@ def _settings() -> Settings:
     return Settings()
 
 
+def _print_version(value: bool) -> None:
+    """``--version``: the installed package's version (what pip installed, not a constant
+    that could drift from pyproject.toml)."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        typer.echo(f"aquameter {version('aquameter')}")
+    except PackageNotFoundError:
+        typer.echo("aquameter (not installed: version unknown)")
+    raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Logging as text, or JSON lines with AQUAMETER_LOG_FORMAT=json (aquameter.logs). With -v
+    a failure shows its full traceback (aquameter.errors.main), else one line and the fix."""
+    from aquameter.errors import set_verbose
+    from aquameter.logs import resolve_format, setup_logging
+
+    set_verbose(verbose)
+
+    try:
+        fmt = resolve_format()
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    setup_logging(verbose, fmt)
     # pymodbus logs every timeout as an ERROR with a frame dump; the poller's own counted
     # warnings say the same more plainly.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
@@ -148,12 +176,24 @@ def db_roles(
 def devices_sync(
     registry: Annotated[Path | None, typer.Option(help="Registry TOML file.")] = None,
 ) -> None:
-    """Load the declarative device registry into the database."""
+    """Load the declarative device registry into the database (after `aquameter check`'s
+    validation: a registry with any problem writes nothing)."""
+    import sys
+
+    from aquameter.check import check_registry
     from ingest.registry_sync import sync_registry
     from sql.connect import connect
 
     s = _settings()
-    reg = load_registry(registry or s.registry)
+    path = registry or s.registry
+    problems = check_registry(path)
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        n = len(problems)
+        console.print(f"[red]devices sync: {n} problem(s) in {path}; nothing written[/]")
+        raise typer.Exit(1)
+    reg = load_registry(path)
     with connect(database_url(s)) as conn:
         r = sync_registry(conn, reg)
     console.print(
@@ -234,6 +274,7 @@ def ingest_cmd(
     pipeline reported ``failure``, or an async adapter's task ended with an exception. A process
     that reads nothing must not look alive; the service manager restarts it and the broker
     redelivers what was not acknowledged. (Worker processes watch themselves: ingest.workers.)"""
+    from ingest.metrics import MetricSources, MetricsServer, start_metrics
     from ingest.service import (
         adapter_options,
         build_async_adapters,
@@ -250,6 +291,15 @@ def ingest_cmd(
     reg = load_registry(registry or s.registry)
     db = database_url(s, "ingest")
     pipeline = make_pipeline(s, db)
+    # The exporter reads these at scrape time; MQTT and the adapters are filled in below, once
+    # they exist, so /healthz answers while the broker connection is still being made.
+    sources = MetricSources(
+        pipeline=pipeline,
+        database_url=db,
+        flows_database_url=database_url(s, "analytics"),
+        broker_expected=mqtt,
+    )
+    metrics: MetricsServer | None = None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     workers: MqttWorkers | None = None
@@ -267,6 +317,9 @@ def ingest_cmd(
         console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {line}")
 
     try:
+        if s.metrics_port is not None:  # in the try: a port in use still closes the pipeline
+            metrics = start_metrics(s.metrics_host, s.metrics_port, sources)
+            console.print(f"metrics: {metrics.url}/metrics (probes: /healthz, /readyz)")
         with broker(s) as (url, v5):
             n = mqtt_workers or s.mqtt_workers
             n = effective_workers(n, v5=v5, shared_group=s.mqtt_shared_group) if mqtt else 1
@@ -276,12 +329,14 @@ def ingest_cmd(
                 workers = MqttWorkers(s, db, url, vendor_formats(reg), n).start()
             elif mqtt:
                 client = start_mqtt(s, reg, pipeline, url, v5)
+            sources.mqtt, sources.workers = client, workers
             console.print(
                 f"ingest: broker {safe_url(url)} (MQTT {'v5' if v5 else '3.1.1'}), "
                 f"{len(pipeline.index()):,} channels"
                 + (f", {n} MQTT worker processes" if workers is not None else "")
             )
             adapters = build_async_adapters(reg, pipeline, options=adapter_options(s))
+            sources.adapters = adapters
 
             def check() -> str | None:
                 return ingest_problem(pipeline, client)
@@ -313,6 +368,8 @@ def ingest_cmd(
         else:
             console.print(_counters_table(workers.counters(plus=pipeline.counters)))
             console.print(_workers_table(workers))
+        if metrics is not None:
+            metrics.stop()
     if problem is not None:
         raise typer.Exit(code=1)
 
@@ -349,47 +406,80 @@ async def _until(
 def import_cmd(
     files: Annotated[list[Path], typer.Argument(help="CSV or Parquet files of readings.")],
 ) -> None:
-    """Load historical readings through validation, de-duplication and the quarantine."""
-    import polars as pl
+    """Load historical readings through validation, de-duplication and the quarantine.
 
-    from ingest.importer import import_file
+    Every file's columns are checked before anything is written; a bad row is quarantined,
+    never the end of the file; progress goes to stderr (also without a terminal)."""
+    from aquameter.errors import preflight_database
+    from ingest.importer import check_columns, count_rows, import_file
     from ingest.service import make_pipeline
 
+    for path in files:  # all of them, before the database is touched
+        check_columns(path)
     s = _settings()
+    preflight_database(database_url(s, "ingest"), ("channels", "readings", "quarantine"))
     pipeline = make_pipeline(s, database_url(s, "ingest"))
     try:
         for path in files:
-            rows = (
-                (
-                    pl.scan_parquet(path)
-                    if path.suffix.lower() in (".parquet", ".pq")
-                    else pl.scan_csv(path)
-                )
-                .select(pl.len())
-                .collect()
-                .item()
-            )
-            with Progress(
-                TextColumn(f"{path.name}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-            ) as progress:
-                task = progress.add_task("import", total=rows)
+            rows = count_rows(path)
+            step = max(1, min(200_000, rows // 10))
+            seen = [0, 0]  # rows done, rows at the last progress line
 
-                def advance(n: int, t: TaskID = task, p: Progress = progress) -> None:
-                    p.advance(t, n)
+            def advance(
+                n: int,
+                path: Path = path,
+                rows: int = rows,
+                step: int = step,
+                seen: list[int] = seen,
+            ) -> None:
+                seen[0] += n
+                if seen[0] - seen[1] >= step or seen[0] >= rows:
+                    seen[1] = seen[0]
+                    typer.echo(f"import {path}: {seen[0]:,}/{rows:,} rows", err=True)
 
-                r = import_file(path, pipeline, progress=advance)
+            r = import_file(path, pipeline, progress=advance)
             console.print(
                 f"{path}: rows={r.rows:,} accepted={r.accepted:,} stored={r.stored:,} "
                 f"duplicates={r.duplicates:,} quarantined={r.quarantined:,}"
-                + "".join(f" {k}={v:,}" for k, v in sorted(r.reasons.items()))
+                + (
+                    f" already_quarantined={r.already_quarantined:,}"
+                    if r.already_quarantined
+                    else ""
+                )
+                + "".join(f" {k}={v:,}" for k, v in sorted(r.reasons.items())),
+                soft_wrap=True,
             )
     finally:
         pipeline.close()
         console.print(_counters_table(pipeline.counters))
+
+
+@app.command("check")
+def check_cmd(
+    registry: Annotated[Path | None, typer.Option(help="Registry TOML file.")] = None,
+) -> None:
+    """Validate the registry as `devices sync` would load it; each problem as FILE:LINE."""
+    from aquameter.check import check_registry_text, check_url
+
+    s = _settings()
+    path = Path(registry or s.registry)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        typer.echo(f"{path}: cannot read the registry: {err.strerror or err}", err=True)
+        raise typer.Exit(1) from None
+    problems, summary = check_registry_text(path, text)
+    lines = [str(p) for p in problems]
+    if s.mqtt_url:
+        bad = check_url(s.mqtt_url, ("mqtt", "mqtts", "ws", "wss"), "AQUAMETER_MQTT_URL")
+        if bad:
+            lines.append(f"environment: {bad}")
+    for line in lines:
+        typer.echo(line, err=True)
+    if lines:
+        typer.echo(f"{len(lines)} problem(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(str(summary))
 
 
 def _when(value: str | None) -> datetime | None:
@@ -571,30 +661,59 @@ def flow_run(
     ] = None,
     full: Annotated[bool, typer.Option(help="Recompute every unit, not only stale ones.")] = False,
 ) -> None:
-    """Run one flow once under Prefect and print its summary."""
-    from flows.overrides import parse_assignments
-    from flows.runner import run_flow
+    """Run one flow once under Prefect and print its summary.
 
+    Prefect's API is PREFECT_API_URL, else a local server started for this command (or the one
+    a running `flow serve` keeps) and stopped after it. A failed flow prints one red line (the
+    flow, the error, the fix when known), a summary saying FAILED, and exits 1."""
+    import importlib
+    import time as _time
+
+    from rich.markup import escape
+
+    from aquameter.prefect_api import prefect_api
+
+    t0 = _time.monotonic()
     s = _settings()
-    result = run_flow(
-        name,
-        _when(since),
-        _when(until),
-        database_url(s, "analytics"),
-        overrides=parse_assignments(set_ or []),
-        full=full,
-    )
+    error: str | None = None
+    result: dict[str, object] = {}
+    try:
+        # The flows import (Prefect, polars) while the server starts: both take seconds.
+        with prefect_api(s, warmup=lambda: importlib.import_module("flows.runner")):
+            from flows.overrides import parse_assignments
+            from flows.runner import run_flow
+
+            result = run_flow(
+                name,
+                _when(since),
+                _when(until),
+                database_url(s, "analytics"),
+                overrides=parse_assignments(set_ or []),
+                full=full,
+            )
+    except Exception as exc:
+        from flows.runner import FlowFailed
+
+        error = exc.line if isinstance(exc, FlowFailed) else FlowFailed(name, exc).line
     table = Table("key", "value", title=f"flow {name}")
+    table.add_row("status", "[bold red]FAILED[/]" if error else "[green]COMPLETED[/]")
     for key, value in result.items():
         table.add_row(str(key), f"{value:,}" if isinstance(value, int) else str(value))
+    table.add_row("seconds", f"{_time.monotonic() - t0:.1f}")
     console.print(table)
+    if error:
+        console.print(f"[bold red]{escape(error)}[/]", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @flow_app.command("serve")
 def flow_serve(
     only: Annotated[list[str] | None, typer.Option(help="Serve only these flows.")] = None,
 ) -> None:
-    """Serve every flow on its schedule (Prefect) until Ctrl-C."""
+    """Serve every flow on its schedule (Prefect) until Ctrl-C.
+
+    Without PREFECT_API_URL a local Prefect server (with its scheduler) runs for as long as
+    this command does; `aquameter flow run` in another shell reuses it."""
     from flows.runner import serve_all
 
     serve_all(database_url(_settings(), "analytics"), names=only)
@@ -611,7 +730,13 @@ def export_billing_cmd(
 
     if format_ not in ("csv", "parquet"):
         raise typer.BadParameter("--format must be csv or parquet")
-    r = export_billing(database_url(_settings(), "billing"), period, format_, output)  # type: ignore[arg-type]
+    from flows.export import PeriodNotComputedError
+
+    try:
+        r = export_billing(database_url(_settings(), "billing"), period, format_, output)  # type: ignore[arg-type]
+    except PeriodNotComputedError as err:
+        console.print(f"[red]billing export: {err}[/]")
+        raise typer.Exit(1) from None
     console.print(f"billing export {r.path}: rows={r.rows:,} replacements={r.replacements:,}")
 
 
@@ -625,10 +750,13 @@ def demo_cmd(
     report_dir: Annotated[Path, typer.Option()] = Path("demo-report"),
     seed: Annotated[int, typer.Option()] = 7,
 ) -> None:
-    """A living utility on embedded defaults: simulate, ingest, analyse, report."""
+    """A living utility on embedded defaults: simulate, ingest, analyse, report.
+
+    Exits 1 when any analytics flow failed, after one red line per failed flow (the report
+    shows them in a red banner)."""
     from aquameter.demo import run_demo
 
-    run_demo(
+    summary = run_demo(
         _settings(),
         duration_s=duration,
         days=days,
@@ -636,6 +764,8 @@ def demo_cmd(
         report_dir=report_dir,
         seed=seed,
     )
+    if summary.get("failed_flows"):  # run_demo printed one red line per failed flow
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     # for a device's wild clock. History older than that comes in through `aquameter import`.
     live_window_days: float = Field(default=400.0, gt=0)
 
+    # --- flows ------------------------------------------------------------------------------
+    # How long a command waits for the local Prefect API it starts (a loaded machine is slow).
+    prefect_api_start_timeout_s: float = Field(default=120.0, gt=0)
+
     # --- registry ---------------------------------------------------------------------------
     # How often running ingest checks the registry version (besides LISTEN/NOTIFY); 0 = never.
     registry_poll_s: float = Field(default=2.0, ge=0)
