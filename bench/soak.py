@@ -648,6 +648,12 @@ def main() -> int:
         help="also restart the broker (--broker-kill) halfway through the database outage, "
         "while it holds the backlog: what its persistence settings are for",
     )
+    ap.add_argument(
+        "--no-broker-restart",
+        action="store_true",
+        help="leave out the broker restart: mosquitto 2.0.11 drops what arrives for shared "
+        "subscriptions restored from its database before ingest re-subscribes (~1 s)",
+    )
     ap.add_argument("--settle-timeout-s", type=float, default=180.0)
     ap.add_argument("--json", type=Path, help="also write the result as JSON here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
@@ -762,7 +768,11 @@ def main() -> int:
         faults = [
             Fault("worker-kill", t_start + 0.10 * duration),
             Fault("pg-restart", t_start + 0.28 * duration),
-            Fault(f"broker-restart ({args.broker_kill})", t_start + 0.46 * duration),
+            *(
+                []
+                if args.no_broker_restart
+                else [Fault(f"broker-restart ({args.broker_kill})", t_start + 0.46 * duration)]
+            ),
             Fault(
                 f"db-outage {args.outage_s:g}s"
                 + (f" + broker {args.broker_kill}" if args.broker_in_outage else ""),
