@@ -1135,7 +1135,8 @@ def recoveries(
     ts = np.array([x.t for x in samples])
     lag = np.array([np.nan if x.stored is None else x.published - x.stored for x in samples])
     k = np.searchsorted(lost_t, ts, side="right")
-    net = lag - np.where(k > 0, lost_cum[np.maximum(k - 1, 0)], 0)
+    lost_before = np.concatenate(([0], lost_cum))[k]  # nothing lost: all zeros
+    net = lag - lost_before
     out = []
     for n, f in enumerate(faults):
         end = faults[n + 1].started if n + 1 < len(faults) else np.inf
