@@ -45,7 +45,7 @@ def test_every_mistake_has_its_line(tmp_path: Path) -> None:
     text = "\n".join(str(p) for p in problems)
     assert f"{reg}:3: dma D1: unknown time zone 'Europe/Lodnon'" in text
     assert "did you mean 'type'?" in text and f"{reg}:8:" in text
-    assert f"{reg}:9: vendor plc: 'psig' is not a unit of pressure" in text
+    assert f"{reg}:9: vendor plc channel press: 'psig' is not a unit of pressure" in text
     assert "host is a host name or address, not a URL" in text
     assert "keys/none.psk does not exist" in text
     assert "endpoint must be an opc.tcp://host:port URL" in text
