@@ -100,7 +100,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 def _reading_raw(device: str, channel: str, t: float, v: float, unit: str | None) -> bytes:
-    return _encode({"dev": device, "ch": channel, "ts": t, "v": v, "unit": unit})
+    return _encode({"dev": device, "ch": channel, "ts": t, "v": _json_float(v), "unit": unit})
 
 
 class Validator:
@@ -215,12 +215,12 @@ class Validator:
         window_lo: float = float("-inf"),
     ) -> None:
         dev, info, index = self._resolve(up.device, up.channel)
+        up = up.set_aside_non_finite()  # decoded uplinks already are; transports' may not be
+        n_all = len(up.ts) + len(up.not_finite)
 
         def reject_all(reason: str, detail: str) -> None:
             out.rejections.append(
-                Rejection(
-                    reason, detail, dev, up.raw or whole or _uplink_raw(up), readings=len(up.ts)
-                )
+                Rejection(reason, detail, dev, up.raw or whole or _uplink_raw(up), readings=n_all)
             )
 
         if info is None:
@@ -254,6 +254,17 @@ class Validator:
             reject_all(
                 UNAUTHORIZED, f"peer {frame.authenticated_device!r} sent readings for {dev!r}"
             )
+            return
+        for t, v in up.not_finite:
+            out.rejections.append(
+                Rejection(
+                    NOT_A_NUMBER,
+                    f"value {v!r}",
+                    dev,
+                    _reading_raw(dev, up.channel, t, v, up.unit),
+                )
+            )
+        if not up.ts:
             return
         try:
             factor, offset = index.conversion(info, up.unit)
@@ -294,8 +305,8 @@ class Validator:
             quality = up.status
             if not math.isfinite(t):
                 reason, detail = MALFORMED, f"timestamp {t!r}"
-            elif math.isnan(c) or math.isinf(c):
-                reason, detail = NOT_A_NUMBER, f"value {v!r}"
+            elif not math.isfinite(c):  # a finite value the unit conversion overflowed
+                reason, detail = NOT_A_NUMBER, f"value {v!r} is {c!r} in {info.unit}"
             elif t > horizon:
                 reason, detail = (
                     FUTURE_TIMESTAMP,
@@ -348,6 +359,7 @@ def _uplink_doc(up: Uplink) -> dict[str, object]:
         "ch": up.channel,
         "ts": [_json_float(t) for t in up.ts],
         "v": [_json_float(v) for v in up.values],
+        "not_finite": [[_json_float(t), _json_float(v)] for t, v in up.not_finite],
         "unit": up.unit,
         "status": up.status,
     }

@@ -17,8 +17,9 @@ which is visible and fixable, instead of a guess that is silently wrong for some
 is in seconds, finite and > 0.
 
 Values are numbers; a number too large for a float (a long JSON integer, a CBOR bignum, decimal
-fraction or rational) becomes ±inf, and NaN/inf stay as they are, so that the validator
-quarantines just that reading as NOT_A_NUMBER and keeps the frame's others. A status is a list of
+fraction or rational) counts as ±inf, and like NaN it never comes out as a reading: ``decode``
+sets it aside in ``Uplink.not_finite``, which ingest quarantines reading by reading as
+NOT_A_NUMBER while it keeps the frame's others. A status is a list of
 names (``STATUS_NAMES``) or an integer read through :data:`VENDOR_STATUS_BITS`.
 
 Every input either decodes or raises :class:`PayloadError`: a document nested deeper than
@@ -703,11 +704,15 @@ def decode(
     fmt = fmt or sniff_format(payload)
     try:
         if fmt == "json":
-            return decode_json(payload, default_device, max_depth=max_depth)
-        if fmt == "binary-v1":
-            return decode_binary_v1(payload)
-        if fmt == "cbor":
-            return decode_cbor(payload, default_device, max_depth=max_depth)
+            uplinks = decode_json(payload, default_device, max_depth=max_depth)
+        elif fmt == "binary-v1":
+            uplinks = decode_binary_v1(payload)
+        elif fmt == "cbor":
+            uplinks = decode_cbor(payload, default_device, max_depth=max_depth)
+        else:
+            uplinks = None
+        if uplinks is not None:
+            return [u.set_aside_non_finite() for u in uplinks]
     except PayloadError:
         raise
     except RecursionError:

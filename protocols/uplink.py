@@ -9,9 +9,10 @@ codec, not a new transport.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntFlag
 from typing import Protocol
 
@@ -72,6 +73,29 @@ class Uplink:
     unit: str | None = None
     status: int = 0
     raw: bytes | None = None
+    # (timestamp, value) pairs whose value is not a finite number, set aside by
+    # :meth:`set_aside_non_finite`: never a reading, each one a NOT_A_NUMBER quarantine row.
+    not_finite: list[tuple[float, float]] = field(default_factory=list)
+
+    def set_aside_non_finite(self) -> Uplink:
+        """This uplink with NaN and ±inf values moved from ``ts``/``values`` to ``not_finite``.
+
+        Why one place: codecs (a 400-digit number, ``1e999``, a CBOR NaN) and polled devices (a
+        float32 NaN register) all produce them, and each must end as its own quarantine row
+        while the uplink's other readings are kept. Returns ``self`` when every value is finite
+        (a sum is finite only if every term is; an overflowing sum of finite values just takes
+        the exact pass), else a new uplink: the caller's object is never changed.
+        """
+        if math.isfinite(sum(self.values)):
+            return self
+        keep = [(t, v) for t, v in zip(self.ts, self.values, strict=True) if math.isfinite(v)]
+        aside = [(t, v) for t, v in zip(self.ts, self.values, strict=True) if not math.isfinite(v)]
+        return replace(
+            self,
+            ts=[t for t, _ in keep],
+            values=[v for _, v in keep],
+            not_finite=self.not_finite + aside,
+        )
 
 
 @dataclass(slots=True)

@@ -66,9 +66,11 @@ def outcome(payload: bytes, fmt: str | None, **kw: Any) -> list[Uplink] | Payloa
 
 def check_uplink(up: Uplink) -> None:
     assert isinstance(up, Uplink)
-    assert len(up.ts) == len(up.values) >= 1
+    assert len(up.ts) == len(up.values) and len(up.ts) + len(up.not_finite) >= 1
     assert all(type(t) is float and math.isfinite(t) for t in up.ts)
-    assert all(type(v) is float for v in up.values)
+    # a reading is always a finite float; anything else waits in not_finite for its own row
+    assert all(type(v) is float and math.isfinite(v) for v in up.values)
+    assert all(math.isfinite(t) and not math.isfinite(v) for t, v in up.not_finite)
     assert type(up.status) is int and up.status & ~VENDOR_STATUS_MASK == 0
     assert type(up.device) is str and 0 < len(up.device) <= 128 and up.device.isprintable()
     assert type(up.channel) is str and up.channel
@@ -377,11 +379,11 @@ def test_400_digit_value_is_inf_and_the_batch_keeps_its_other_readings():
         % (T0, big, T0)
     )
     a, b = ok(payload)
-    assert a.values == [math.inf] and b.values == [2.5]
+    assert (a.values, a.not_finite, b.values) == ([], [(T0, math.inf)], [2.5])
     a, b = ok(
         c({"readings": [{"dev": "A", "ts": T0, "reg": -big}, {"dev": "B", "ts": T0, "reg": 2.5}]})
     )
-    assert a.values == [-math.inf] and b.values == [2.5]
+    assert (a.values, a.not_finite, b.values) == ([], [(T0, -math.inf)], [2.5])
     # and the validator quarantines only that reading
     index = ChannelIndex(
         [
@@ -412,7 +414,10 @@ def test_400_digit_value_is_inf_and_the_batch_keeps_its_other_readings():
 )
 def test_cbor_numbers_beyond_float_range_are_inf(raw: Any, expected: float):
     [up] = ok(c({"dev": "A", "ts": T0, "reg": raw}))
-    assert up.values == [expected]
+    if math.isfinite(expected):
+        assert (up.values, up.not_finite) == ([expected], [])
+    else:
+        assert (up.values, up.not_finite) == ([], [(T0, expected)])
 
 
 @pytest.mark.parametrize(
@@ -425,16 +430,17 @@ def test_cbor_numbers_beyond_float_range_are_inf(raw: Any, expected: float):
 )
 def test_json_numbers_beyond_float_range_are_inf(payload: bytes):
     [up] = ok(payload)
-    assert any(math.isinf(v) for v in up.values) and len(up.values) == len(up.ts)
+    assert any(math.isinf(v) for _, v in up.not_finite)
+    assert all(math.isfinite(v) for v in up.values) and len(up.values) == len(up.ts)
 
 
-def test_nan_in_the_middle_of_a_cbor_interval_list_keeps_its_position():
+def test_nan_in_the_middle_of_a_cbor_interval_list_is_set_aside_with_its_timestamp():
     [up] = ok(c({"dev": "A", "t0": T0, "step": 900, "reg": [1.0, math.nan, math.inf, 4.0]}))
-    assert up.ts == [T0, T0 + 900, T0 + 1800, T0 + 2700]
-    assert up.values[0] == 1.0 and math.isnan(up.values[1])
-    assert up.values[2:] == [math.inf, 4.0]
+    assert (up.ts, up.values) == ([T0, T0 + 2700], [1.0, 4.0])
+    [(t1, nan), (t2, inf)] = up.not_finite
+    assert (t1, t2, inf) == (T0 + 900, T0 + 1800, math.inf) and math.isnan(nan)
     [up] = ok(c({"dev": "A", "t0": T0, "step": 900, "reg": [Decimal("sNaN"), 1]}))
-    assert math.isnan(up.values[0])
+    assert up.values == [1.0] and math.isnan(up.not_finite[0][1])
 
 
 @pytest.mark.parametrize(
@@ -683,10 +689,18 @@ def test_payload_case(case: Path):
             "channel": u.channel,
             "ts": u.ts,
             "values": [repr(v) for v in u.values],
+            "not_finite": [[t, repr(v)] for t, v in u.not_finite],
             "unit": u.unit,
             "status": u.status,
         }
         for u in result
     ]
-    want = [{**u, "values": [repr(_float(v)) for v in u["values"]]} for u in expected["uplinks"]]
+    want = [
+        {
+            **u,
+            "values": [repr(_float(v)) for v in u["values"]],
+            "not_finite": [[t, repr(_float(v))] for t, v in u.get("not_finite", [])],
+        }
+        for u in expected["uplinks"]
+    ]
     assert got == want
