@@ -18,7 +18,7 @@ import polars as pl
 
 from aquameter.errors import MissingColumns
 from ingest.pipeline import IngestPipeline
-from ingest.validate import MALFORMED
+from ingest.validate import MALFORMED, Prepared
 from protocols.uplink import Frame, FrameOutcome, Uplink
 from sql.connect import connect
 
@@ -225,37 +225,46 @@ class _Planner:
         self.pipeline = pipeline
         self.skipped = 0
 
-    def plan(self, frames: list[tuple[Frame, list[int] | None]]) -> list[Frame]:
-        validator = self.pipeline.validator
-        out: list[tuple[Frame, str | None]] = []  # frame, reason it will be quarantined for
+    def plan(
+        self, frames: list[tuple[Frame, list[int] | None]]
+    ) -> tuple[list[Frame], list[Prepared | None]]:
+        """The frames to submit, each with its validation where the plan already made it (the
+        pipeline then does not validate it again)."""
+        prepare = self.pipeline.prepare
+        # frame, what prepare made of it, reason it will be quarantined for
+        out: list[tuple[Frame, Prepared | None, str | None]] = []
         for frame, rows in frames:
             if frame.rejection is not None or rows is None or frame.uplinks is None:
-                out.append((frame, frame.rejection[0] if frame.rejection else None))
+                out.append((frame, None, frame.rejection[0] if frame.rejection else None))
                 continue
-            prepared = validator.prepare(frame)
+            prepared = prepare(frame)
             if not prepared.rejections:
-                out.append((frame, None))
+                out.append((frame, prepared, None))
                 continue
             if len(prepared) == 0 and len(prepared.rejections) == 1:
-                out.append((frame, prepared.rejections[0].reason))
+                out.append((frame, prepared, prepared.rejections[0].reason))
                 continue
             out.extend(self._split(frame, rows))
-        keys = {(f.address, r) for f, r in out if r is not None}
+        keys = {(f.address, r) for f, _, r in out if r is not None}
         existing = self._existing(keys)
-        kept = []
-        for frame, reason in out:
+        kept: list[Frame] = []
+        kept_prepared: list[Prepared | None] = []
+        for frame, made, reason in out:
             if reason is not None and (frame.address, reason) in existing:
                 self.skipped += 1
                 continue
             kept.append(frame)
-        return kept
+            kept_prepared.append(made)
+        return kept, kept_prepared
 
-    def _split(self, frame: Frame, rows: list[int]) -> list[tuple[Frame, str | None]]:
+    def _split(
+        self, frame: Frame, rows: list[int]
+    ) -> list[tuple[Frame, Prepared | None, str | None]]:
         assert frame.uplinks is not None
         up = frame.uplinks[0]
         source = frame.address.rsplit("#", 1)[0]
         good: list[int] = []
-        out: list[tuple[Frame, str | None]] = []
+        out: list[tuple[Frame, Prepared | None, str | None]] = []
         for i, row in enumerate(rows):
             single = Frame(
                 source=SOURCE,
@@ -265,9 +274,9 @@ class _Planner:
                 ],
                 device_hint=up.device,
             )
-            p = self.pipeline.validator.prepare(single)
+            p = self.pipeline.prepare(single)
             if p.rejections:
-                out.append((single, p.rejections[0].reason))
+                out.append((single, p, p.rejections[0].reason))
             else:
                 good.append(i)
         if good:
@@ -286,7 +295,7 @@ class _Planner:
                 ],
                 device_hint=up.device,
             )
-            out.insert(0, (rest, None))
+            out.insert(0, (rest, None, None))
         return out
 
     def _existing(self, keys: set[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -324,8 +333,8 @@ def import_file(
             continue
         chunk = chunk.with_row_index("_row", offset=total + 1)
         table = _normalise(chunk, channel_names)
-        frames = planner.plan(list(_frames_with_rows(table, source, chunk)))
-        outcomes: list[FrameOutcome] = pipeline.submit_many(frames)
+        frames, prepared = planner.plan(list(_frames_with_rows(table, source, chunk)))
+        outcomes: list[FrameOutcome] = pipeline.submit_many(frames, prepared)
         total += chunk.height
         accepted += sum(o.accepted for o in outcomes)
         quarantined += sum(o.quarantined for o in outcomes)

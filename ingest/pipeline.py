@@ -216,10 +216,12 @@ class IngestPipeline:
         self.close()
 
     # --- the submit side -------------------------------------------------------------------
-    def submit(self, frame: Frame, on_durable: DurableCallback) -> None:
-        """Validate ``frame`` and queue it; blocks while the queue is full (back-pressure).
+    def prepare(self, frame: Frame) -> Prepared:
+        """Validate ``frame``: its readings and quarantine rows, the rows bounded per frame.
 
         Never raises for what the frame holds: whatever goes wrong becomes its quarantine row.
+        Public so that a caller that must look at the outcome before submitting (the importer,
+        keying re-imported rows) validates once and hands the result to :meth:`submit`.
         """
         try:
             prepared = self.validator.prepare(frame)
@@ -245,6 +247,15 @@ class IngestPipeline:
         limit = self.max_quarantine_rows_per_frame
         if len(prepared.rejections) > limit:
             prepared.rejections = bound_rejections(prepared.rejections, limit, _raw_of(frame))
+        return prepared
+
+    def submit(
+        self, frame: Frame, on_durable: DurableCallback, prepared: Prepared | None = None
+    ) -> None:
+        """Validate ``frame`` (unless ``prepared`` by :meth:`prepare`) and queue it; blocks while
+        the queue is full (back-pressure). Never raises for what the frame holds."""
+        if prepared is None:
+            prepared = self.prepare(frame)
         received = len(prepared) + sum(r.readings for r in prepared.rejections)
         self.counters.add(frames=1, readings_received=received)
         size = frame.size + _READING_BYTES * len(prepared)
@@ -267,8 +278,11 @@ class IngestPipeline:
             self._bytes -= freed
             self._bytes_cv.notify_all()
 
-    def submit_many(self, frames: list[Frame]) -> list[FrameOutcome]:
-        """Submit frames and wait until all are durable (bulk import, tests)."""
+    def submit_many(
+        self, frames: list[Frame], prepared: list[Prepared | None] | None = None
+    ) -> list[FrameOutcome]:
+        """Submit frames (with what :meth:`prepare` made of them, where known) and wait until
+        all are durable (bulk import, tests)."""
         done = threading.Semaphore(0)
         outcomes: list[FrameOutcome] = []
 
@@ -276,8 +290,8 @@ class IngestPipeline:
             outcomes.append(outcome)
             done.release()
 
-        for frame in frames:
-            self.submit(frame, cb)
+        for i, frame in enumerate(frames):
+            self.submit(frame, cb, prepared[i] if prepared is not None else None)
         for _ in frames:
             done.acquire()
         return outcomes
