@@ -26,7 +26,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from aquameter.embedded import free_port, port_open
 
 if TYPE_CHECKING:
     from aquameter.settings import Settings
@@ -252,21 +253,6 @@ def _is_our_server(pid: int) -> bool:
         return _pid_alive(pid)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether something accepts connections on ``host:port``."""
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 def healthy(url: str, timeout_s: float = 5.0) -> bool:
     """Whether the API at ``url`` answers its health check."""
     try:
@@ -412,7 +398,7 @@ class _LocalServer:
             env.update({"PREFECT__SERVER_EPHEMERAL": "1", "PREFECT_UI_ENABLED": "false"})
         deadline = time.monotonic() + timeout_s
         for _attempt in range(3):
-            port = _free_port()
+            port = free_port()
             url = f"http://127.0.0.1:{port}/api"
             with open(self.log_path, "wb") as log:
                 self.process = subprocess.Popen(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,6 +24,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from aquameter.embedded import free_port
 from aquameter.registry import load_registry
 from flows.store import write_marks
 from ingest.metrics import MetricSources, MetricsServer, start_metrics
@@ -235,12 +235,6 @@ def test_two_exporters_in_one_process_do_not_share_state(db_url):
             assert get(f"{sa.url}/readyz") == (200, "ok\n")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _query(prom: str, expr: str) -> list[dict]:
     url = f"{prom}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
     status, body = get(url, timeout=5)
@@ -259,7 +253,7 @@ def test_real_prometheus_scrapes_the_exporter(ingest, mqtt_url, db_url, tmp_path
         _publish_and_settle(mqtt_url, client)
         expected = METERS * PER_MSG
         assert pipeline.counters.stored == expected
-        port = _free_port()
+        port = free_port()
         config = tmp_path / "prometheus.yml"
         config.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
