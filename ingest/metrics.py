@@ -257,9 +257,9 @@ class _IngestCollector(Collector):
         if p is not None:
             # Frames waiting for the writer; bytes held by frames submitted and not yet
             # committed (the bound on which transports block).
-            queue_obj = getattr(p, "_queue", None)
-            frames = queue_obj.qsize() if queue_obj is not None else 0
-            yield _gauge("aquameter_queue_frames", "Frames waiting for the ingest writer", frames)
+            yield _gauge(
+                "aquameter_queue_frames", "Frames waiting for the ingest writer", p.queued_frames
+            )
             yield _gauge(
                 "aquameter_queue_bytes",
                 "Bytes held by frames submitted and not yet committed",

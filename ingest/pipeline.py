@@ -193,6 +193,11 @@ class IngestPipeline:
     def queued_bytes(self) -> int:
         return self._bytes
 
+    @property
+    def queued_frames(self) -> int:
+        """Frames waiting for the writer."""
+        return self._queue.qsize()
+
     def close(self, timeout: float | None = 60.0) -> None:
         """Drain what was submitted, commit it, and stop the writer."""
         if self._thread is None:

@@ -284,11 +284,12 @@ class Validator:
         skewed = int(Quality.CLOCK_SKEW) if self.clock_skew_action == "flag" else 0
         # Fast path: the whole uplink is valid (the overwhelmingly common case). min/max skip
         # NaN unless it comes first, so finiteness is checked apart: a sum is NaN or inf as soon
-        # as one term is (a sum that overflows only sends valid data down the slow path).
+        # as one term is (a sum that overflows only sends valid data down the slow path). The
+        # values are finite already (set aside above); only a unit conversion can overflow.
         if (
             n
             and math.isfinite(sum(ts))
-            and math.isfinite(sum(conv))
+            and (conv is values or math.isfinite(sum(conv)))
             and min(ts) >= lo_ts
             and max(ts) <= horizon
             and min(conv) >= info.min_value

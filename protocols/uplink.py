@@ -88,14 +88,16 @@ class Uplink:
         """
         if math.isfinite(sum(self.values)):
             return self
-        keep = [(t, v) for t, v in zip(self.ts, self.values, strict=True) if math.isfinite(v)]
-        aside = [(t, v) for t, v in zip(self.ts, self.values, strict=True) if not math.isfinite(v)]
-        return replace(
-            self,
-            ts=[t for t, _ in keep],
-            values=[v for _, v in keep],
-            not_finite=self.not_finite + aside,
-        )
+        ts: list[float] = []
+        values: list[float] = []
+        aside = list(self.not_finite)
+        for t, v in zip(self.ts, self.values, strict=True):
+            if math.isfinite(v):
+                ts.append(t)
+                values.append(v)
+            else:
+                aside.append((t, v))
+        return replace(self, ts=ts, values=values, not_finite=aside)
 
 
 @dataclass(slots=True)
