@@ -278,7 +278,6 @@ def ingest_cmd(
     from ingest.service import (
         adapter_options,
         build_async_adapters,
-        close_bounded,
         ingest_problem,
         make_pipeline,
         start_mqtt,
@@ -307,10 +306,7 @@ def ingest_cmd(
 
     def close_pipeline() -> None:
         # A pipeline whose writer gave up may never drain: do not wait on it forever.
-        if problem is None:
-            pipeline.close()
-        else:
-            close_bounded(pipeline, 15.0)
+        pipeline.close(60.0 if problem is None else 15.0)
 
     def tick() -> None:
         line = pipeline.counters.line() if workers is None else workers.line(pipeline.counters)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,24 +59,6 @@ def ingest_problem(pipeline: object, mqtt: MqttIngest | None = None) -> str | No
     if mqtt is not None:
         return mqtt.problem()
     return None
-
-
-def close_bounded(pipeline: object, timeout_s: float) -> bool:
-    """Close a pipeline that may have failed, waiting at most ``timeout_s``; True if it closed.
-
-    A writer that died leaves a full queue that ``close`` would wait on forever. What is not
-    committed by then is not acknowledged either, and the broker redelivers it after the
-    restart; the closing thread is a daemon, so it does not hold up the process exit."""
-    close = getattr(pipeline, "close", None)
-    if close is None:
-        return True
-    t = threading.Thread(target=close, name="close-failed-pipeline", daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if t.is_alive():
-        log.error("ingest pipeline did not drain in %.0fs; exiting without it", timeout_s)
-        return False
-    return True
 
 
 @dataclass

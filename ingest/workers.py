@@ -49,7 +49,7 @@ from typing import Literal
 from aquameter.settings import Settings
 from ingest.counters import IngestCounters
 from ingest.pipeline import pipeline_from_settings
-from ingest.service import close_bounded, ingest_problem, mqtt_client
+from ingest.service import ingest_problem, mqtt_client
 from protocols.mqtt import MqttIngest
 
 log = logging.getLogger("aquameter.ingest.workers")
@@ -253,10 +253,9 @@ def worker_main(config: WorkerConfig, conn: Connection, gate: MpEvent) -> None:
             def drain() -> None:
                 state: WorkerState = "failed" if problem else "stopping"
                 _send(conn, _report(config, state, pipeline.counters, client, problem))
-                if problem is None:
-                    pipeline.close()
-                else:
-                    close_bounded(pipeline, FAILED_DRAIN_S)
+                # A failed writer may never drain: close() waits at most its timeout, and what
+                # is not committed by then is not acknowledged (redelivered after the restart).
+                pipeline.close(60.0 if problem is None else FAILED_DRAIN_S)
 
             # Stop reading, commit and acknowledge what was read, DISCONNECT: the broker keeps
             # the session for the restart and redelivers nothing that was stored.
