@@ -417,7 +417,7 @@ class _LocalServer:
                 if healthy(url, 2.0):
                     blocks_marker.touch()
                     return proc.pid, url
-                time.sleep(0.2)
+                time.sleep(0.05)  # an answer is seen within 50 ms, not 200
             if proc.poll() is None:  # timed out
                 self._stop_pid(proc.pid)
                 raise PrefectApiError(

@@ -5,6 +5,10 @@ reporting interval, so a 23-hour DST day expects 92 quarter hours), received rea
 readings table. A meter counts at most what it was expected to send, so one chatty meter cannot
 hide a silent one. A day that is not over yet is judged on the hours elapsed up to ``as_of`` and
 recomputed once it is complete.
+
+It also reports each analytics flow's latest run from ``flow_runs`` (``last_run.<flow>``), and
+lists the flows whose latest run failed (``failed_flows``, each also logged as an error): a flow
+that failed must not look like one that found nothing to do.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dma.local_time import local_day_bounds
 from flows.late_data import plan_days
 from flows.load import copy_frame, days_since_1970, load_meters
 from flows.overrides import apply_overrides, settings_digest
+from flows.runner import FLOW_PATHS
 from flows.store import lock, replace_keyed, write_marks
 from flows.window import resolve_database_url, resolve_window, utc
 from sql.connect import connect
@@ -210,6 +215,44 @@ def compute_read_rates(
     }
 
 
+LATEST_RUNS_SQL = """
+    SELECT DISTINCT ON (flow) flow, status, finished_at,
+           extract(epoch FROM finished_at - started_at), error
+    FROM flow_runs ORDER BY flow, finished_at DESC, id DESC"""
+
+
+def describe_latest_runs(
+    rows: list[tuple[str, str, datetime, float, str | None]], known: list[str]
+) -> tuple[dict[str, str], list[str]]:
+    """(``last_run.<flow>`` entries, names of flows whose latest run failed) from the latest
+    ``flow_runs`` row of each flow (flow, status, finished_at, seconds, error). Every flow of
+    ``known`` gets an entry, "never run" when it has no row: a flow that is not running at all
+    is worth seeing too."""
+    entries: dict[str, str] = {}
+    failed: list[str] = []
+    seen: dict[str, str] = {}
+    for name, status, finished_at, seconds, error in rows:
+        at = utc(finished_at).isoformat(timespec="seconds").replace("+00:00", "Z")
+        if status == "failed":
+            failed.append(name)
+            seen[name] = f"FAILED at {at} after {seconds:.1f} s: {error or '(no message)'}"
+        else:
+            seen[name] = f"completed at {at} in {seconds:.1f} s"
+    for name in [*known, *sorted(set(seen) - set(known))]:
+        entries[f"last_run.{name}"] = seen.get(name, "never run")
+    return entries, sorted(failed)
+
+
+@task(cache_policy=NO_CACHE)
+def latest_flow_runs(database_url: str) -> list[tuple[str, str, datetime, float, str | None]]:
+    """The latest ``flow_runs`` row of each flow (see ``LATEST_RUNS_SQL``)."""
+    with connect(database_url, autocommit=True) as conn:
+        return [
+            (str(name), str(status), at, float(seconds), error)
+            for name, status, at, seconds, error in conn.execute(LATEST_RUNS_SQL).fetchall()
+        ]
+
+
 @flow(name=FLOW, validate_parameters=False)
 def ingest_health(
     database_url: str | None = None,
@@ -225,4 +268,14 @@ def ingest_health(
     win = resolve_window(since, until, settings.lookback_days)
     result = compute_read_rates(url, win.since, win.until, win.as_of, full, settings)
     log.info("read rates: %s", result)
-    return {"flow": FLOW, "since": win.since.isoformat(), "until": win.until.isoformat(), **result}
+    runs, failed = describe_latest_runs(latest_flow_runs(url), list(FLOW_PATHS))
+    for name in failed:
+        log.error("flow %s: latest run %s", name, runs[f"last_run.{name}"])
+    return {
+        "flow": FLOW,
+        "since": win.since.isoformat(),
+        "until": win.until.isoformat(),
+        **result,
+        "failed_flows": failed,
+        **runs,
+    }

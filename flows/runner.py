@@ -8,35 +8,81 @@ deployment per flow with its schedule and runs them until interrupted. Scheduled
 window and no database URL as parameters: each flow looks back from now, and the URL comes from
 ``AQUAMETER_DATABASE_URL`` in the serving process's environment (never stored as a deployment
 parameter, where a password would end up in the orchestrator's database).
+
+Every ``run_flow`` leaves exactly one row in ``flow_runs`` (migration 0009): completed with the
+flow's summary, or failed with the same one line the CLI prints, so ``ingest_health`` and the
+metrics exporter can tell a failed flow from one that found nothing. Flows are imported only
+when first used (``FLOWS`` is lazy): ``flow run NAME`` pays for NAME's imports, not all six.
+For a run against this process's local API (not an external ``PREFECT_API_URL``) Prefect's
+flow-run heartbeats are off: they exist so that a server-side automation can mark runs of
+crashed workers, there is none on a local API that lives only as long as its holders, and
+stopping the heartbeat thread cost up to a second per run (it sleeps in 1-second steps).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import json
+import logging
 import os
-from collections.abc import Mapping, Sequence
-from datetime import date, datetime
-from typing import Any
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING, Any
 
-from prefect import Flow, serve
-from prefect.deployments.runner import RunnerDeployment
-from prefect.types.entrypoint import EntrypointType
+from aquameter.prefect_api import PrefectApi, PrefectApiError, prefect_api
 
-from aquameter.prefect_api import PrefectApiError, prefect_api
-from flows.billing_export import billing_export
-from flows.dma_night_flow import dma_night_flow
-from flows.ingest_health import ingest_health
-from flows.meter_anomalies import meter_anomalies
-from flows.water_balance import water_balance_flow
-from flows.water_quality import water_quality
+if TYPE_CHECKING:
+    from prefect import Flow
+    from prefect.deployments.runner import RunnerDeployment
 
-FLOWS: dict[str, Flow[..., dict[str, Any]]] = {
-    "dma_night_flow": dma_night_flow,
-    "meter_anomalies": meter_anomalies,
-    "water_balance": water_balance_flow,
-    "billing_export": billing_export,
-    "ingest_health": ingest_health,
-    "water_quality": water_quality,
+log = logging.getLogger("aquameter.flows")
+
+# name -> (module, attribute) of each flow, imported on first use.
+FLOW_PATHS: dict[str, tuple[str, str]] = {
+    "dma_night_flow": ("flows.dma_night_flow", "dma_night_flow"),
+    "meter_anomalies": ("flows.meter_anomalies", "meter_anomalies"),
+    "water_balance": ("flows.water_balance", "water_balance_flow"),
+    "billing_export": ("flows.billing_export", "billing_export"),
+    "ingest_health": ("flows.ingest_health", "ingest_health"),
+    "water_quality": ("flows.water_quality", "water_quality"),
 }
+
+
+class _LazyFlows(MutableMapping[str, "Flow[..., dict[str, Any]]"]):
+    """The flows by name, each imported when first looked up. Why: importing all six costs a
+    quarter second and more of CPU on every `flow run`, which runs one. Assignable (tests
+    replace a flow with ``monkeypatch.setitem``); iteration order is ``FLOW_PATHS``'s."""
+
+    def __init__(self, paths: Mapping[str, tuple[str, str]]) -> None:
+        self._paths = dict(paths)
+        self._loaded: dict[str, Flow[..., dict[str, Any]]] = {}
+
+    def __getitem__(self, name: str) -> Flow[..., dict[str, Any]]:
+        if name not in self._loaded:
+            module, attribute = self._paths[name]  # KeyError for an unknown flow
+            self._loaded[name] = getattr(importlib.import_module(module), attribute)
+        return self._loaded[name]
+
+    def __setitem__(self, name: str, value: Flow[..., dict[str, Any]]) -> None:
+        self._paths.setdefault(name, ("", ""))
+        self._loaded[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._paths[name]
+        self._loaded.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._paths
+
+
+FLOWS: MutableMapping[str, Flow[..., dict[str, Any]]] = _LazyFlows(FLOW_PATHS)
 
 # Cron schedules (UTC). The hourly flows are cheap when nothing changed: only stale units run.
 # Billing runs on the 2nd of the month for the previous month, after late uplinks had a day.
@@ -105,16 +151,15 @@ def run_flow(
     (``billing_export``: ``period_start``, ``period_end``, ``export_dir``).
 
     Raises ``FlowFailed`` when the flow (or the Prefect API it needs) fails: a caller must never
-    mistake a failed flow for one that found nothing.
+    mistake a failed flow for one that found nothing. Either way the run leaves one
+    ``flow_runs`` row (see ``record_run``).
     """
     if name not in FLOWS:
         raise ValueError(f"unknown flow {name!r}; known: {', '.join(FLOWS)}")
-    window = {
-        key: (datetime.combine(value, datetime.min.time()) if type(value) is date else value)
-        for key, value in (("since", since), ("until", until))
-    }
+    window = {"since": _moment(since), "until": _moment(until)}
+    started = datetime.now(UTC)
     try:
-        with prefect_api():  # re-entrant: reuses the API of an enclosing prefect_api()
+        with prefect_api() as api, _heartbeats_off(api):  # re-entrant: reuses an outer API
             result: dict[str, Any] = FLOWS[name](
                 database_url=database_url,
                 since=window["since"],
@@ -124,8 +169,87 @@ def run_flow(
                 **options,
             )
     except Exception as exc:
-        raise FlowFailed(name, exc) from exc
+        failed = FlowFailed(name, exc)
+        record_run(database_url, name, started, None, failed.line, window["since"], window["until"])
+        raise failed from exc
+    record_run(database_url, name, started, result, None, window["since"], window["until"])
     return result
+
+
+def _moment(value: datetime | date | None) -> datetime | None:
+    """A date as its midnight (the flows take it as UTC); datetimes and None as they are."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.combine(value, datetime.min.time())
+
+
+@contextlib.contextmanager
+def _heartbeats_off(api: PrefectApi) -> Iterator[None]:
+    """No flow-run heartbeats against this process's local API (see the module docstring); an
+    external API keeps them, its operators may have automations that rely on them."""
+    if api.pid is None:
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
+def _window_end(summary: Mapping[str, Any] | None, key: str, asked: datetime | None) -> Any:
+    """The window bound the flow reports (it resolves the default look-back), else the one
+    asked for (a naive datetime is UTC, as everywhere in the flows)."""
+    reported = summary.get(key) if summary else None
+    if isinstance(reported, str):
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(reported)
+    if asked is not None and asked.tzinfo is None:
+        return asked.replace(tzinfo=UTC)
+    return asked
+
+
+def record_run(
+    database_url: str | None,
+    name: str,
+    started_at: datetime,
+    summary: Mapping[str, Any] | None,
+    error: str | None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> bool:
+    """Insert the run's ``flow_runs`` row: completed with ``summary``, or failed with ``error``
+    (the one line). Why in the database: Prefect's own record lives in a local API that is
+    stopped after the run, and operators look at PostgreSQL (``ingest_health``, the exporter).
+
+    Never raises: a run that failed because the database is down cannot be recorded there, and
+    must still fail with its own line, not this one. Returns whether the row was written (a
+    warning in the log says why not)."""
+    from flows.window import resolve_database_url
+    from sql.connect import connect
+
+    status = "failed" if error is not None else "completed"
+    try:
+        url = resolve_database_url(database_url)
+        with connect(url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(
+                "INSERT INTO flow_runs (flow, started_at, finished_at, status, error,"
+                " window_since, window_until, summary)"
+                " VALUES (%s, %s, now(), %s, %s, %s, %s, %s::jsonb)",
+                (
+                    name,
+                    started_at,
+                    status,
+                    error,
+                    _window_end(summary, "since", since),
+                    _window_end(summary, "until", until),
+                    None if summary is None else json.dumps(dict(summary), default=str),
+                ),
+            )
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:300]
+        log.warning("flow %s (%s) not recorded in flow_runs: %s", name, status, detail)
+        return False
+    return True
 
 
 def deployments(
@@ -137,6 +261,9 @@ def deployments(
     """One deployment per flow (``names``, default all) with its cron schedule: ``schedules``
     replaces defaults per flow, ``None`` for a flow means no schedule (run on demand only).
     ``overrides`` maps a flow name to its threshold overrides."""
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.types.entrypoint import EntrypointType
+
     chosen = list(names) if names is not None else list(FLOWS)
     cron = {**DEFAULT_SCHEDULES, **(schedules or {})}
     out: list[RunnerDeployment] = []
@@ -174,6 +301,8 @@ def serve_all(
     Prefect API through ``PREFECT_API_URL``: a local server with its scheduler, kept for this
     process's lifetime (and reused by `aquameter flow run` meanwhile), unless one is configured.
     """
+    from prefect import serve
+
     if database_url:
         os.environ["AQUAMETER_DATABASE_URL"] = database_url
     with prefect_api(services=True):
