@@ -26,7 +26,12 @@ class JsonFormatter(logging.Formatter):
     ``logger``, ``message``, and ``exception`` (the formatted traceback) when there is one.
 
     The message is formatted (``%`` arguments applied) and any newline in it stays inside the
-    JSON string, so one record is always exactly one line."""
+    JSON string, so one record is always exactly one line. ``tag`` names the process among
+    several writing the same stream (an ingest worker's ``w0``): key ``process``."""
+
+    def __init__(self, tag: str | None = None) -> None:
+        super().__init__()
+        self.tag = tag
 
     def format(self, record: logging.LogRecord) -> str:
         ts = datetime.fromtimestamp(record.created, UTC)
@@ -36,6 +41,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.tag is not None:
+            out["process"] = self.tag
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
@@ -78,19 +85,29 @@ def resolve_format(fmt: str | None = None) -> LogFormat:
 
 
 def setup_logging(
-    verbose: bool = False, fmt: str | None = None, stream: TextIO | None = None
+    verbose: bool = False,
+    fmt: str | None = None,
+    stream: TextIO | None = None,
+    *,
+    level: int | None = None,
+    tag: str | None = None,
 ) -> logging.Handler:
-    """Configure the root logger: INFO when ``verbose`` else WARNING, text or JSON lines on
-    ``stream`` (default: the current stderr, looked up at each record). Idempotent: replaces
-    only the handler an earlier call installed."""
+    """Configure the root logger: INFO when ``verbose`` else WARNING (``level`` overrides both:
+    a spawned worker takes its parent's), text or JSON lines on ``stream`` (default: the current
+    stderr, looked up at each record). ``tag`` marks which of several processes sharing one
+    stderr wrote a record (``logger[w0]`` in text, ``"process": "w0"`` in JSON). Idempotent:
+    replaces only the handler an earlier call installed."""
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _AquameterHandler)]:
         root.removeHandler(old)
     handler = _AquameterHandler(stream) if stream is not None else _StderrHandler()
     if resolve_format(fmt) == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(tag))
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        text = TEXT_FORMAT if tag is None else TEXT_FORMAT.replace("%(name)s", f"%(name)s[{tag}]")
+        handler.setFormatter(logging.Formatter(text))
     root.addHandler(handler)
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    if level is None:
+        level = logging.INFO if verbose else logging.WARNING
+    root.setLevel(level)
     return handler

@@ -46,6 +46,7 @@ from multiprocessing.synchronize import Event as MpEvent
 from types import FrameType
 from typing import Literal
 
+from aquameter.logs import setup_logging
 from aquameter.settings import Settings
 from ingest.counters import IngestCounters
 from ingest.pipeline import pipeline_from_settings
@@ -210,10 +211,9 @@ def worker_main(config: WorkerConfig, conn: Connection, gate: MpEvent) -> None:
     # into a SIGTERM for every worker. Stopping on our own copy would race its supervisor, which
     # would see a worker exit while it is not yet stopping and start a replacement.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=config.log_level,
-        format=f"%(asctime)s %(levelname)s %(name)s[w{config.index}]: %(message)s",
-    )
+    # A spawned child starts with bare logging: the same format as its parent (text or JSON
+    # lines, Settings.log_format), its parent's level, each record tagged with the worker.
+    setup_logging(fmt=config.settings.log_format, level=config.log_level, tag=f"w{config.index}")
     s = config.settings
     pipeline = pipeline_from_settings(config.database_url, s).start()
     client: MqttIngest | None = None

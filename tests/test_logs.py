@@ -129,3 +129,54 @@ def test_default_handler_follows_the_current_stderr(restore_root, monkeypatch):
         monkeypatch.setattr(sys, "stderr", fresh)
         logging.getLogger("aquameter.test").warning("here")
         assert json.loads(fresh.getvalue())["message"] == "here"
+
+
+def test_tagged_process_and_explicit_level(restore_root):
+    """What an ingest worker process sets up (ingest.workers.worker_main): its parent's format
+    and level, each record tagged with the worker."""
+    out = io.StringIO()
+    setup_logging(fmt="json", stream=out, level=logging.DEBUG, tag="w3")
+    logging.getLogger("aquameter.ingest.workers").debug("connected")
+    record = json.loads(out.getvalue())
+    assert record["process"] == "w3" and record["level"] == "DEBUG"
+    assert record["message"] == "connected"
+
+    out = io.StringIO()
+    setup_logging(verbose=True, fmt="text", stream=out, level=logging.ERROR, tag="w0")
+    log = logging.getLogger("aquameter.ingest.workers")
+    log.warning("below the explicit level")
+    log.error("shown")
+    (line,) = out.getvalue().splitlines()
+    assert line.endswith(" ERROR aquameter.ingest.workers[w0]: shown")
+
+
+def test_ingest_worker_process_logs_json_lines(db_url, mqtt_url):
+    """A real MQTT worker process (spawned: fresh interpreter, bare logging) with
+    AQUAMETER_LOG_FORMAT=json: its records (paho's connect, at the parent's INFO level) are JSON
+    lines tagged with the worker, like the rest of the command's output."""
+    code = (
+        "import logging, sys\n"
+        "from aquameter.settings import Settings\n"
+        "from ingest.workers import MqttWorkers\n"
+        "if __name__ == '__main__':\n"
+        "    s = Settings(database_url=sys.argv[1], mqtt_url=sys.argv[2],\n"
+        "                 mqtt_client_id='aqt-logs-' + sys.argv[3], mqtt_shared_group='aqtlogs')\n"
+        "    assert s.log_format == 'json'\n"
+        "    w = MqttWorkers(s, sys.argv[1], sys.argv[2], {}, 1,\n"
+        "                    log_level=logging.INFO, stop_timeout_s=30).start()\n"
+        "    ok = w.wait_all('connected', 120)\n"
+        "    w.stop()\n"
+        "    sys.exit(0 if ok else 3)\n"
+    )
+    env = {**os.environ, "AQUAMETER_LOG_FORMAT": "json"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, db_url, mqtt_url, str(os.getpid())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    connected = [r for r in records if "MQTT connected" in r["message"]]
+    assert connected and all(r["process"] == "w0" for r in connected), done.stderr
