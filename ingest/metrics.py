@@ -20,10 +20,20 @@ Probes:
   with a short timeout, the result cached) and the broker connection is up (the MQTT
   subscription stands, or every MQTT worker process reports connected); 503 with the reasons.
 
-Flow series: the analytics flows record each computed unit in ``analysis_marks`` (flow, subject,
-day, ``computed_at``), not their runs. So what can be exported honestly is the last time each
-flow *computed* something (``aquameter_flow_last_computed_timestamp_seconds``): a run that
-found nothing stale writes no mark, and no run duration is recorded anywhere.
+Flow series, read from the database at scrape time (cached ``flows_every_s``). Why here: flows
+have no long-running process of their own (``flow run`` is one-off; ``flow serve`` runs each in
+a subprocess), every run records its outcome in ``flow_runs`` (``flows.runner.run_flow``), and
+the ingest exporter is the endpoint operators already scrape; a textfile would need a node
+exporter and would say nothing about runs made on another host.
+
+- ``aquameter_flow_last_success_timestamp_seconds{flow}``: end of the last completed run (alert
+  on its age);
+- ``aquameter_flow_last_run_duration_seconds{flow}`` and ``aquameter_flow_last_run_failed{flow}``
+  (1 when the latest run failed): the latest run, whatever its outcome;
+- ``aquameter_flow_last_computed_timestamp_seconds{flow}``: the last time a flow committed
+  computed units (``analysis_marks``); a run that found nothing stale writes no mark.
+
+A database migrated before 0009 has no ``flow_runs``: then only the last series, and one warning.
 """
 
 from __future__ import annotations
@@ -55,7 +65,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aquameter.metrics")
 
-__all__ = ["MetricSources", "MetricsServer", "start_metrics"]
+__all__ = ["FlowSeries", "MetricSources", "MetricsServer", "start_metrics"]
 
 # Commit latency spans a few milliseconds (a small batch on a local server) to minutes (retries
 # through a database outage).
@@ -80,8 +90,8 @@ class MetricSources:
     so the probes answer while the process starts).
 
     ``database_url`` is what ``/readyz`` checks (default: the pipeline's); ``flows_database_url``
-    is where ``analysis_marks`` is read (None: no flow series; the ingest login has no SELECT on
-    it, the analytics login has)."""
+    is where ``flow_runs`` and ``analysis_marks`` are read (None: no flow series; the ingest login
+    has no SELECT on them, the analytics login has)."""
 
     pipeline: IngestPipeline | None = None
     mqtt: MqttIngest | None = None
@@ -95,6 +105,26 @@ class MetricSources:
     db_check_every_s: float = 5.0
     db_timeout_s: float = 2.0
     flows_every_s: float = 30.0
+
+
+# Per flow: end of the last completed run, and the latest run's duration and outcome.
+FLOW_RUNS_SQL = """
+    SELECT flow,
+           extract(epoch FROM max(finished_at) FILTER (WHERE status = 'completed')),
+           (array_agg(extract(epoch FROM finished_at - started_at)
+                      ORDER BY finished_at DESC, id DESC))[1],
+           (array_agg(status ORDER BY finished_at DESC, id DESC))[1] = 'failed'
+    FROM flow_runs GROUP BY flow"""
+
+
+@dataclass
+class FlowSeries:
+    """What the flow series export, by flow name (Unix seconds, seconds, 0/1)."""
+
+    computed: dict[str, float] = field(default_factory=dict)
+    last_success: dict[str, float] = field(default_factory=dict)
+    last_duration: dict[str, float] = field(default_factory=dict)
+    last_failed: dict[str, float] = field(default_factory=dict)
 
 
 class _Cached:
@@ -154,29 +184,44 @@ class _Probes:
     def database_checked(self) -> bool:
         return self._db_url() is not None
 
-    def _read_flows(self) -> dict[str, float] | None:
-        """Last ``computed_at`` per flow from ``analysis_marks`` (the part of a mark's flow name
-        before ':', so billing periods do not each make a label value); None when unreadable."""
+    def _read_flows(self) -> FlowSeries | None:
+        """The flow series (see the module docstring); None when unreadable. Marks: the part of
+        a mark's flow name before ':', so billing periods do not each make a label value."""
         url = self.sources.flows_database_url
         if url is None:
             return None
         timeout = max(1, math.ceil(self.sources.db_timeout_s))
+        series = FlowSeries()
         try:
             with connect(url, autocommit=True, connect_timeout=timeout) as conn:
                 conn.execute(f"SET statement_timeout = {int(timeout * 1000)}")
-                rows = conn.execute(
+                marks = conn.execute(
                     "SELECT split_part(flow, ':', 1), extract(epoch FROM max(computed_at))"
                     " FROM analysis_marks GROUP BY 1"
                 ).fetchall()
-        except psycopg.Error as err:
-            if not self._flows_warned:  # e.g. no SELECT on analysis_marks for this login
-                log.warning("flow series unavailable: %s", _one_line(err))
-                self._flows_warned = True
+                series.computed = {str(name): float(ts) for name, ts in marks}
+                try:
+                    runs = conn.execute(FLOW_RUNS_SQL).fetchall()
+                except psycopg.errors.UndefinedTable as err:
+                    self._warn_flows(f"no flow-run series (migrate to 0009): {_one_line(err)}")
+                    return series
+        except psycopg.Error as err:  # e.g. no SELECT on analysis_marks for this login
+            self._warn_flows(f"flow series unavailable: {_one_line(err)}")
             return None
-        return {str(name): float(ts) for name, ts in rows}
+        for name, success_at, seconds, failed in runs:
+            if success_at is not None:
+                series.last_success[str(name)] = float(success_at)
+            series.last_duration[str(name)] = float(seconds)
+            series.last_failed[str(name)] = float(bool(failed))
+        return series
 
-    def flows(self) -> dict[str, float] | None:
-        flows: dict[str, float] | None = self._flows.get()
+    def _warn_flows(self, message: str) -> None:
+        if not self._flows_warned:  # once: the exporter is scraped every few seconds
+            log.warning("%s", message)
+            self._flows_warned = True
+
+    def flows(self) -> FlowSeries | None:
+        flows: FlowSeries | None = self._flows.get()
         return flows
 
     def health_problems(self) -> list[str]:
@@ -397,14 +442,32 @@ class _IngestCollector(Collector):
         flows = self.probes.flows()
         if flows is None:
             return
-        g = GaugeMetricFamily(
-            "aquameter_flow_last_computed_timestamp_seconds",
-            "Last time (Unix s) a flow committed computed units (analysis_marks.computed_at)",
-            labels=["flow"],
-        )
-        for name, ts in sorted(flows.items()):
-            g.add_metric([name], ts)
-        yield g
+        for name, doc, values in (
+            (
+                "aquameter_flow_last_computed_timestamp_seconds",
+                "Last time (Unix s) a flow committed computed units (analysis_marks.computed_at)",
+                flows.computed,
+            ),
+            (
+                "aquameter_flow_last_success_timestamp_seconds",
+                "End (Unix s) of the flow's last completed run (flow_runs)",
+                flows.last_success,
+            ),
+            (
+                "aquameter_flow_last_run_duration_seconds",
+                "Duration of the flow's latest run, completed or failed (flow_runs)",
+                flows.last_duration,
+            ),
+            (
+                "aquameter_flow_last_run_failed",
+                "1 when the flow's latest run failed (flow_runs.error has its one line)",
+                flows.last_failed,
+            ),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["flow"])
+            for flow, v in sorted(values.items()):
+                g.add_metric([flow], v)
+            yield g
 
 
 _ADAPTER_UP = ("aquameter_adapter_up", "1 while an adapter is connected (or bound, for CoAP)")

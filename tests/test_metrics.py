@@ -137,6 +137,16 @@ def test_metrics_health_and_readiness(ingest, mqtt_url, db_url):
         write_marks(cur, "ingest_health", marks, datetime.now(UTC))
         # A billing mark's flow name carries its period; the label keeps only the flow.
         write_marks(cur, "billing_export:2026-01-01..2026-02-01", marks, datetime.now(UTC))
+        # flow_runs: ingest_health completed (2 s), then failed (4 s); water_balance completed.
+        cur.executemany(
+            "INSERT INTO flow_runs (flow, started_at, finished_at, status, error) VALUES"
+            " (%s, to_timestamp(%s), to_timestamp(%s), %s, %s)",
+            [
+                ("ingest_health", 1_700_000_000, 1_700_000_002, "completed", None),
+                ("ingest_health", 1_700_000_100, 1_700_000_104, "failed", "flow ... FAILED: x"),
+                ("water_balance", 1_700_000_050, 1_700_000_053.5, "completed", None),
+            ],
+        )
         conn.commit()
     with start_metrics("127.0.0.1", 0, sources) as server:
         n_messages = _publish_and_settle(mqtt_url, client)
@@ -179,6 +189,14 @@ def test_metrics_health_and_readiness(ingest, mqtt_url, db_url):
             "aquameter_flow_last_computed_timestamp_seconds",
             (("flow", "billing_export"),),
         ) in m
+        success = "aquameter_flow_last_success_timestamp_seconds"
+        assert value(m, success, flow="ingest_health") == 1_700_000_002  # before the failure
+        assert value(m, success, flow="water_balance") == 1_700_000_053.5
+        duration = "aquameter_flow_last_run_duration_seconds"
+        assert value(m, duration, flow="ingest_health") == 4  # the latest run, the failed one
+        assert value(m, duration, flow="water_balance") == 3.5
+        assert value(m, "aquameter_flow_last_run_failed", flow="ingest_health") == 1
+        assert value(m, "aquameter_flow_last_run_failed", flow="water_balance") == 0
 
         assert get(f"{server.url}/healthz") == (200, "ok\n")
         assert get(f"{server.url}/readyz") == (200, "ok\n")
