@@ -17,8 +17,9 @@ Every threshold is a field of :class:`MeterAnomalyParams`; a utility tunes them 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -59,6 +60,40 @@ METER_CODES = (
     OVER_CAPACITY,
     METER_AGE,
 )
+
+# Meter classes (registry ``meter_class``; METERS may carry it as an optional ``meter_class``
+# column). A class changes what is normal for a meter: a building's flow never stops, so "no zero
+# interval for 24 h" says nothing about a leak there.
+RESIDENTIAL = "residential"
+MULTI_DWELLING = "multi_dwelling"
+COMMERCIAL = "commercial"
+INDUSTRIAL = "industrial"
+BULK = "bulk"
+METER_CLASSES = (RESIDENTIAL, MULTI_DWELLING, COMMERCIAL, INDUSTRIAL, BULK)
+DEFAULT_METER_CLASS = RESIDENTIAL
+
+LEAK_RULE_NO_ZERO = "no_zero"
+LEAK_RULE_FLOOR_RISE = "floor_rise"
+LeakRule = Literal["no_zero", "floor_rise"]
+
+
+def _default_class_overrides() -> dict[str, dict[str, Any]]:
+    """Per-class changes to :class:`MeterAnomalyParams`; a class not listed uses the defaults.
+
+    Single dwellings keep the domain rule (no zero interval for 24 h): their night has zero
+    intervals, and that rule's recall is what the scenario tests measure. Every other class is
+    judged against its own night floor. Industrial and bulk night use follows shifts and
+    processes, so their floor must rise by half before it counts.
+    """
+    rise = {"leak_rule": LEAK_RULE_FLOOR_RISE}
+    return {
+        RESIDENTIAL: {},
+        MULTI_DWELLING: dict(rise),
+        COMMERCIAL: dict(rise),
+        INDUSTRIAL: {**rise, "floor_rise_rel": 0.5},
+        BULK: {**rise, "floor_rise_rel": 0.5},
+    }
+
 
 DEFAULT_SEVERITY: dict[str, str] = {
     LEAK_CONTINUOUS: "warning",
@@ -104,6 +139,26 @@ class MeterAnomalyParams:
     gap makes a constant non-zero flow that would look like a leak. They count as "no flow seen", so
     they also break a stretch: dropping them instead let the episode bridge the gap, and a data gap
     of a day or more then counted towards the 24 h without a zero interval."""
+
+    leak_rule: LeakRule = LEAK_RULE_NO_ZERO
+    """``no_zero``: the domain rule above. ``floor_rise``: the meter against its own history — a
+    new, sustained rise of its night floor (the lowest hourly flow of each night) above the
+    baseline of its previous nights; for meters whose flow never stops (see :func:`floor_rise`)."""
+    floor_baseline_nights: int = 14
+    """Nights of history the baseline floor is the median of (two weeks: both weekend types)."""
+    floor_min_baseline_nights: int = 5
+    """No judgement before this many baseline nights: a meter's first nights are its baseline."""
+    floor_rise_nights: int = 3
+    """Consecutive nights above baseline + threshold that make a rise sustained (one busy night,
+    a filled pool or a night shift, is not a leak)."""
+    floor_rise_min_m3h: float = 0.02
+    """Smallest rise that counts: 20 L/h is a running toilet cistern, the typical hidden leak."""
+    floor_rise_rel: float = 0.25
+    """...and at least this share of the baseline floor: a building's floor moves with occupancy."""
+    floor_rise_mad_k: float = 3.0
+    """...and at least k robust standard deviations (1.4826 x MAD) of the baseline nights."""
+    floor_min_coverage: float = 0.5
+    """A night counts only when actual (not estimated) intervals cover this share of the window."""
 
     # --- BURST ------------------------------------------------------------------------------
     burst_k: float = 5.0
@@ -155,6 +210,15 @@ class MeterAnomalyParams:
 
     severity: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_SEVERITY))
 
+    classes: Mapping[str, Mapping[str, Any]] = field(default_factory=_default_class_overrides)
+    """Per meter class, the fields above that differ for it (see :func:`with_class_overrides`)."""
+
+    def for_class(self, meter_class: str | None) -> MeterAnomalyParams:
+        """These parameters with ``meter_class``'s changes applied (unknown class: unchanged),
+        so every detector reads one flat parameter set."""
+        changes = self.classes.get(meter_class or DEFAULT_METER_CLASS, {})
+        return replace(self, **changes) if changes else self
+
     def episode_params(self, code: str) -> EpisodeParams:
         """Opening and closing rule of each code."""
         rules = {
@@ -171,6 +235,43 @@ class MeterAnomalyParams:
         return rules[code]
 
 
+_CLASS_FIELDS = frozenset(f.name for f in fields(MeterAnomalyParams)) - {"classes", "severity"}
+
+
+def with_class_overrides(
+    params: MeterAnomalyParams, overrides: Mapping[str, Mapping[str, Any]]
+) -> MeterAnomalyParams:
+    """``params`` with per-class field changes (e.g. from the registry) merged over the defaults.
+
+    Raises ValueError on an unknown class or field, so a misspelt key in the registry is refused
+    instead of silently leaving the default in force.
+    """
+    merged = {k: dict(v) for k, v in params.classes.items()}
+    for cls, changes in overrides.items():
+        if cls not in METER_CLASSES:
+            raise ValueError(f"unknown meter class {cls!r} (one of {', '.join(METER_CLASSES)})")
+        unknown = set(changes) - _CLASS_FIELDS
+        if unknown:
+            raise ValueError(f"meter class {cls}: unknown anomaly parameter(s) {sorted(unknown)}")
+        if changes.get("leak_rule", LEAK_RULE_NO_ZERO) not in (
+            LEAK_RULE_NO_ZERO,
+            LEAK_RULE_FLOOR_RISE,
+        ):
+            raise ValueError(f"meter class {cls}: leak_rule must be no_zero or floor_rise")
+        merged.setdefault(cls, {}).update(changes)
+    return replace(params, classes=merged)
+
+
+def meter_classes_of(meters: pl.DataFrame) -> pl.DataFrame:
+    """``meter_id, meter_class`` for every meter; a missing column or null is the default."""
+    cls = (
+        pl.col("meter_class").fill_null(DEFAULT_METER_CLASS)
+        if "meter_class" in meters.columns
+        else pl.lit(DEFAULT_METER_CLASS)
+    )
+    return meters.select("meter_id", cls.alias("meter_class"))
+
+
 def detect_meter_anomalies(
     intervals: pl.DataFrame,
     meters: pl.DataFrame,
@@ -182,7 +283,73 @@ def detect_meter_anomalies(
     voltages: pl.DataFrame | None = None,
     failures: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """Every meter code for the intervals up to ``as_of``, merged with ``previous_alerts``.
+    """Every meter code, each meter judged with its class's parameters (``meters.meter_class``,
+    default residential); see :func:`detect_class_anomalies` for the arguments.
+
+    The meters of each class present are detected on their own (their intervals, uplinks and
+    stored alerts), so a building meter never meets the single-dwelling leak rule. Stored alerts
+    of meters absent from ``meters`` go with the default class and come back unchanged.
+    """
+    p = params or MeterAnomalyParams()
+    classes = meter_classes_of(meters)
+    present = classes.get_column("meter_class").unique().sort().to_list()
+    if len(present) <= 1:
+        cls = present[0] if present else DEFAULT_METER_CLASS
+        return detect_class_anomalies(
+            intervals, meters, p.for_class(cls), as_of, previous_alerts,
+            uplinks=uplinks, voltages=voltages, failures=failures,
+        )  # fmt: skip
+    if as_of is None:
+        last = intervals.get_column("ts").max()
+        as_of = last if isinstance(last, datetime) else datetime.now().astimezone()
+    known = classes.get_column("meter_id").implode()
+    if (
+        DEFAULT_METER_CLASS not in present
+        and previous_alerts is not None
+        and previous_alerts.filter(~pl.col("subject_id").is_in(known)).height
+    ):
+        present.append(DEFAULT_METER_CLASS)  # orphans' stored alerts come back unchanged
+    parts = []
+    for cls in present:
+        ids = classes.filter(pl.col("meter_class") == cls).get_column("meter_id")
+        mine = pl.col("meter_id").is_in(ids.implode())
+        prev = None
+        if previous_alerts is not None:
+            others = classes.filter(pl.col("meter_class") != cls).get_column("meter_id")
+            keep = (
+                ~pl.col("subject_id").is_in(others.implode())
+                if cls == DEFAULT_METER_CLASS
+                else pl.col("subject_id").is_in(ids.implode())
+            )
+            prev = previous_alerts.filter(keep)
+        parts.append(
+            detect_class_anomalies(
+                intervals.filter(mine),
+                meters.filter(mine),
+                p.for_class(cls),
+                as_of,
+                prev,
+                uplinks=None if uplinks is None else uplinks.filter(mine),
+                voltages=None if voltages is None else voltages.filter(mine),
+                failures=None if failures is None else failures.filter(mine),
+            )
+        )
+    return pl.concat(parts, how="vertical").sort("code", "subject_id", "start_ts")
+
+
+def detect_class_anomalies(
+    intervals: pl.DataFrame,
+    meters: pl.DataFrame,
+    params: MeterAnomalyParams | None = None,
+    as_of: datetime | None = None,
+    previous_alerts: pl.DataFrame | None = None,
+    *,
+    uplinks: pl.DataFrame | None = None,
+    voltages: pl.DataFrame | None = None,
+    failures: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """Every meter code for the intervals up to ``as_of``, merged with ``previous_alerts``, all
+    meters judged with the one parameter set ``params``.
 
     ``as_of`` (UTC) is the evaluation time: later intervals are ignored, COMMS_LOSS and METER_AGE
     are judged at it; it defaults to the last interval. ``uplinks`` (``meter_id, ts`` of received
@@ -358,9 +525,12 @@ def leak_continuous(
     The condition is simply "this interval had flow"; the episode machinery's minimum duration
     turns it into "no zero interval for 24 h" and dates the alert from the first interval of the
     stretch. Any 24 h stretch contains a whole night window, so the night floor can be judged on
-    the episode (evidence ``min_night_flow_m3h``).
+    the episode (evidence ``min_night_flow_m3h``). With ``leak_rule = "floor_rise"`` (meter classes
+    whose flow never stops) the code is raised by :func:`floor_rise` instead.
     """
     p = params or MeterAnomalyParams()
+    if p.leak_rule == LEAK_RULE_FLOOR_RISE:
+        return floor_rise(intervals, meters, p, previous_alerts)
     frame = prepare_intervals(intervals, meters, p)
     seen = pl.lit(True) if p.leak_use_estimated else pl.col("flag") != "E"
     frame = _openable(frame, ~pl.col("zero") & seen, LEAK_CONTINUOUS, p, previous_alerts)
@@ -391,6 +561,221 @@ def leak_continuous(
         severity=p.severity[LEAK_CONTINUOUS],
         accept=pl.col("min_night_flow_m3h") >= p.leak_night_floor_m3h,
     )
+
+
+NIGHT_FLOORS = {
+    "subject_id": pl.String,
+    "night_start": UTC_TS,
+    "night_end": UTC_TS,
+    "floor_m3h": pl.Float64,
+}
+
+
+def night_floors(
+    intervals: pl.DataFrame, meters: pl.DataFrame, params: MeterAnomalyParams | None = None
+) -> pl.DataFrame:
+    """Each meter's night floor (``NIGHT_FLOORS``): the lowest hourly flow of each local night.
+
+    Hourly, not per interval: a building's 15-minute flow can touch zero between two draws while
+    its hourly flow shows the water that never stops. Estimated intervals are not evidence; a
+    night whose actual intervals cover less than ``floor_min_coverage`` of the window is left
+    out. Night rows of a meter less than six hours apart are one night, so a window that crosses
+    UTC midnight stays one night.
+    """
+    p = params or MeterAnomalyParams()
+    frame = prepare_intervals(intervals, meters, p)
+    frame, night = _night_mask(frame, meters, p)
+    window_h = (p.night_end_hour - p.night_start_hour) % 24 or 24
+    rows = frame.filter(night & (pl.col("flag") != "E")).select(
+        "subject_id", "start", "end", "volume", "hours"
+    )
+    subj, start = pl.col("subject_id"), pl.col("start")
+    new_night = (subj != subj.shift(1)) | ((start - start.shift(1)) > timedelta(hours=6))
+    hourly = (
+        rows.with_columns(_night=new_night.fill_null(True).cum_sum())
+        .group_by("subject_id", "_night", start.dt.truncate("1h").alias("_hour"))
+        .agg(pl.col("volume").sum(), pl.col("hours").sum(), start.min(), pl.col("end").max())
+    )
+    return (
+        hourly.group_by("subject_id", "_night")
+        .agg(
+            pl.col("start").min().alias("night_start"),
+            pl.col("end").max().alias("night_end"),
+            (pl.col("volume") / pl.col("hours")).min().alias("floor_m3h"),
+            pl.col("hours").sum().alias("_covered"),
+        )
+        .filter(pl.col("_covered") >= p.floor_min_coverage * window_h)
+        .select(list(NIGHT_FLOORS))
+        .sort("subject_id", "night_start")
+    )
+
+
+def floor_rise(
+    intervals: pl.DataFrame,
+    meters: pl.DataFrame,
+    params: MeterAnomalyParams | None = None,
+    previous_alerts: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """LEAK_CONTINUOUS judged against the meter's own history: a new, sustained rise of its
+    night floor.
+
+    A building meter's flow never stops, so the domain rule (no zero interval for 24 h) holds
+    every day; what a leak changes is the floor under which its night flow no longer falls. Each
+    night's floor (:func:`night_floors`) is compared with the median floor of the previous
+    ``floor_baseline_nights`` normal nights; it is above when it exceeds that median by the
+    largest of ``floor_rise_min_m3h``, ``floor_rise_rel`` x median and ``floor_rise_mad_k``
+    robust standard deviations. ``floor_rise_nights`` consecutive nights above open the episode
+    at the first of them; the baseline is then frozen (leak nights never become normal) until a
+    floor falls back under median + half the threshold (a repair), which ends it. An open stored
+    alert that began before the window resumes with its stored baseline, so a leak older than the
+    loaded history stays open. The sequential scan runs only on meters whose floor could rise at
+    all (a superset found column-wise) and those with a stored alert.
+    """
+    p = params or MeterAnomalyParams()
+    floors = night_floors(intervals, meters, p)
+    stored = _stored_floor_baselines(previous_alerts, floors)
+    # Superset: the rolling median of the previous nights (unfrozen) plus the two fixed parts of
+    # the threshold; the MAD part can only raise it.
+    base = (
+        pl.col("floor_m3h")
+        .shift(1)
+        .rolling_median(p.floor_baseline_nights, min_samples=p.floor_min_baseline_nights)
+        .over("subject_id")
+    )
+    above = pl.col("floor_m3h") > base + pl.max_horizontal(
+        pl.lit(p.floor_rise_min_m3h), p.floor_rise_rel * base
+    )
+    candidates = floors.filter(above.fill_null(False)).get_column("subject_id").unique().to_list()
+    scan = set(candidates) | set(stored) | set(_subjects_of(previous_alerts, LEAK_CONTINUOUS))
+    sub = floors.filter(pl.col("subject_id").is_in(sorted(scan)))
+    state = _scan_floors(sub, stored, p)
+    cond = sub.with_columns(state).select(
+        "subject_id",
+        pl.col("night_start").alias("start"),
+        pl.col("night_end").alias("end"),
+        pl.col("_active").alias("active"),
+        "floor_m3h",
+        pl.col("_baseline").alias("baseline"),
+        (pl.col("floor_m3h") - pl.col("_baseline")).alias("rise"),
+        pl.lit(1.0).alias("one"),
+        pl.lit(LEAK_RULE_FLOOR_RISE).alias("rule"),
+    )
+    if cond.height == 0:
+        cond = cond.with_columns(pl.col("start").cast(UTC_TS), pl.col("end").cast(UTC_TS))
+    evidence = [
+        Evidence("rule", "rule", "first", dtype=pl.String),
+        Evidence("baseline_floor_m3h", "baseline", "first"),
+        Evidence("min_night_floor_m3h", "floor_m3h", "min"),
+        Evidence("max_night_floor_m3h", "floor_m3h", "max"),
+        Evidence("min_rise_m3h", "rise", "min"),
+        Evidence("sum_rise_m3h", "rise", "sum"),  # / nights: the leak's size
+        Evidence("nights", "one", "sum", digits=0),
+    ]
+    # Episodes are whole nights and already sustained: no further minimum duration.
+    return update_episodes(
+        cond,
+        code=LEAK_CONTINUOUS,
+        params=EpisodeParams(timedelta(0), timedelta(0)),
+        evidence=evidence,
+        previous=previous_alerts,
+        severity=p.severity[LEAK_CONTINUOUS],
+    )
+
+
+def _stored_floor_baselines(
+    previous_alerts: pl.DataFrame | None, floors: pl.DataFrame
+) -> dict[str, float]:
+    """Baseline floor of each open floor-rise alert that began before the meter's first night."""
+    if previous_alerts is None or previous_alerts.height == 0 or floors.height == 0:
+        return {}
+    first = floors.group_by("subject_id").agg(pl.col("night_start").min().alias("_first"))
+    ev = pl.col("evidence")
+    rows = (
+        previous_alerts.filter(
+            (pl.col("code") == LEAK_CONTINUOUS)
+            & (pl.col("status") == "open")
+            & (ev.str.json_path_match("$.rule") == LEAK_RULE_FLOOR_RISE)
+        )
+        .join(first, on="subject_id", how="inner")
+        .filter(pl.col("start_ts") < pl.col("_first"))
+        .select(
+            "subject_id",
+            ev.str.json_path_match("$.baseline_floor_m3h")
+            .cast(pl.Float64, strict=False)
+            .alias("b"),
+        )
+        .drop_nulls()
+    )
+    return dict(zip(rows["subject_id"].to_list(), rows["b"].to_list(), strict=True))
+
+
+def _scan_floors(
+    floors: pl.DataFrame, stored: Mapping[str, float], p: MeterAnomalyParams
+) -> list[pl.Series]:
+    """Per night of ``floors`` (sorted by meter, night): ``_active`` and the ``_baseline`` used.
+
+    Sequential per meter because the baseline freezes while a rise is open; run only on the few
+    meters :func:`floor_rise` selects.
+    """
+    n = floors.height
+    active = np.zeros(n, dtype=bool)
+    baseline = np.full(n, np.nan)
+    ids = floors.get_column("subject_id").to_list()
+    vals = floors.get_column("floor_m3h").to_numpy()
+    i = 0
+    while i < n:
+        j = i
+        while j < n and ids[j] == ids[i]:
+            j += 1
+        _scan_meter(vals[i:j], stored.get(ids[i]), p, active[i:j], baseline[i:j])
+        i = j
+    return [
+        pl.Series("_active", active, dtype=pl.Boolean),
+        pl.Series("_baseline", baseline, dtype=pl.Float64, nan_to_null=True),
+    ]
+
+
+def _scan_meter(
+    vals: np.ndarray,
+    resume: float | None,
+    p: MeterAnomalyParams,
+    active: np.ndarray,
+    baseline: np.ndarray,
+) -> None:
+    """One meter's nights; fills ``active`` and ``baseline`` in place."""
+    hist: list[float] = []
+    pending: list[int] = []
+    frozen: tuple[float, float] | None = None  # (median, threshold) while a rise is open
+    if resume is not None:
+        frozen = (resume, max(p.floor_rise_min_m3h, p.floor_rise_rel * resume))
+    for k, f in enumerate(vals.tolist()):
+        if frozen is not None:
+            med, thr = frozen
+            if f > med + thr / 2:
+                active[k], baseline[k] = True, med
+                continue
+            frozen = None  # repaired: this night is normal again
+            hist.append(f)
+            continue
+        if len(hist) < p.floor_min_baseline_nights:
+            hist.append(f)
+            continue
+        window = np.asarray(hist[-p.floor_baseline_nights :])
+        med = float(np.median(window))
+        mad = 1.4826 * float(np.median(np.abs(window - med)))
+        thr = max(p.floor_rise_min_m3h, p.floor_rise_rel * med, p.floor_rise_mad_k * mad)
+        baseline[k] = med
+        if f > med + thr:
+            pending.append(k)
+            if len(pending) >= p.floor_rise_nights:
+                active[pending] = True
+                baseline[pending] = med
+                pending = []
+                frozen = (med, thr)
+            continue
+        hist.extend(float(vals[q]) for q in pending)
+        pending = []
+        hist.append(f)
 
 
 def burst(
