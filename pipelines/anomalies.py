@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import polars as pl
@@ -72,8 +72,8 @@ BULK = "bulk"
 METER_CLASSES = (RESIDENTIAL, MULTI_DWELLING, COMMERCIAL, INDUSTRIAL, BULK)
 DEFAULT_METER_CLASS = RESIDENTIAL
 
-LEAK_RULE_NO_ZERO = "no_zero"
-LEAK_RULE_FLOOR_RISE = "floor_rise"
+LEAK_RULE_NO_ZERO: Final = "no_zero"
+LEAK_RULE_FLOOR_RISE: Final = "floor_rise"
 LeakRule = Literal["no_zero", "floor_rise"]
 
 
