@@ -19,6 +19,9 @@ from aquameter.secrets import SecretError, resolve_secret
 
 Protocol = Literal["mqtt", "coap", "modbus", "opcua", "import"]
 PayloadFormat = Literal["json", "binary-v1", "cbor"]
+# What a customer meter serves (pipelines.anomalies.METER_CLASSES): sets its anomaly rules and
+# which open alerts hold its bill.
+MeterClassName = Literal["residential", "multi_dwelling", "commercial", "industrial", "bulk"]
 
 
 class _Model(BaseModel):
@@ -37,6 +40,11 @@ class Dma(_Model):
     avg_pressure_m: float | None = None
     unmetered_households: int = 0
     unmetered_non_households: int = 0
+    # Apparent-loss components of this DMA's water balance (None: WaterBalanceParams' default);
+    # give the figure of an audit or meter test here and the balance reports it as estimated.
+    unauthorized_pct_of_siv: float | None = Field(default=None, ge=0, lt=100)
+    meter_under_registration_pct: float | None = Field(default=None, ge=0, lt=100)
+    data_handling_pct_of_billed_metered: float | None = Field(default=None, ge=0, lt=100)
 
 
 class Channel(_Model):
@@ -60,6 +68,7 @@ class Meter(_Model):
     id: str | None = None
     account: str | None = None
     customer_type: Literal["household", "non_household"] = "household"
+    meter_class: MeterClassName = "residential"
     dn: int = 15
     q3: float = 2.5
     q4: float | None = None
@@ -198,6 +207,7 @@ class MeterGroup(_Model):
     account_format: str | None = None
     serial_start: int | None = None
     customer_type: Literal["household", "non_household"] = "household"
+    meter_class: MeterClassName = "residential"
     dn: int = 15
     q3: float = 2.5
     register_digits: int = 5
@@ -228,6 +238,7 @@ class MeterGroup(_Model):
                         id=dev_id,
                         account=self.account_format.format(i) if self.account_format else None,
                         customer_type=self.customer_type,
+                        meter_class=self.meter_class,
                         dn=self.dn,
                         q3=self.q3,
                         register_digits=self.register_digits,
@@ -238,11 +249,26 @@ class MeterGroup(_Model):
         return devices
 
 
+class MeterClass(_Model):
+    """Settings of one meter class that differ from the defaults in code.
+
+    ``anomaly`` holds fields of ``pipelines.anomalies.MeterAnomalyParams`` (e.g. ``leak_rule``,
+    ``floor_rise_min_m3h``, ``floor_rise_nights``); durations are not accepted here. Unknown keys
+    are refused when the flows build the parameters, and at sync. ``hold_codes``: the open alert
+    codes that hold this class's bills (None: the class default in ``pipelines.billing``).
+    """
+
+    id: MeterClassName
+    anomaly: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    hold_codes: list[str] | None = None
+
+
 class Registry(_Model):
     dmas: list[Dma] = Field(default_factory=list, alias="dma")
     vendors: list[Vendor] = Field(default_factory=list, alias="vendor")
     devices: list[Device] = Field(default_factory=list, alias="device")
     meter_groups: list[MeterGroup] = Field(default_factory=list, alias="meter_group")
+    meter_classes: list[MeterClass] = Field(default_factory=list, alias="meter_class")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -267,6 +293,9 @@ class Registry(_Model):
             if dev.id in seen:
                 raise ValueError(f"device {dev.id} is declared twice")
             seen.add(dev.id)
+        classes = [c.id for c in self.meter_classes]
+        if len(classes) != len(set(classes)):
+            raise ValueError("a meter_class is declared twice")
         return self
 
     def all_devices(self) -> list[Device]:

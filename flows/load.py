@@ -39,6 +39,7 @@ METERS_EXTRA: SchemaDict = {
     "device_id": pl.String,
     "vendor_id": pl.String,
     "channel_id": pl.Int32,
+    "meter_class": pl.String,
 }
 
 EDIT_ROWS: SchemaDict = {
@@ -171,6 +172,37 @@ def load_dmas(conn: psycopg.Connection, dma_ids: Sequence[str] | None = None) ->
     )
 
 
+def load_meter_classes(conn: psycopg.Connection) -> dict[str, dict[str, Any]]:
+    """Per meter class, what the registry changes: ``{"anomaly": {...}, "hold_codes": [...] |
+    None}`` (table ``meter_classes``, migration 0011); classes without a row are absent."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, anomaly, hold_codes FROM meter_classes ORDER BY id")
+        return {r[0]: {"anomaly": dict(r[1] or {}), "hold_codes": r[2]} for r in cur.fetchall()}
+
+
+APPARENT_LOSS_PCTS: SchemaDict = {
+    "dma_id": pl.String,
+    "unauthorized_pct_of_siv": pl.Float64,
+    "meter_under_registration_pct": pl.Float64,
+    "data_handling_pct_of_billed_metered": pl.Float64,
+}
+
+
+def load_apparent_loss_pcts(
+    conn: psycopg.Connection, dma_ids: Sequence[str] | None = None
+) -> pl.DataFrame:
+    """Per-DMA apparent-loss percentages (``APPARENT_LOSS_PCTS``; null: the default)."""
+    where = "" if dma_ids is None else "WHERE id = ANY(%s)"
+    return copy_frame(
+        conn,
+        f"""SELECT id, unauthorized_pct_of_siv, meter_under_registration_pct,
+                   data_handling_pct_of_billed_metered
+            FROM dmas {where} ORDER BY id""",
+        None if dma_ids is None else (list(dma_ids),),
+        APPARENT_LOSS_PCTS,
+    )
+
+
 def load_meters(
     conn: psycopg.Connection,
     *,
@@ -196,7 +228,7 @@ def load_meters(
         conn,
         f"""SELECT m.id, m.dma_id, m.account, m.customer_type, m.dn, m.q3, m.q4,
                    m.register_digits, {days_since_1970("m.install_date")}, d.gateway,
-                   z.timezone, (m.active AND d.active), d.id, d.vendor_id, c.id
+                   z.timezone, (m.active AND d.active), d.id, d.vendor_id, c.id, m.meter_class
             FROM meters m
             JOIN devices d ON d.id = m.device_id
             LEFT JOIN dmas z ON z.id = m.dma_id

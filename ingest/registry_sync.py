@@ -27,6 +27,7 @@ import psycopg
 
 from aquameter.registry import Device, Registry
 from ingest.units import CANONICAL, DEFAULT_RANGES
+from pipelines.anomalies import MeterAnomalyParams, with_class_overrides
 
 log = logging.getLogger("aquameter.registry_sync")
 
@@ -112,9 +113,17 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
             d.avg_pressure_m,
             d.unmetered_households,
             d.unmetered_non_households,
+            d.unauthorized_pct_of_siv,
+            d.meter_under_registration_pct,
+            d.data_handling_pct_of_billed_metered,
         )
         for d in registry.dmas
     ]
+    # Refused here, not at the next flow run: a misspelt anomaly key must fail the sync.
+    with_class_overrides(
+        MeterAnomalyParams(), {c.id: dict(c.anomaly) for c in registry.meter_classes}
+    )
+    class_rows = [(c.id, json.dumps(c.anomaly), c.hold_codes) for c in registry.meter_classes]
     vendor_rows = [(v.id, v.name, v.payload) for v in registry.vendors]
     device_rows, meter_rows, exchange_rows, sensor_rows, channel_rows = [], [], [], [], []
     for dev in devices:
@@ -133,6 +142,7 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
                     dev.dma,
                     m.account,
                     m.customer_type,
+                    m.meter_class,
                     m.dn,
                     m.q3,
                     m.q4,
@@ -179,16 +189,29 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
             """INSERT INTO dmas (id, name, timezone, mains_km, service_connections, private_pipe_km,
-                   avg_pressure_m, unmetered_households, unmetered_non_households)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   avg_pressure_m, unmetered_households, unmetered_non_households,
+                   unauthorized_pct_of_siv, meter_under_registration_pct,
+                   data_handling_pct_of_billed_metered)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                ON CONFLICT (id) DO UPDATE SET name = excluded.name, timezone = excluded.timezone,
                    mains_km = excluded.mains_km, service_connections = excluded.service_connections,
                    private_pipe_km = excluded.private_pipe_km,
                    avg_pressure_m = excluded.avg_pressure_m,
                    unmetered_households = excluded.unmetered_households,
                    unmetered_non_households = excluded.unmetered_non_households,
+                   unauthorized_pct_of_siv = excluded.unauthorized_pct_of_siv,
+                   meter_under_registration_pct = excluded.meter_under_registration_pct,
+                   data_handling_pct_of_billed_metered =
+                       excluded.data_handling_pct_of_billed_metered,
                    updated_at = now()""",
             dma_rows,
+        )
+        # The registry is the whole truth about classes: a class removed from it is default.
+        cur.execute("DELETE FROM meter_classes")
+        cur.executemany(
+            """INSERT INTO meter_classes (id, anomaly, hold_codes)
+               VALUES (%s, %s::jsonb, %s)""",
+            class_rows,
         )
         cur.executemany(
             """INSERT INTO vendors (id, name, payload) VALUES (%s, %s, %s)
@@ -206,12 +229,13 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
             device_rows,
         )
         cur.executemany(
-            """INSERT INTO meters (id, device_id, dma_id, account, customer_type, dn, q3, q4,
-                   register_digits, install_date)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            """INSERT INTO meters (id, device_id, dma_id, account, customer_type, meter_class,
+                   dn, q3, q4, register_digits, install_date)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                ON CONFLICT (id) DO UPDATE SET device_id = excluded.device_id,
                    dma_id = excluded.dma_id, account = excluded.account,
-                   customer_type = excluded.customer_type, dn = excluded.dn, q3 = excluded.q3,
+                   customer_type = excluded.customer_type, meter_class = excluded.meter_class,
+                   dn = excluded.dn, q3 = excluded.q3,
                    q4 = excluded.q4, register_digits = excluded.register_digits,
                    install_date = excluded.install_date, active = true""",
             meter_rows,

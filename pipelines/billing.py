@@ -17,11 +17,14 @@ complete interval series reaches the boundary. Nothing is extrapolated past the 
 Read types: ACTUAL | ESTIMATED | MISSING. VEE status: VALID (no rule failed in the period),
 SUSPECT (some rule other than GAP failed; ``vee_rules`` lists them) or INCOMPLETE (the volume is
 unknown: a boundary outside the series, a hole, or an interval that failed validation and was not
-edited). ``hold`` is set by INCOMPLETE or by any open alert whose code is a hold code.
+edited). ``hold`` is set by INCOMPLETE or by any open alert whose code holds bills of the meter's
+class (``BillingParams.class_hold_codes``; METERS may carry ``meter_class``, default residential),
+and ``hold_reason`` says why in words on the bill line.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -83,6 +86,7 @@ DETERMINANTS = {
     "vee_rules": _STRINGS,
     "hold_codes": _STRINGS,
     "hold": pl.Boolean,
+    "hold_reason": pl.String,
 }
 
 VERSION_COLUMNS = {
@@ -100,13 +104,25 @@ def _default_hold_codes() -> frozenset[str]:
     return frozenset({"LEAK_CONTINUOUS", "BURST", "REVERSE_FLOW", "STUCK_METER", "TAMPER"})
 
 
+def _default_class_hold_codes() -> dict[str, frozenset[str]]:
+    """Dwellings and businesses hold on ``hold_codes`` (every code that puts the billed volume in
+    doubt). Industrial and bulk customers only on codes that say the meter itself is wrong
+    (backflow, tamper, stopped): a leak or burst behind their meter is their water, billed as
+    registered, and their bills are too large to delay for a customer-side problem."""
+    meter_wrong = frozenset({"REVERSE_FLOW", "STUCK_METER", "TAMPER"})
+    return {"industrial": meter_wrong, "bulk": meter_wrong}
+
+
 @dataclass(frozen=True, slots=True)
 class BillingParams:
     """Settings of determinant computation and versioning.
 
     Attributes:
         hold_codes: alert codes that hold a bill while open (a bill for a leaking or tampered
-            meter is reviewed before it goes out).
+            meter is reviewed before it goes out), for a meter whose class has no entry in
+            ``class_hold_codes``.
+        class_hold_codes: per meter class, the codes that hold its bills (only those: an open
+            alert of another code never holds); a class not listed holds on ``hold_codes``.
         boundary_read_tolerance_s: a read this close to a period boundary counts as an actual
             read at the boundary (0: only a read exactly at local midnight).
         continuity_tolerance_s: a slot starting later than the previous one ended by more than
@@ -119,6 +135,9 @@ class BillingParams:
     """
 
     hold_codes: frozenset[str] = field(default_factory=_default_hold_codes)
+    class_hold_codes: Mapping[str, frozenset[str]] = field(
+        default_factory=_default_class_hold_codes
+    )
     boundary_read_tolerance_s: float = 0.0
     continuity_tolerance_s: float = 1.0
     default_timezone: str = "UTC"
@@ -481,40 +500,117 @@ def billing_determinants(
         d = d.join(swaps, on="_row", how="left")
     else:
         d = d.with_columns(exchanges=pl.lit(0))
-    d = d.join(_holds(per, alerts, p), on="_row", how="left")
+    d = d.join(_holds(per, alerts, p, meters), on="_row", how="left")
 
     suspect = pl.col("vee_rules").list.set_difference([GAP]).list.len() > 0
-    d = d.with_columns(
-        pl.col("vee_rules").fill_null(empty_list),
-        pl.col("hold_codes").fill_null(empty_list),
-        pl.col("exchanges").fill_null(0),
-    ).with_columns(
-        vee_status=pl.when(~pl.col("_complete"))
-        .then(pl.lit(VEE_INCOMPLETE))
-        .when(suspect)
-        .then(pl.lit(VEE_SUSPECT))
-        .otherwise(pl.lit(VEE_VALID)),
-        hold=(pl.col("hold_codes").list.len() > 0) | ~pl.col("_complete"),
+    d = (
+        d.with_columns(
+            pl.col("vee_rules").fill_null(empty_list),
+            pl.col("hold_codes").fill_null(empty_list),
+            pl.col("exchanges").fill_null(0),
+        )
+        .with_columns(
+            vee_status=pl.when(~pl.col("_complete"))
+            .then(pl.lit(VEE_INCOMPLETE))
+            .when(suspect)
+            .then(pl.lit(VEE_SUSPECT))
+            .otherwise(pl.lit(VEE_VALID)),
+            hold=(pl.col("hold_codes").list.len() > 0) | ~pl.col("_complete"),
+            hold_reason=pl.concat_str(
+                [
+                    pl.col("_hold_reason"),
+                    pl.when(~pl.col("_complete")).then(pl.lit("INCOMPLETE volume (VEE)")),
+                ],
+                separator="; ",
+                ignore_nulls=True,
+            ),
+        )
+        .with_columns(
+            hold_reason=pl.when(pl.col("hold")).then(pl.col("hold_reason")),
+        )
     )
     return d.sort("_row").select(list(DETERMINANTS)).cast(DETERMINANTS)  # type: ignore[arg-type]
 
 
-def _holds(per: pl.DataFrame, alerts: pl.DataFrame | None, p: BillingParams) -> pl.DataFrame:
-    """(_row, hold_codes): open hold-code alerts on the meter that began before the period end."""
+def class_hold_table(p: BillingParams) -> pl.DataFrame:
+    """``meter_class, code`` pairs of the classes listed in ``class_hold_codes``."""
+    pairs = [(c, code) for c, codes in p.class_hold_codes.items() for code in sorted(codes)]
+    return pl.DataFrame(
+        {"meter_class": [c for c, _ in pairs], "code": [k for _, k in pairs]},
+        schema={"meter_class": pl.String, "code": pl.String},
+    )
+
+
+def _holds(
+    per: pl.DataFrame, alerts: pl.DataFrame | None, p: BillingParams, meters: pl.DataFrame
+) -> pl.DataFrame:
+    """(_row, hold_codes, _hold_reason): open alerts on the meter that began before the period
+    end and whose code holds bills of the meter's class; the reason names each with its start,
+    e.g. ``LEAK_CONTINUOUS open since 2024-05-02 (holds multi_dwelling bills)``."""
+    schema: dict[str, pl.DataType | type[pl.DataType]] = {
+        "_row": pl.UInt32,
+        "hold_codes": _STRINGS,
+        "_hold_reason": pl.String,
+    }
     if alerts is None or alerts.height == 0:
-        return pl.DataFrame(schema={"_row": pl.UInt32, "hold_codes": _STRINGS})
+        return pl.DataFrame(schema=schema)
+    cls = (
+        pl.col("meter_class").fill_null("residential")
+        if "meter_class" in meters.columns
+        else pl.lit("residential")
+    )
+    classes = meters.select("meter_id", cls.alias("meter_class")).unique("meter_id")
+    table = class_hold_table(p)
     open_alerts = alerts.filter(
-        pl.col("code").is_in(sorted(p.hold_codes))
-        & pl.when(pl.col("status").is_not_null())
+        pl.when(pl.col("status").is_not_null())
         .then(pl.col("status") == "open")
         .otherwise(pl.col("end_ts").is_null())
     ).select(pl.col("subject_id").alias("meter_id"), "code", pl.col("start_ts").cast(UTC_TS))
+    held = (
+        open_alerts.join(classes, on="meter_id", how="left")
+        .with_columns(pl.col("meter_class").fill_null("residential"))
+        .join(
+            # A class without an entry holds on the general hold_codes.
+            pl.concat(
+                [
+                    table,
+                    pl.DataFrame(
+                        {"meter_class": "_other", "code": sorted(p.hold_codes)},
+                        schema={"meter_class": pl.String, "code": pl.String},
+                    ),
+                ]
+            ),
+            left_on=[
+                pl.when(pl.col("meter_class").is_in(list(p.class_hold_codes)))
+                .then(pl.col("meter_class"))
+                .otherwise(pl.lit("_other")),
+                "code",
+            ],
+            right_on=["meter_class", "code"],
+            how="semi",
+        )
+    )
     return (
         per.select("_row", "meter_id", "end_utc")
-        .join(open_alerts, on="meter_id", how="inner")
+        .join(held, on="meter_id", how="inner")
         .filter(pl.col("start_ts") < pl.col("end_utc"))
-        .group_by("_row")
-        .agg(pl.col("code").unique().sort().alias("hold_codes"))
+        .sort("_row", "code", "start_ts")
+        .group_by("_row", maintain_order=True)
+        .agg(
+            pl.col("code").unique().sort().alias("hold_codes"),
+            pl.concat_str(
+                [
+                    pl.col("code"),
+                    pl.lit(" open since "),
+                    pl.col("start_ts").dt.strftime("%Y-%m-%d %H:%MZ"),
+                    pl.lit(" (holds "),
+                    pl.col("meter_class"),
+                    pl.lit(" bills)"),
+                ]
+            )
+            .str.join("; ")
+            .alias("_hold_reason"),
+        )
     )
 
 

@@ -598,3 +598,52 @@ def test_export_of_a_period_never_computed_is_an_error_and_writes_nothing(
         db_url, "2026-10", "csv", target, changed_since=datetime(2100, 1, 1, tzinfo=UTC)
     )
     assert r.rows == 0 and target.exists()
+
+
+def test_holds_follow_the_meter_class_and_say_why():
+    """A bulk meter's bill is not held by a customer-side leak (not a hold code of its class) but
+    is by a tamper; a residential one is held by the leak, and the bill line says which alert
+    since when."""
+    reads = pl.concat(
+        [build_reads(m, utc(2026, 4, 1), utc(2026, 4, 2), Q, lambda ts: 0.01) for m in ("m1", "m2")]
+    )
+    meters = pl.concat([meter_frame("m1", dma="utc"), meter_frame("m2", dma="utc")]).with_columns(
+        meter_class=pl.Series(["residential", "bulk"])
+    )
+    alerts = pl.DataFrame(
+        [
+            ("LEAK_CONTINUOUS", "m1", utc(2026, 3, 30), None, "open", "warning", "{}"),
+            ("LEAK_CONTINUOUS", "m2", utc(2026, 3, 30), None, "open", "warning", "{}"),
+        ],
+        schema=ALERTS,
+        orient="row",
+    )
+    f = validate(reads, meters, as_of=utc(2027, 1, 1))
+    d = billing_determinants(
+        days((date(2026, 4, 1), date(2026, 4, 1))),
+        interval_consumption(reads),
+        reads,
+        meters,
+        dmas=DMAS,
+        failures=f,
+        alerts=alerts,
+    ).sort("meter_id")
+    assert d["hold"].to_list() == [True, False]
+    assert d["hold_codes"].to_list() == [["LEAK_CONTINUOUS"], []]
+    assert d["hold_reason"].to_list() == [
+        "LEAK_CONTINUOUS open since 2026-03-30 00:00Z (holds residential bills)",
+        None,
+    ]
+    tamper = alerts.with_columns(code=pl.lit("TAMPER"))
+    d = billing_determinants(
+        days((date(2026, 4, 1), date(2026, 4, 1))),
+        interval_consumption(reads),
+        reads,
+        meters,
+        dmas=DMAS,
+        failures=f,
+        alerts=tamper,
+        params=BillingParams(class_hold_codes={"bulk": frozenset({"TAMPER"})}),
+    ).sort("meter_id")
+    assert d["hold"].to_list() == [True, True]
+    assert d["hold_reason"][1] == "TAMPER open since 2026-03-30 00:00Z (holds bulk bills)"
