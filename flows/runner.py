@@ -84,6 +84,61 @@ class _LazyFlows(MutableMapping[str, "Flow[..., dict[str, Any]]"]):
 
 FLOWS: MutableMapping[str, Flow[..., dict[str, Any]]] = _LazyFlows(FLOW_PATHS)
 
+# Served runs (``flow serve``) start in subprocesses that load each flow from its deployment's
+# entrypoint: ``flows.runner.recorded_<name>``, the flow with hooks that record its outcome.
+RECORDED_PREFIX = "recorded_"
+
+
+def recorded(name: str) -> Flow[..., dict[str, Any]]:
+    """Flow ``name`` with state hooks that write its ``flow_runs`` row: what ``flow serve``
+    runs, since its runs do not go through ``run_flow`` (they start in Prefect's subprocesses)."""
+    hook = _RecordHook(name)
+    return FLOWS[name].with_options(on_completion=[hook], on_failure=[hook], on_crashed=[hook])
+
+
+def __getattr__(attribute: str) -> Any:
+    """``recorded_<name>``: the deployment entrypoints (see ``recorded``)."""
+    name = attribute.removeprefix(RECORDED_PREFIX)
+    if attribute.startswith(RECORDED_PREFIX) and name in FLOWS:
+        return recorded(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
+
+
+class _RecordHook:
+    """A Prefect flow-state hook (completed, failed, crashed) that records the run."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.__name__ = f"record_{name}_run"  # Prefect logs hooks by name
+
+    def __call__(self, flow: Any, flow_run: Any, state: Any) -> None:
+        params = dict(getattr(flow_run, "parameters", None) or {})
+        started = getattr(flow_run, "start_time", None) or datetime.now(UTC)
+        outcome = _state_outcome(state)
+        summary = outcome if isinstance(outcome, Mapping) else None
+        error = None
+        if not state.is_completed():
+            cause = outcome if isinstance(outcome, BaseException) else RuntimeError(state.message)
+            error = FlowFailed(self.name, cause).line
+        record_run(
+            params.get("database_url"),
+            self.name,
+            started,
+            summary if error is None else None,
+            error,
+            params.get("since"),
+            params.get("until"),
+        )
+
+
+def _state_outcome(state: Any) -> Any:
+    """The flow's return value, or the exception it failed with (None when unavailable)."""
+    try:
+        return state.result(raise_on_failure=False)
+    except Exception as exc:  # a crashed run's state may hold no result at all
+        return exc
+
+
 # Cron schedules (UTC). The hourly flows are cheap when nothing changed: only stale units run.
 # Billing runs on the 2nd of the month for the previous month, after late uplinks had a day.
 DEFAULT_SCHEDULES: dict[str, str] = {
@@ -196,16 +251,19 @@ def _heartbeats_off(api: PrefectApi) -> Iterator[None]:
         yield
 
 
-def _window_end(summary: Mapping[str, Any] | None, key: str, asked: datetime | None) -> Any:
+def _window_end(summary: Mapping[str, Any] | None, key: str, asked: object) -> datetime | None:
     """The window bound the flow reports (it resolves the default look-back), else the one
-    asked for (a naive datetime is UTC, as everywhere in the flows)."""
-    reported = summary.get(key) if summary else None
-    if isinstance(reported, str):
-        with contextlib.suppress(ValueError):
-            return datetime.fromisoformat(reported)
-    if asked is not None and asked.tzinfo is None:
-        return asked.replace(tzinfo=UTC)
-    return asked
+    asked for: a datetime, a date or an ISO string (a served run's parameters), naive = UTC as
+    everywhere in the flows."""
+    for candidate in (summary.get(key) if summary else None, asked):
+        if isinstance(candidate, str):
+            with contextlib.suppress(ValueError):
+                candidate = datetime.fromisoformat(candidate)
+        if isinstance(candidate, datetime | date):
+            moment = _moment(candidate)
+            assert moment is not None
+            return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return None
 
 
 def record_run(
@@ -214,8 +272,8 @@ def record_run(
     started_at: datetime,
     summary: Mapping[str, Any] | None,
     error: str | None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: datetime | date | str | None = None,
+    until: datetime | date | str | None = None,
 ) -> bool:
     """Insert the run's ``flow_runs`` row: completed with ``summary``, or failed with ``error``
     (the one line). Why in the database: Prefect's own record lives in a local API that is
@@ -273,7 +331,7 @@ def deployments(
         params: dict[str, Any] = {}
         if overrides and overrides.get(name):
             params["overrides"] = dict(overrides[name])
-        deployment = FLOWS[name].to_deployment(
+        deployment = recorded(name).to_deployment(
             name=f"aquameter-{name}",
             cron=cron.get(name),
             parameters=params,
@@ -282,6 +340,8 @@ def deployments(
         )
         # to_deployment is sync-compatible: called from sync code it returns the deployment.
         assert isinstance(deployment, RunnerDeployment)
+        # Served runs load the flow from here: the variant that records its runs.
+        deployment.entrypoint = f"{__name__}.{RECORDED_PREFIX}{name}"
         out.append(deployment)
     return out
 

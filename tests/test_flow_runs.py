@@ -136,3 +136,33 @@ def test_unrecordable_run_keeps_its_own_failure(caplog: pytest.LogCaptureFixture
     started = datetime.now(UTC)
     assert record_run(down, "ingest_health", started, None, "flow ingest_health FAILED: x") is False
     assert "not recorded in flow_runs" in caplog.text
+
+
+def test_served_flows_record_their_runs(
+    db_url: str, analytics_url: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`flow serve` runs each flow in a Prefect subprocess that loads it from its deployment's
+    entrypoint, not through run_flow: that entrypoint is the variant whose state hooks record
+    the run. Loaded here the way Prefect's engine loads it, and run."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    import flows.runner
+    from flows.runner import deployments
+
+    (deployment,) = deployments(names=["ingest_health"])
+    assert deployment.entrypoint == "flows.runner.recorded_ingest_health"
+    monkeypatch.setitem(flows.runner.FLOWS, "water_quality", _broken_flow("water_quality"))
+    with prefect_api(Settings(data_dir=data_dir)):
+        served = load_flow_from_entrypoint(deployment.entrypoint)
+        result = served(database_url=analytics_url, since=SINCE, until=UNTIL)
+        broken = load_flow_from_entrypoint("flows.runner.recorded_water_quality")
+        with pytest.raises(RuntimeError, match="injected failure"):
+            broken(database_url=analytics_url, since=SINCE, until=UNTIL)
+    rows = _rows(db_url)
+    assert [(r["flow"], r["status"]) for r in rows] == [
+        ("ingest_health", "completed"),
+        ("water_quality", "failed"),
+    ]
+    assert rows[0]["summary"]["rows"] == result["rows"]
+    assert (rows[0]["window_since"], rows[0]["window_until"]) == (SINCE, UNTIL)
+    assert rows[1]["error"] == "flow water_quality FAILED: RuntimeError: injected failure"
