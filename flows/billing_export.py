@@ -29,6 +29,7 @@ from flows.load import (
     load_dmas,
     load_edits,
     load_exchanges,
+    load_meter_classes,
     load_meter_reads,
     load_meters,
 )
@@ -38,9 +39,11 @@ from flows.store import copy_rows, lock, write_marks
 from flows.window import resolve_database_url, utc
 from pipelines.billing import (
     BillingParams,
+    all_hold_codes,
     billing_determinants,
     charge_preview,
     determinant_versions,
+    with_class_hold_codes,
 )
 from pipelines.tariff import TieredTariff
 from sql.connect import connect
@@ -53,7 +56,7 @@ BILLING_COLUMNS = (
     "opening_read_type", "closing_register", "closing_read_type", "volume", "unit",
     "estimated_m3", "edited_m3", "estimated_share", "flags", "methods", "exchanges", "vee_status",
     "vee_rules", "hold", "hold_codes", "charge_lines", "charge_total", "reason",
-    "replaces_version", "changed_columns",
+    "replaces_version", "changed_columns", "hold_reason",
 )  # fmt: skip
 
 
@@ -155,9 +158,15 @@ def _hold_inputs(
         conn,
         """SELECT subject_id, count(*)::text || ':' || sum(extract(epoch FROM updated_at))::text
            FROM alerts WHERE code = ANY(%s) AND start_ts < %s GROUP BY subject_id""",
-        (sorted(settings.billing.hold_codes), utc(period_end + timedelta(days=2))),
+        (all_hold_codes(_class_billing(conn, settings)), utc(period_end + timedelta(days=2))),
         {"subject_id": pl.String, "holds": pl.String},
     )
+
+
+def _class_billing(conn: psycopg.Connection, settings: BillingExportSettings) -> BillingParams:
+    """The billing parameters with the hold codes the registry sets per meter class."""
+    classes = load_meter_classes(conn)
+    return with_class_hold_codes(settings.billing, {c: v["hold_codes"] for c, v in classes.items()})
 
 
 def _refresh_holds(cur: psycopg.Cursor, priced: pl.DataFrame) -> int:
@@ -167,21 +176,23 @@ def _refresh_holds(cur: psycopg.Cursor, priced: pl.DataFrame) -> int:
         return 0
     cur.execute(
         """UPDATE billing_volumes b SET hold = u.hold,
-               hold_codes = string_to_array(u.codes, ',')
-           FROM unnest(%s::text[], %s::date[], %s::date[], %s::boolean[], %s::text[])
-                AS u(meter_id, period_start, period_end, hold, codes)
+               hold_codes = string_to_array(u.codes, ','), hold_reason = u.reason
+           FROM unnest(%s::text[], %s::date[], %s::date[], %s::boolean[], %s::text[], %s::text[])
+                AS u(meter_id, period_start, period_end, hold, codes, reason)
            WHERE b.meter_id = u.meter_id AND b.period_start = u.period_start
              AND b.period_end = u.period_end
              AND b.version = (SELECT max(version) FROM billing_volumes x
                               WHERE x.meter_id = b.meter_id AND x.period_start = b.period_start
                                 AND x.period_end = b.period_end)
-             AND (b.hold, b.hold_codes) IS DISTINCT FROM (u.hold, string_to_array(u.codes, ','))""",
+             AND (b.hold, b.hold_codes, b.hold_reason)
+                 IS DISTINCT FROM (u.hold, string_to_array(u.codes, ','), u.reason)""",
         (
             priced["meter_id"].to_list(),
             priced["period_start"].to_list(),
             priced["period_end"].to_list(),
             priced["hold"].to_list(),
             priced["hold_codes"].list.join(",").to_list(),
+            priced["hold_reason"].to_list(),
         ),
     )
     return cur.rowcount
@@ -287,9 +298,8 @@ def compute_billing_chunk(
         reads = load_meter_reads(conn, meters, lo, hi)
         exchanges = load_exchanges(conn, chunk.meter_ids)
         edits = load_edits(conn, chunk.meter_ids, lo, hi)
-        alerts = load_alerts(
-            conn, codes=sorted(settings.billing.hold_codes), subject_ids=chunk.meter_ids
-        )
+        billing = _class_billing(conn, settings)
+        alerts = load_alerts(conn, codes=all_hold_codes(billing), subject_ids=chunk.meter_ids)
         series = meter_series(
             reads,
             meters,
@@ -309,7 +319,7 @@ def compute_billing_chunk(
             exchanges=exchanges,
             failures=series.failures,
             alerts=alerts,
-            params=settings.billing,
+            params=billing,
         )
         key = ["meter_id", "period_start", "period_end"]
         charges = _charges(

@@ -23,6 +23,7 @@ from flows.load import (
     load_dmas,
     load_edits,
     load_exchanges,
+    load_meter_classes,
     load_meter_reads,
     load_meters,
 )
@@ -30,7 +31,12 @@ from flows.meter_series import MeterSeriesParams, meter_series
 from flows.overrides import apply_overrides, settings_digest
 from flows.store import lock, upsert_alerts, write_marks
 from flows.window import resolve_database_url, resolve_window, utc
-from pipelines.anomalies import METER_CODES, MeterAnomalyParams, detect_meter_anomalies
+from pipelines.anomalies import (
+    METER_CODES,
+    MeterAnomalyParams,
+    detect_meter_anomalies,
+    with_class_overrides,
+)
 from sql.connect import connect
 
 FLOW = "meter_anomalies"
@@ -127,13 +133,18 @@ def compute_meter_chunk(
         exchanges = load_exchanges(conn, chunk.meter_ids)
         edits = load_edits(conn, chunk.meter_ids, lo, hi)
         previous = load_alerts(conn, codes=list(METER_CODES), subject_ids=chunk.meter_ids)
+        # Each meter is judged with its class's parameters (registry [[meter_class]] over the
+        # defaults in code); meters carry their class from load_meters.
+        params = with_class_overrides(
+            settings.anomalies, {c: v["anomaly"] for c, v in load_meter_classes(conn).items()}
+        )
         series = meter_series(
             reads, meters, exchanges, dmas, as_of=as_of, edits=edits, params=settings.series
         )
         alerts = detect_meter_anomalies(
             series.intervals,
             meters,
-            settings.anomalies,
+            params,
             as_of=as_of,
             previous_alerts=previous,
             uplinks=reads.select("meter_id", "ts"),

@@ -24,8 +24,8 @@ and ``hold_reason`` says why in words on the bill line.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import polars as pl
@@ -530,6 +530,20 @@ def billing_determinants(
         )
     )
     return d.sort("_row").select(list(DETERMINANTS)).cast(DETERMINANTS)  # type: ignore[arg-type]
+
+
+def with_class_hold_codes(
+    p: BillingParams, overrides: Mapping[str, Sequence[str] | None]
+) -> BillingParams:
+    """``p`` with the hold codes the registry gives per class (None: keep the class default)."""
+    merged = dict(p.class_hold_codes)
+    merged.update({c: frozenset(codes) for c, codes in overrides.items() if codes is not None})
+    return replace(p, class_hold_codes=merged)
+
+
+def all_hold_codes(p: BillingParams) -> list[str]:
+    """Every code that can hold some class's bill: the alerts a billing run must load."""
+    return sorted(p.hold_codes.union(*p.class_hold_codes.values()))
 
 
 def class_hold_table(p: BillingParams) -> pl.DataFrame:

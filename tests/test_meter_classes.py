@@ -11,12 +11,19 @@ flagged shares and recall.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import polars as pl
+import psycopg
 import pytest
 
+from aquameter.registry import MeterClass, load_registry
+from flows.billing_export import BillingChunk, BillingExportSettings, compute_billing_chunk
+from flows.load import load_meter_classes, load_meters
+from flows.store import upsert_alerts
+from ingest.pipeline import IngestPipeline
+from ingest.registry_sync import sync_registry
 from pipelines.anomalies import (
     LEAK_CONTINUOUS,
     MULTI_DWELLING,
@@ -26,8 +33,11 @@ from pipelines.anomalies import (
     night_floors,
     with_class_overrides,
 )
+from pipelines.schemas import ALERTS
+from protocols.uplink import Frame, Uplink
 from simulators.faults import random_faults
 from simulators.fleet import simulate_fleet, synthetic_registry
+from tests.servers import EXAMPLE_REGISTRY
 
 START = datetime(2024, 3, 1, tzinfo=UTC)
 DAYS = 31
@@ -213,3 +223,80 @@ def test_class_overrides_are_checked_and_applied():
         with_class_overrides(MeterAnomalyParams(), {"bulk": {"floor_rise_mn": 0.5}})
     with pytest.raises(ValueError, match="unknown meter class"):
         with_class_overrides(MeterAnomalyParams(), {"hotel": {}})
+
+
+# --- stored with the meter, and what billing does with it (real database) ---------------------
+
+
+def test_class_stored_and_bill_held_only_by_its_class_codes(db_url: str) -> None:
+    """The registry's class reaches meters.meter_class and load_meters; its hold codes reach the
+    bill: a bulk meter's leak does not hold its bill, a residential one's does, with the reason
+    on the bill line and in the billing_export view."""
+    registry = load_registry(EXAMPLE_REGISTRY)
+    north = next(g for g in registry.meter_groups if g.id_format.startswith("AQN"))
+    north.meter_class = "bulk"
+    registry.meter_classes = [
+        MeterClass(id="bulk", hold_codes=["TAMPER"], anomaly={"floor_rise_min_m3h": 0.05})
+    ]
+    south = "KMS00001"
+    bulk = "AQN00001"
+    start = datetime(2026, 3, 2, tzinfo=UTC)
+    fleet = simulate_fleet(registry, start, 3, seed=3)
+    reads = fleet.reads.filter(pl.col("meter_id").is_in([bulk, south]))
+    with psycopg.connect(db_url) as conn:
+        sync_registry(conn, registry)
+        stored = dict(conn.execute("SELECT id, meter_class FROM meters").fetchall())
+        meters = load_meters(conn, meter_ids=[bulk, south])
+        classes = load_meter_classes(conn)
+    assert stored[bulk] == "bulk" and stored[south] == "residential"
+    assert meters.sort("meter_id")["meter_class"].to_list() == ["bulk", "residential"]
+    assert classes == {"bulk": {"anomaly": {"floor_rise_min_m3h": 0.05}, "hold_codes": ["TAMPER"]}}
+
+    frames = [
+        Frame(
+            source="test",
+            address="t",
+            uplinks=[
+                Uplink(
+                    str(m),
+                    "register",
+                    (part["ts"].dt.epoch("us") / 1e6).to_list(),
+                    part["register"].to_list(),
+                )
+            ],
+        )
+        for (m,), part in reads.group_by(["meter_id"])
+    ]
+    with IngestPipeline(db_url, batch_seconds=0.05) as pipeline:
+        assert sum(o.accepted for o in pipeline.submit_many(frames)) == reads.height
+    leak_start = start + timedelta(hours=5)
+    alerts = pl.DataFrame(
+        [("LEAK_CONTINUOUS", m, leak_start, None, "open", "warning", "{}") for m in (bulk, south)],
+        schema=ALERTS,
+        orient="row",
+    )
+    with psycopg.connect(db_url) as conn, conn.transaction(), conn.cursor() as cur:
+        upsert_alerts(cur, alerts)
+    day = date(2026, 3, 3)
+    out = compute_billing_chunk.fn(
+        db_url,
+        BillingChunk([bulk, south], ["t1", "t2"]),
+        day,
+        day,
+        start + timedelta(days=3),
+        BillingExportSettings(),
+    )
+    assert out["versions"] == 2
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT meter_id, hold, hold_codes, hold_reason FROM billing_export ORDER BY meter_id"
+        ).fetchall()
+    assert rows == [
+        (bulk, False, [], None),
+        (
+            south,
+            True,
+            ["LEAK_CONTINUOUS"],
+            "LEAK_CONTINUOUS open since 2026-03-02 05:00Z (holds residential bills)",
+        ),
+    ]
