@@ -33,6 +33,22 @@ from dma.local_time import LOCAL_NAIVE, attach_timezone, from_local
 
 MEASURED = "measured"
 ESTIMATED = "estimated"
+DEFAULT = "default"
+"""A component taken from a default percentage (WaterBalanceParams), not from this DMA's data:
+the AWWA Free Water Audit Software grades such inputs lowest."""
+
+VALID = "VALID"
+DATA_INCONSISTENT = "DATA_INCONSISTENT"
+"""Real losses come out below zero: the inputs cannot all be right. ``carl_low_m3`` /
+``carl_high_m3`` give the range real losses take as the default-sourced apparent losses go from
+their defaults to zero; a range that stays below zero says measured inputs are wrong too."""
+
+# Apparent-loss components: (component, volume column, per-DMA percentage column).
+APPARENT_COMPONENTS = (
+    ("unauthorized_consumption", "unauthorized_m3", "unauthorized_pct_of_siv"),
+    ("customer_metering_inaccuracies", "meter_inaccuracy_m3", "meter_under_registration_pct"),
+    ("systematic_data_handling_errors", "data_handling_m3", "data_handling_pct_of_billed_metered"),
+)
 
 COMPONENTS: dict[str, pl.DataType] = {
     "dma_id": pl.String(),
@@ -57,6 +73,9 @@ SUMMARY: dict[str, pl.DataType] = {
     "uarl_m3": pl.Float64(),
     "ili": pl.Float64(),
     "uarl_within_validity": pl.Boolean(),
+    "validity": pl.String(),
+    "carl_low_m3": pl.Float64(),
+    "carl_high_m3": pl.Float64(),
 }
 
 
@@ -202,6 +221,80 @@ def _src(*sources: pl.Expr) -> pl.Expr:
     return pl.when(all_measured).then(pl.lit(MEASURED)).otherwise(pl.lit(ESTIMATED))
 
 
+def _weakest(*sources: pl.Expr) -> pl.Expr:
+    """The lowest grade among ``sources``: default < estimated < measured (AWWA data grading)."""
+    any_default = pl.any_horizontal([s == DEFAULT for s in sources])
+    all_measured = pl.all_horizontal([s == MEASURED for s in sources])
+    return (
+        pl.when(any_default)
+        .then(pl.lit(DEFAULT))
+        .when(all_measured)
+        .then(pl.lit(MEASURED))
+        .otherwise(pl.lit(ESTIMATED))
+    )
+
+
+def _apparent_components(
+    frame: pl.DataFrame, dmas: pl.DataFrame, p: WaterBalanceParams
+) -> pl.DataFrame:
+    """The three apparent-loss volumes with their source, per DMA x period.
+
+    In order of preference: a volume in the inputs (``unauthorized_m3``, ``meter_inaccuracy_m3``,
+    ``data_handling_m3``, with ``<volume>_source``, default ``measured``: e.g. from a meter test
+    programme or a billing audit); this DMA's percentage (the ``dmas`` columns of
+    ``APPARENT_COMPONENTS``: ``estimated``); the default percentage of ``p`` (``default``).
+    """
+    siv, bm, um = pl.col("siv_m3"), pl.col("billed_metered_m3"), pl.col("unbilled_metered_m3")
+    pct_cols = [pct for _, _, pct in APPARENT_COMPONENTS if pct in dmas.columns]
+    if pct_cols:
+        frame = frame.join(
+            dmas.select("dma_id", *pct_cols).unique("dma_id", keep="first"),
+            on="dma_id",
+            how="left",
+        )
+    defaults = {
+        "unauthorized_pct_of_siv": p.unauthorized_pct_of_siv,
+        "meter_under_registration_pct": p.meter_under_registration_pct,
+        "data_handling_pct_of_billed_metered": p.data_handling_pct_of_billed_metered,
+    }
+
+    def volume(pct_col: str, pct: pl.Expr) -> pl.Expr:
+        if pct_col == "unauthorized_pct_of_siv":
+            return siv * pct / 100.0
+        if pct_col == "meter_under_registration_pct":
+            # Meters saw only (100 - pct) % of the true use (AWWA method).
+            return (bm + um) * pct / (100.0 - pct)
+        return bm * pct / 100.0
+
+    out = []
+    for _, vol, pct_col in APPARENT_COMPONENTS:
+        given = pl.col(vol) if vol in frame.columns else pl.lit(None, dtype=pl.Float64)
+        given_src = (
+            pl.col(f"{vol}_source").fill_null(MEASURED)
+            if f"{vol}_source" in frame.columns
+            else pl.lit(MEASURED)
+        )
+        own = pl.col(pct_col) if pct_col in frame.columns else pl.lit(None, dtype=pl.Float64)
+        default = pl.lit(defaults[pct_col])
+        out.append(
+            pl.when(given.is_not_null())
+            .then(given)
+            .when(own.is_not_null())
+            .then(volume(pct_col, own))
+            .otherwise(volume(pct_col, default))
+            .alias(vol)
+        )
+        out.append(
+            pl.when(given.is_not_null())
+            .then(given_src)
+            .when(own.is_not_null())
+            .then(pl.lit(ESTIMATED))
+            .otherwise(pl.lit(DEFAULT))
+            .alias(f"{vol}_source")
+        )
+    return frame.with_columns(out).drop(pct_cols)
+
+
 def water_balance(
     inputs: pl.DataFrame, dmas: pl.DataFrame, params: WaterBalanceParams | None = None
 ) -> WaterBalance:
@@ -212,8 +305,13 @@ def water_balance(
     ``avg_pressure_m`` (overrides the DMA attribute, e.g. measured AZP pressure for the period) and
     ``siv_source``, ``billed_metered_source``, ``billed_unmetered_source``,
     ``unbilled_metered_source`` (``measured``/``estimated``). ``dmas`` supplies mains_km,
-    service_connections, private_pipe_km, avg_pressure_m. CARL may come out negative when the
-    estimates exceed the losses; it is reported as is, which flags inconsistent inputs.
+    service_connections, private_pipe_km, avg_pressure_m and optionally the per-DMA apparent-loss
+    percentages (see :func:`_apparent_components`; inputs may give the volumes themselves).
+
+    CARL may come out negative when the apparent losses exceed the losses; it is reported as is,
+    the balance is graded ``DATA_INCONSISTENT`` in ``validity`` with the range real losses take
+    without the default-sourced components (``carl_low_m3`` .. ``carl_high_m3``), and ILI is left
+    empty: a negative ILI is not a performance figure.
     """
     p = params or WaterBalanceParams()
     frame = inputs
@@ -251,23 +349,22 @@ def water_balance(
         pl.col("billed_unmetered_m3"),
         pl.col("unbilled_metered_m3"),
     )
-    w = frame.with_columns(pressure.alias("avg_pressure_m")).with_columns(
+    w = frame.with_columns(pressure.alias("avg_pressure_m"))
+    w = _apparent_components(w, dmas, p)
+    w = w.with_columns(
         (siv * p.unbilled_unmetered_pct_of_siv / 100.0).alias("unbilled_unmetered_m3"),
-        (siv * p.unauthorized_pct_of_siv / 100.0).alias("unauthorized_m3"),
-        (
-            (bm + um) * p.meter_under_registration_pct / (100.0 - p.meter_under_registration_pct)
-        ).alias("meter_inaccuracy_m3"),
-        (bm * p.data_handling_pct_of_billed_metered / 100.0).alias("data_handling_m3"),
         (bm + bu).alias("billed_authorized_m3"),
     )
+    apparent_cols = [vol for _, vol, _ in APPARENT_COMPONENTS]
+    from_data = [
+        pl.when(pl.col(f"{vol}_source") != DEFAULT).then(pl.col(vol)).otherwise(0.0)
+        for vol in apparent_cols
+    ]
     w = (
         w.with_columns(
             (um + pl.col("unbilled_unmetered_m3")).alias("unbilled_authorized_m3"),
-            (
-                pl.col("unauthorized_m3")
-                + pl.col("meter_inaccuracy_m3")
-                + pl.col("data_handling_m3")
-            ).alias("apparent_m3"),
+            pl.sum_horizontal(apparent_cols).alias("apparent_m3"),
+            pl.sum_horizontal(from_data).alias("_apparent_from_data"),
         )
         .with_columns(
             (pl.col("billed_authorized_m3") + pl.col("unbilled_authorized_m3")).alias(
@@ -279,6 +376,15 @@ def water_balance(
             (siv - pl.col("billed_authorized_m3")).alias("nrw_m3"),
         )
         .with_columns((pl.col("water_losses_m3") - pl.col("apparent_m3")).alias("carl_m3"))
+        .with_columns(
+            pl.col("carl_m3").alias("carl_low_m3"),
+            (pl.col("water_losses_m3") - pl.col("_apparent_from_data")).alias("carl_high_m3"),
+            pl.when(pl.col("carl_m3") < 0)
+            .then(pl.lit(DATA_INCONSISTENT))
+            .when(pl.col("carl_m3").is_not_null())
+            .then(pl.lit(VALID))
+            .alias("validity"),
+        )
     )
 
     uarl_l_day = (
@@ -297,6 +403,7 @@ def water_balance(
         pl.col("unbilled_metered_source"),
     )
     est = pl.lit(ESTIMATED)
+    apparent_sources = [pl.col(f"{vol}_source") for _, vol, _ in APPARENT_COMPONENTS]
     rows = [
         ("system_input_volume", siv, s_siv),
         ("billed_metered_consumption", bm, s_bm),
@@ -307,11 +414,9 @@ def water_balance(
         ("unbilled_authorized_consumption", pl.col("unbilled_authorized_m3"), est),
         ("authorized_consumption", pl.col("authorized_m3"), est),
         ("water_losses", pl.col("water_losses_m3"), est),
-        ("unauthorized_consumption", pl.col("unauthorized_m3"), est),
-        ("customer_metering_inaccuracies", pl.col("meter_inaccuracy_m3"), est),
-        ("systematic_data_handling_errors", pl.col("data_handling_m3"), est),
-        ("apparent_losses", pl.col("apparent_m3"), est),
-        ("real_losses", pl.col("carl_m3"), est),
+        *[(name, pl.col(vol), pl.col(f"{vol}_source")) for name, vol, _ in APPARENT_COMPONENTS],
+        ("apparent_losses", pl.col("apparent_m3"), _weakest(*apparent_sources)),
+        ("real_losses", pl.col("carl_m3"), _weakest(est, *apparent_sources)),
         ("revenue_water", pl.col("billed_authorized_m3"), _src(s_bm, s_bu)),
         ("non_revenue_water", pl.col("nrw_m3"), _src(s_siv, s_bm, s_bu)),
     ]
@@ -346,7 +451,8 @@ def water_balance(
     ).fill_null(False)
     summary = w.with_columns(
         pl.when(siv > 0).then(pl.col("nrw_m3") / siv * 100.0).otherwise(None).alias("nrw_pct"),
-        pl.when(pl.col("uarl_m3") > 0)
+        # A negative real loss has no ILI: the balance is flagged DATA_INCONSISTENT instead.
+        pl.when((pl.col("uarl_m3") > 0) & (pl.col("carl_m3") >= 0))
         .then(pl.col("carl_m3") / pl.col("uarl_m3"))
         .otherwise(None)
         .alias("ili"),

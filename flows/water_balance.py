@@ -15,6 +15,7 @@ from datetime import date, datetime, timedelta
 from typing import Any, Literal
 
 import polars as pl
+import psycopg
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
@@ -31,6 +32,7 @@ from dma.water_balance import (
 )
 from flows.late_data import fingerprints, stale_units, with_salt
 from flows.load import (
+    load_apparent_loss_pcts,
     load_dma_boundary,
     load_dmas,
     load_edits,
@@ -55,6 +57,10 @@ class WaterBalanceSettings:
     estimated_share_limit: billed metered consumption counts as measured while at most this share
         of its volume was estimated by VEE (AWWA grades data quality; 5 % keeps a handful of
         filled gaps from downgrading a well-read month).
+    chunk_meters, slice_days: the unit of work. Billed metered consumption is a sum over meters
+        and over time, so it is computed for ``chunk_meters`` meters x ``slice_days`` days at a
+        time (each slice with two days of reads on either side for the register differences and
+        gap estimates) and added up: memory follows the unit, not the DMA or the window.
     Without ``since`` a run covers the previous calendar month and the current one to date.
     """
 
@@ -63,6 +69,8 @@ class WaterBalanceSettings:
     series: MeterSeriesParams = field(default_factory=MeterSeriesParams)
     period: Literal["month", "window"] = "month"
     estimated_share_limit: float = 0.05
+    chunk_meters: int = 2000
+    slice_days: int = 31
 
 
 @dataclass(frozen=True)
@@ -142,10 +150,11 @@ def plan_balances(
     return [DmaPeriods(k, v[0], v[1]) for k, v in sorted(by_dma.items())]
 
 
-def _estimated_share(
+def _estimated_parts(
     intervals: pl.DataFrame, meters: pl.DataFrame, bounds: pl.DataFrame
 ) -> pl.DataFrame:
-    """Share of billed metered volume per DMA and period that VEE estimated."""
+    """Billed metered volume per DMA and period, and the part of it VEE estimated: sums, so the
+    parts of several meter chunks and time slices add up."""
     iv = intervals.select("meter_id", "ts", "volume", "flag").join(
         meters.select("meter_id", "dma_id", "account").filter(pl.col("account").is_not_null()),
         on="meter_id",
@@ -154,10 +163,98 @@ def _estimated_share(
         (pl.col("ts") > pl.col("start_ts")) & (pl.col("ts") <= pl.col("end_ts"))
     )
     return joined.group_by("dma_id", "period").agg(
-        pl.when(pl.col("volume").sum() > 0)
-        .then(pl.col("volume").filter(pl.col("flag") == "E").sum() / pl.col("volume").sum())
+        pl.col("volume").sum().alias("_billed_m3"),
+        pl.col("volume").filter(pl.col("flag") == "E").sum().alias("_estimated_m3"),
+    )
+
+
+def slices_of(period: Period, days: int) -> list[tuple[date, date]]:
+    """``period`` cut into consecutive [start, end) local-date slices of at most ``days``."""
+    out = []
+    start = period.start
+    while start < period.end:
+        end = min(start + timedelta(days=max(days, 1)), period.end)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def _period_frame(dma_id: str, label: str, start: date, end: date) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"dma_id": [dma_id], "period": [label], "start_date": [start], "end_date": [end]},
+        schema={
+            "dma_id": pl.String,
+            "period": pl.String,
+            "start_date": pl.Date,
+            "end_date": pl.Date,
+        },
+    )
+
+
+def _metered(
+    conn: psycopg.Connection,
+    meters: pl.DataFrame,
+    dmas: pl.DataFrame,
+    dma_id: str,
+    period: Period,
+    as_of: datetime,
+    settings: WaterBalanceSettings,
+) -> pl.DataFrame:
+    """Billed/unbilled metered consumption of one DMA x period, with its estimated share, summed
+    over units of ``chunk_meters`` meters x ``slice_days`` days (only one unit's reads in memory).
+    """
+    ids = meters.get_column("meter_id").to_list()
+    size = max(settings.chunk_meters, 1)
+    parts: list[pl.DataFrame] = []
+    for start, end in slices_of(period, settings.slice_days):
+        frame = _period_frame(dma_id, period.label, start, end)
+        bounds = period_bounds(frame, dmas)
+        lo = utc(start - timedelta(days=2))
+        hi = min(utc(end + timedelta(days=2)), as_of + timedelta(microseconds=1))
+        for i in range(0, len(ids), size):
+            chunk = ids[i : i + size]
+            cm = meters.filter(pl.col("meter_id").is_in(chunk))
+            reads = load_meter_reads(conn, cm, lo, hi)
+            series = meter_series(
+                reads,
+                cm,
+                load_exchanges(conn, chunk),
+                dmas,
+                as_of=min(as_of, hi),
+                edits=load_edits(conn, chunk, lo, hi),
+                params=settings.series,
+            )
+            metered = metered_consumption(series.intervals, cm, frame, dmas)
+            parts.append(
+                metered.join(
+                    _estimated_parts(series.intervals, cm, bounds),
+                    on=["dma_id", "period"],
+                    how="left",
+                )
+            )
+            del reads, series
+    empty = _period_frame(dma_id, period.label, period.start, period.end).select("dma_id", "period")
+    total = (
+        pl.concat(parts, how="diagonal_relaxed")
+        .group_by("dma_id", "period")
+        .agg(
+            pl.col("billed_metered_m3", "unbilled_metered_m3", "_billed_m3", "_estimated_m3").sum()
+        )
+        if parts
+        else empty.with_columns(
+            pl.lit(0.0).alias(c)
+            for c in ("billed_metered_m3", "unbilled_metered_m3", "_billed_m3", "_estimated_m3")
+        )
+    )
+    return total.select(
+        "dma_id",
+        "period",
+        "billed_metered_m3",
+        "unbilled_metered_m3",
+        pl.when(pl.col("_billed_m3") > 0)
+        .then(pl.col("_estimated_m3") / pl.col("_billed_m3"))
         .otherwise(0.0)
-        .alias("billed_metered_estimated_share")
+        .alias("billed_metered_estimated_share"),
     )
 
 
@@ -165,88 +262,86 @@ def _estimated_share(
 def compute_balance(
     database_url: str, work: DmaPeriods, as_of: datetime, settings: WaterBalanceSettings
 ) -> dict[str, Any]:
-    first = min(p.start for p in work.periods)
-    last = max(p.end for p in work.periods)
-    lo = utc(first - timedelta(days=2))
-    hi = min(utc(last + timedelta(days=2)), as_of + timedelta(microseconds=1))
+    """One DMA's stale periods, one period at a time (see ``WaterBalanceSettings.chunk_meters``
+    for the unit of work within a period)."""
+    rows = 0
     with connect(database_url, autocommit=True) as conn:
         dmas = load_dmas(conn)
+        own = dmas.join(load_apparent_loss_pcts(conn, [work.dma_id]), on="dma_id", how="left")
         meters = load_meters(conn, dma_ids=[work.dma_id])
-        boundary, pressure = load_dma_boundary(conn, [work.dma_id], lo, hi)
-        reads = load_meter_reads(conn, meters, lo, hi)
-        exchanges = load_exchanges(conn, meters["meter_id"].to_list())
-        edits = load_edits(conn, meters["meter_id"].to_list(), lo, hi)
-        series = meter_series(
-            reads, meters, exchanges, dmas, as_of=as_of, edits=edits, params=settings.series
-        )
-        periods = pl.DataFrame(
-            {
-                "dma_id": [work.dma_id] * len(work.periods),
-                "period": [p.label for p in work.periods],
-                "start_date": [p.start for p in work.periods],
-                "end_date": [p.end for p in work.periods],
-            },
-            schema={
-                "dma_id": pl.String,
-                "period": pl.String,
-                "start_date": pl.Date,
-                "end_date": pl.Date,
-            },
-        )
-        flow_net = net_inflow(boundary, settings.inflow)
-        siv = system_input_volume(flow_net, periods, dmas, settings.balance)
-        metered = metered_consumption(series.intervals, meters, periods, dmas)
-        bounds = period_bounds(periods, dmas)
-        share = _estimated_share(series.intervals, meters, bounds)
-        azp = (
-            pressure.join(bounds.select("dma_id", "period", "start_ts", "end_ts"), on="dma_id")
-            .filter((pl.col("ts") >= pl.col("start_ts")) & (pl.col("ts") < pl.col("end_ts")))
-            .group_by("dma_id", "period")
-            .agg(pl.col("pressure_m").mean().alias("avg_pressure_m"))
-        )
-        inputs = (
-            siv.join(metered, on=["dma_id", "period"], how="left")
-            .join(share, on=["dma_id", "period"], how="left")
-            .join(azp, on=["dma_id", "period"], how="left")
-            .with_columns(
-                pl.col("billed_metered_estimated_share").fill_null(0.0),
-                pl.when(
-                    pl.col("billed_metered_estimated_share").fill_null(0.0)
-                    > settings.estimated_share_limit
-                )
-                .then(pl.lit(ESTIMATED))
-                .otherwise(pl.lit(MEASURED))
-                .alias("billed_metered_source"),
+        for period, inputs_fp in zip(work.periods, work.inputs, strict=True):
+            rows += _balance_period(
+                conn, work.dma_id, period, inputs_fp, dmas, own, meters, as_of, settings
             )
-        )
-        wb = water_balance(inputs, dmas, settings.balance)
-        dates = periods.select(
-            "dma_id",
-            "period",
-            pl.col("start_date").alias("period_start"),
-            pl.col("end_date").alias("period_end"),
-        )
-        components = wb.components.join(dates, on=["dma_id", "period"])
-        summary = wb.summary.join(dates, on=["dma_id", "period"]).join(
-            inputs.select("dma_id", "period", "siv_coverage", "billed_metered_estimated_share"),
-            on=["dma_id", "period"],
-        )
-        keys = {"dma_id": periods["dma_id"].to_list(), "period": periods["period"].to_list()}
-        types = {"dma_id": "text", "period": "text"}
-        with conn.transaction(), conn.cursor() as cur:
-            lock(cur, FLOW, work.dma_id)
-            replace_keyed(cur, "water_balance", keys, types, components)
-            _, rows = replace_keyed(cur, "water_balance_summary", keys, types, summary)
-            for period, inputs_fp in zip(work.periods, work.inputs, strict=True):
-                write_marks(
-                    cur,
-                    mark_flow(period),
-                    pl.DataFrame(
-                        {"subject_id": [work.dma_id], "day": [period.start], "inputs": [inputs_fp]}
-                    ),
-                    as_of,
-                )
     return {"dma_id": work.dma_id, "periods": rows}
+
+
+def _balance_period(
+    conn: psycopg.Connection,
+    dma_id: str,
+    period: Period,
+    inputs_fp: str,
+    dmas: pl.DataFrame,
+    own: pl.DataFrame,
+    meters: pl.DataFrame,
+    as_of: datetime,
+    settings: WaterBalanceSettings,
+) -> int:
+    """Compute and store the balance of one DMA x period; returns the summary rows written."""
+    lo = utc(period.start - timedelta(days=2))
+    hi = min(utc(period.end + timedelta(days=2)), as_of + timedelta(microseconds=1))
+    periods = _period_frame(dma_id, period.label, period.start, period.end)
+    boundary, pressure = load_dma_boundary(conn, [dma_id], lo, hi)
+    flow_net = net_inflow(boundary, settings.inflow)
+    siv = system_input_volume(flow_net, periods, dmas, settings.balance)
+    metered = _metered(conn, meters, dmas, dma_id, period, as_of, settings)
+    bounds = period_bounds(periods, dmas)
+    azp = (
+        pressure.join(bounds.select("dma_id", "period", "start_ts", "end_ts"), on="dma_id")
+        .filter((pl.col("ts") >= pl.col("start_ts")) & (pl.col("ts") < pl.col("end_ts")))
+        .group_by("dma_id", "period")
+        .agg(pl.col("pressure_m").mean().alias("avg_pressure_m"))
+    )
+    inputs = (
+        siv.join(metered, on=["dma_id", "period"], how="left")
+        .join(azp, on=["dma_id", "period"], how="left")
+        .with_columns(
+            pl.col("billed_metered_m3", "unbilled_metered_m3").fill_null(0.0),
+            pl.col("billed_metered_estimated_share").fill_null(0.0),
+            pl.when(
+                pl.col("billed_metered_estimated_share").fill_null(0.0)
+                > settings.estimated_share_limit
+            )
+            .then(pl.lit(ESTIMATED))
+            .otherwise(pl.lit(MEASURED))
+            .alias("billed_metered_source"),
+        )
+    )
+    wb = water_balance(inputs, own, settings.balance)
+    dates = periods.select(
+        "dma_id",
+        "period",
+        pl.col("start_date").alias("period_start"),
+        pl.col("end_date").alias("period_end"),
+    )
+    components = wb.components.join(dates, on=["dma_id", "period"])
+    summary = wb.summary.join(dates, on=["dma_id", "period"]).join(
+        inputs.select("dma_id", "period", "siv_coverage", "billed_metered_estimated_share"),
+        on=["dma_id", "period"],
+    )
+    keys = {"dma_id": [dma_id], "period": [period.label]}
+    types = {"dma_id": "text", "period": "text"}
+    with conn.transaction(), conn.cursor() as cur:
+        lock(cur, FLOW, dma_id)
+        replace_keyed(cur, "water_balance", keys, types, components)
+        _, rows = replace_keyed(cur, "water_balance_summary", keys, types, summary)
+        write_marks(
+            cur,
+            mark_flow(period),
+            pl.DataFrame({"subject_id": [dma_id], "day": [period.start], "inputs": [inputs_fp]}),
+            as_of,
+        )
+    return int(rows)
 
 
 @flow(name=FLOW, validate_parameters=False)

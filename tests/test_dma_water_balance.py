@@ -77,11 +77,12 @@ def test_water_balance_arithmetic_uarl_and_ili() -> None:
         "unbilled_authorized_consumption": (675.0, "estimated"),
         "authorized_consumption": (20_475.0, "estimated"),
         "water_losses": (9_525.0, "estimated"),
-        "unauthorized_consumption": (75.0, "estimated"),
-        "customer_metering_inaccuracies": (400.0, "estimated"),
-        "systematic_data_handling_errors": (48.25, "estimated"),
-        "apparent_losses": (523.25, "estimated"),
-        "real_losses": (9_001.75, "estimated"),
+        # No per-DMA figure: the three apparent components are the defaults, and say so.
+        "unauthorized_consumption": (75.0, "default"),
+        "customer_metering_inaccuracies": (400.0, "default"),
+        "systematic_data_handling_errors": (48.25, "default"),
+        "apparent_losses": (523.25, "default"),
+        "real_losses": (9_001.75, "default"),
         "revenue_water": (19_800.0, "estimated"),
         "non_revenue_water": (10_200.0, "estimated"),
     }
@@ -106,7 +107,7 @@ def test_water_balance_arithmetic_uarl_and_ili() -> None:
 
 def test_all_measured_inputs_make_nrw_measured_and_pressure_override() -> None:
     """No billed/unbilled unmetered columns: they are 0 and measured, so NRW = SIV − billed
-    metered = 30 000 − 19 300 = 10 700 is measured; CARL stays estimated.
+    metered = 30 000 − 19 300 = 10 700 is measured; CARL rests on default apparent losses.
 
     Override P = 50 m and a larger DMA (Lm 100 km, Nc 5000, Lp 10 km):
     UARL = (1800 + 4000 + 250) · 50 = 302 500 L/day → × 30 d = 9 075 m³.
@@ -121,7 +122,7 @@ def test_all_measured_inputs_make_nrw_measured_and_pressure_override() -> None:
     }
     assert comp["non_revenue_water"] == (pytest.approx(10_700.0), "measured")
     assert comp["billed_unmetered_consumption"] == (0.0, "measured")
-    assert comp["real_losses"][1] == "estimated"
+    assert comp["real_losses"][1] == "default"
     s = wb.summary.row(0, named=True)
     assert s["avg_pressure_m"] == 50.0
     assert s["uarl_m3"] == pytest.approx(9_075.0)
@@ -232,3 +233,44 @@ def test_metered_consumption_splits_billed_and_unbilled_by_local_period() -> Non
     assert out["d15"]["unbilled_metered_m3"] == pytest.approx(0.5)
     assert out["d16"]["billed_metered_m3"] == pytest.approx(2.0)
     assert out["d16"]["unbilled_metered_m3"] == pytest.approx(0.0)
+
+
+def test_defaults_that_push_real_losses_below_zero_are_data_inconsistent() -> None:
+    """A leak-free DMA: SIV 20 000, billed metered 19 500 → water losses 20 000 − 19 500 − 250
+    (unbilled unmetered 1.25 %) = 250. Default apparent losses: unauthorized 50, inaccuracies
+    19 500 × 2/98 = 397.959…, data handling 48.75 → 496.709…, CARL = −246.709… < 0:
+    DATA_INCONSISTENT, no ILI, range −246.709 .. 250 (defaults at zero).
+
+    The same DMA with its own measured under-registration of 0.5 % (estimated source) and a
+    measured unauthorized volume of 10 m³: 19 500 × 0.5/99.5 = 97.98995; apparent
+    10 + 97.98995 + 48.75 (default) = 156.73995, CARL 93.26005 ≥ 0: VALID, range up to
+    250 − 10 − 97.98995 = 142.01005.
+    """
+    dmas = dmas_frame([("A", "Europe/London", 10.0, 1000, 2.0, 40.0)])
+    inputs = balance_inputs(siv_m3=[20_000.0], billed_metered_m3=[19_500.0])
+    s = water_balance(inputs, dmas).summary.row(0, named=True)
+    assert s["validity"] == "DATA_INCONSISTENT"
+    assert s["carl_m3"] == pytest.approx(250.0 - 50.0 - 19_500 * 2 / 98 - 48.75)
+    assert s["carl_low_m3"] == pytest.approx(s["carl_m3"])
+    assert s["carl_high_m3"] == pytest.approx(250.0)
+    assert s["ili"] is None
+
+    own = dmas.with_columns(meter_under_registration_pct=pl.lit(0.5))
+    given = inputs.with_columns(
+        unauthorized_m3=pl.lit(10.0), unauthorized_source=pl.lit("measured")
+    )
+    wb = water_balance(given, own)
+    s = wb.summary.row(0, named=True)
+    comp = {
+        r["component"]: (r["value_m3"], r["source"]) for r in wb.components.iter_rows(named=True)
+    }
+    assert comp["unauthorized_consumption"] == (10.0, "measured")
+    assert comp["customer_metering_inaccuracies"] == (
+        pytest.approx(19_500 * 0.5 / 99.5),
+        "estimated",
+    )
+    assert comp["systematic_data_handling_errors"] == (pytest.approx(48.75), "default")
+    assert s["validity"] == "VALID"
+    assert s["carl_m3"] == pytest.approx(250.0 - 10.0 - 19_500 * 0.5 / 99.5 - 48.75)
+    assert s["carl_high_m3"] == pytest.approx(250.0 - 10.0 - 19_500 * 0.5 / 99.5)
+    assert s["ili"] is not None and s["ili"] > 0
