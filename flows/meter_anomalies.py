@@ -51,6 +51,8 @@ class MeterAnomaliesSettings:
         spike percentile over 14 d: 14 covers them all).
     late_horizon_days: days before the window whose late data still triggers a recompute.
     chunk_meters: meters per Prefect task.
+    slice_days: a longer window is evaluated in slices of this many days, one after the other,
+        so memory follows chunk_meters x (slice_days + context_days), not the window.
     """
 
     anomalies: MeterAnomalyParams = field(default_factory=MeterAnomalyParams)
@@ -59,6 +61,7 @@ class MeterAnomaliesSettings:
     context_days: int = 14
     late_horizon_days: int = 62
     chunk_meters: int = 2000
+    slice_days: int = 31
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,19 @@ class MeterChunk:
     unit_days: list[date]
     unit_inputs: list[str]
     first_day: date
+
+
+def window_slices(start: datetime, end: datetime, days: int) -> list[tuple[datetime, datetime]]:
+    """[start, end] as consecutive (from, to] slices of at most ``days`` days (at least one)."""
+    out = []
+    lo = start
+    step = timedelta(days=max(days, 1))
+    while True:
+        hi = min(lo + step, end)
+        out.append((lo, hi))
+        if hi >= end:
+            return out
+        lo = hi
 
 
 @task(cache_policy=NO_CACHE)
@@ -124,32 +140,39 @@ def compute_meter_chunk(
     settings: MeterAnomaliesSettings,
 ) -> dict[str, Any]:
     start = min(since, utc(chunk.first_day - timedelta(days=1)))
-    lo = start - timedelta(days=settings.context_days)
-    hi = as_of + timedelta(microseconds=1)
     with connect(database_url, autocommit=True) as conn:
         dmas = load_dmas(conn)
         meters = load_meters(conn, meter_ids=chunk.meter_ids)
-        reads = load_meter_reads(conn, meters, lo, hi)
-        exchanges = load_exchanges(conn, chunk.meter_ids)
-        edits = load_edits(conn, chunk.meter_ids, lo, hi)
-        previous = load_alerts(conn, codes=list(METER_CODES), subject_ids=chunk.meter_ids)
+        alerts = load_alerts(conn, codes=list(METER_CODES), subject_ids=chunk.meter_ids)
         # Each meter is judged with its class's parameters (registry [[meter_class]] over the
         # defaults in code); meters carry their class from load_meters.
         params = with_class_overrides(
             settings.anomalies, {c: v["anomaly"] for c, v in load_meter_classes(conn).items()}
         )
-        series = meter_series(
-            reads, meters, exchanges, dmas, as_of=as_of, edits=edits, params=settings.series
-        )
-        alerts = detect_meter_anomalies(
-            series.intervals,
-            meters,
-            params,
-            as_of=as_of,
-            previous_alerts=previous,
-            uplinks=reads.select("meter_id", "ts"),
-            failures=series.failures,
-        )
+        n_reads = 0
+        # The window in slices, each evaluated as a run at its end would be: with context_days
+        # of history and the alerts the slice before left (episodes carry across slices as they
+        # do across daily runs), so only one slice of this chunk's reads is ever in memory.
+        for lo_s, hi_s in window_slices(start, as_of, settings.slice_days):
+            lo = lo_s - timedelta(days=settings.context_days)
+            hi = hi_s + timedelta(microseconds=1)
+            reads = load_meter_reads(conn, meters, lo, hi)
+            exchanges = load_exchanges(conn, chunk.meter_ids)
+            edits = load_edits(conn, chunk.meter_ids, lo, hi)
+            series = meter_series(
+                reads, meters, exchanges, dmas, as_of=hi_s, edits=edits, params=settings.series
+            )
+            alerts = detect_meter_anomalies(
+                series.intervals,
+                meters,
+                params,
+                as_of=hi_s,
+                previous_alerts=alerts,
+                uplinks=reads.select("meter_id", "ts"),
+                failures=series.failures,
+            )
+            n_reads += reads.height
+            del reads, series
         units = pl.DataFrame(
             {"subject_id": chunk.unit_meters, "day": chunk.unit_days, "inputs": chunk.unit_inputs},
             schema={"subject_id": pl.String, "day": pl.Date, "inputs": pl.String},
@@ -168,7 +191,7 @@ def compute_meter_chunk(
             write_marks(cur, FLOW, units, as_of)
     return {
         "meters": len(chunk.meter_ids),
-        "reads": reads.height,
+        "reads": n_reads,
         "alerts": alerts.height,
         "alerts_new": added,
         "alerts_updated": changed,
