@@ -256,11 +256,18 @@ def run_pandas(data: Path, out: Path) -> dict[str, Any]:
     as_of = datetime.fromisoformat(json.loads((data / "meta.json").read_text())["as_of"])
     loaded_mb = peak_rss_mb()
     timer = Timer()
-    iv = timer.run("consumption", lambda: ref.interval_consumption(reads, meters))
-    fail = timer.run("vee.validate", lambda: ref.validate(reads, meters, dmas, as_of=as_of))
-    valid = timer.run(
-        "vee.validated_intervals", lambda: ref.validated_intervals(reads, meters, dmas, fail)
+    # As the polars side: the reads are cleaned once (timed as part of consumption) and the
+    # clean reads handed to every stage.
+    clean = timer.run("consumption", lambda: ref.clean_reads(reads))
+    iv = timer.run("consumption", partial(ref.interval_consumption, clean, meters, cleaned=True))
+    fail = timer.run(
+        "vee.validate", partial(ref.validate, reads, meters, dmas, as_of=as_of, clean=clean)
     )
+    valid = timer.run(
+        "vee.validated_intervals",
+        partial(ref.validated_intervals, reads, meters, dmas, fail, clean=clean),
+    )
+    del clean
     alerts = timer.run("anomalies", lambda: ref.detect_meter_anomalies(iv, meters))
     mnf = timer.run("mnf", lambda: ref.minimum_night_flow(flow, dmas))
     peak = peak_rss_mb()

@@ -9,8 +9,12 @@ per-row Python loops. It follows the polars modules rule by rule, with their def
 * interval consumption with register rollover (meter exchanges are not covered: the benchmark
   fleet has none);
 * VEE: GAP (incl. the trailing gap to ``as_of``), DUPLICATE_TS, FUTURE_TS, BEFORE_INSTALL,
-  REGISTER_DECREASE, OVER_Q4, ZERO_CONSUMPTION, SPIKE, STATUS_* bits, and the validated interval
-  series (VALID / SUSPECT / FAILED);
+  REGISTER_DECREASE, OVER_Q4, ZERO_CONSUMPTION, SPIKE (with the polars side's candidate rule: only
+  intervals above the floor are examined), STATUS_* bits, and the validated interval series
+  (VALID / SUSPECT / FAILED);
+
+Like the polars side (and a flow), the caller cleans the reads once (:func:`clean_reads`) and hands
+the clean reads to every stage (``clean=`` / ``cleaned=True``), so both sides do the same work.
 * meter anomalies LEAK_CONTINUOUS, BURST, REVERSE_FLOW, STUCK_METER, TAMPER, OVER_CAPACITY as
   episodes (minimum duration to open, quiet time to close), without stored alerts;
 * minimum night flow per DMA and local night.
@@ -71,11 +75,18 @@ def clean_reads(reads: pd.DataFrame) -> pd.DataFrame:
 
 
 def interval_consumption(
-    reads: pd.DataFrame, meters: pd.DataFrame, params: ConsumptionParams | None = None
+    reads: pd.DataFrame,
+    meters: pd.DataFrame,
+    params: ConsumptionParams | None = None,
+    *,
+    cleaned: bool = False,
 ) -> pd.DataFrame:
-    """Volume between consecutive reads of each meter, a decrease that fits a wrap unwrapped."""
+    """Volume between consecutive reads of each meter, a decrease that fits a wrap unwrapped.
+
+    ``cleaned``: ``reads`` are :func:`clean_reads` output already (cleaned once by the caller, as
+    the polars side does), so they are not cleaned again."""
     p = params or ConsumptionParams()
-    r = clean_reads(reads)
+    r = reads if cleaned else clean_reads(reads)
     digits = meters.drop_duplicates("meter_id").set_index("meter_id")["register_digits"]
     cap = 10.0 ** r["meter_id"].map(digits).astype("float64").fillna(p.default_register_digits)
     same = r["meter_id"].eq(r["meter_id"].shift())
@@ -148,8 +159,10 @@ def validate(
     *,
     as_of: datetime,
     params: VeeParams | None = None,
+    clean: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """All rule failures (meter_id, ts, rule, hard, value), like ``pipelines.vee.validate``."""
+    """All rule failures (meter_id, ts, rule, hard, value), like ``pipelines.vee.validate``;
+    ``clean`` is ``clean_reads(reads)`` when the caller has it already."""
     p = params or VeeParams()
     attrs = _meter_attributes(meters, dmas, p)
     as_of_ts = pd.Timestamp(as_of).tz_convert("UTC")
@@ -198,16 +211,19 @@ def validate(
         out.append(_failures(hit, rule, rule in p.hard_rules, hit["quality"]))
     single = pd.concat(out, ignore_index=True)
 
-    usable = _without_hard(reads, single)
-    iv = interval_consumption(usable, meters, p.consumption)
+    usable = _without_hard(reads, single, clean)
+    iv = interval_consumption(usable, meters, p.consumption, cleaned=True)
     paired = _interval_rules(iv, usable, attrs, as_of_ts, p)
     failures = pd.concat([single, paired], ignore_index=True)
     return failures.sort_values(["meter_id", "ts", "rule"], kind="stable").reset_index(drop=True)
 
 
-def _without_hard(reads: pd.DataFrame, failures: pd.DataFrame) -> pd.DataFrame:
+def _without_hard(
+    reads: pd.DataFrame, failures: pd.DataFrame, clean: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Clean reads minus the (meter, ts) that a hard rule failed."""
-    clean = clean_reads(reads)
+    if clean is None:
+        clean = clean_reads(reads)
     bad = failures.loc[failures["hard"], ["meter_id", "ts"]].drop_duplicates()
     if bad.empty:
         return clean
@@ -276,10 +292,26 @@ _NEAREST_TIE_UP = 1e-9
 
 
 def _spikes(iv: pd.DataFrame, p: VeeParams) -> pd.DataFrame:
-    """Rate-normalised volume above k × the meter's trailing P95 (14 days, current excluded)."""
-    v = iv["volume"] * float(p.interval_s) / iv["interval_s"]
+    """Rate-normalised volume above k × the meter's trailing P95 (14 days, current excluded).
+
+    The same candidate rule as ``pipelines.vee``: only intervals above the absolute floor can be
+    spikes, so the trailing window is examined for those alone (see :func:`_spike_rows`); the
+    rolling quantile over every interval is the fallback when most intervals clear the floor.
+    """
+    v = (iv["volume"] * float(p.interval_s) / iv["interval_s"]).to_numpy(dtype="float64")
+    window_us = int(pd.Timedelta(p.spike_window) / pd.Timedelta(microseconds=1))
+    us = iv["ts"].to_numpy().astype("datetime64[us]").astype(np.int64)
+    codes = iv["meter_id"].ne(iv["meter_id"].shift()).cumsum().to_numpy(dtype=np.int64)
+    lo = int(us.min()) if us.size else 0
+    block = (int(us.max()) - lo if us.size else 0) + window_us + 1
+    key = (us - lo) + codes * block
+    found = _spike_rows(v, key, window_us, p)
     frame = pd.DataFrame({"meter_id": iv["meter_id"], "ts": iv["ts"], "v": v})
-    pct = (
+    if found is not None:
+        rows, pct = found
+        hits = frame.iloc[rows].assign(pct=pct)
+        return _failures(hits, SPIKE, SPIKE in p.hard_rules, hits["v"])
+    pct_all = (
         frame.groupby("meter_id", observed=True, sort=False)
         .rolling(
             pd.Timedelta(p.spike_window),
@@ -291,10 +323,53 @@ def _spikes(iv: pd.DataFrame, p: VeeParams) -> pd.DataFrame:
     )
     # groupby().rolling() returns the rows grouped by meter in frame order: frame is sorted by
     # meter already, so the values line up with the rows.
-    frame["pct"] = pct.to_numpy()
+    frame["pct"] = pct_all.to_numpy()
     limit = np.maximum(frame["pct"] * p.spike_k, p.spike_floor_m3)
     hits = frame[frame["pct"].notna() & (frame["v"] > limit)]
     return _failures(hits, SPIKE, SPIKE in p.hard_rules, hits["v"])
+
+
+# As pipelines.vee: above this share of intervals over the floor, the rolling quantile is cheaper.
+_SPIKE_CANDIDATE_SHARE = 0.125
+
+
+def _spike_rows(
+    v: np.ndarray, key: np.ndarray, window_us: int, p: VeeParams
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """SPIKE rows and their percentile, examining only intervals above the floor.
+
+    With ``n`` earlier values in the window [t − w, t), the "nearest" quantile is the
+    ``round(q·(n−1))``-th smallest (halves up); ``pct·k < x`` holds exactly when more window values
+    ``w`` than that index have ``w·k < x``. ``key`` increases down the rows with meters further
+    apart than the window. None: too many candidates, or non-finite values (use the rolling
+    quantile).
+    """
+    if v.size == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+    cand = np.flatnonzero(v > p.spike_floor_m3)
+    if cand.size > _SPIKE_CANDIDATE_SHARE * v.size or not np.isfinite(v).all():
+        return None
+    if cand.size and not (key[1:] > key[:-1]).all():
+        return None
+    lo = np.searchsorted(key, key[cand] - window_us, side="left")
+    n = cand - lo
+    enough = n >= p.spike_min_samples
+    cand, lo, n = cand[enough], lo[enough], n[enough]
+    x = (n - 1) * p.spike_quantile
+    whole = np.floor(x)
+    nearest = (whole + (x - whole >= 0.5)).astype(np.int64)
+    scaled = v * p.spike_k
+    below = np.array(
+        [np.count_nonzero(scaled[a:b] < t) for a, b, t in zip(lo, cand, v[cand], strict=True)],
+        dtype=np.int64,
+    )
+    hit = below > nearest
+    rows, lo, nearest = cand[hit], lo[hit], nearest[hit]
+    pct = np.array(
+        [np.partition(v[a:b], i)[i] for a, b, i in zip(lo, rows, nearest, strict=True)],
+        dtype=np.float64,
+    )
+    return rows, pct
 
 
 def validated_intervals(
@@ -303,11 +378,14 @@ def validated_intervals(
     dmas: pd.DataFrame,
     failures: pd.DataFrame,
     params: VeeParams | None = None,
+    clean: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Intervals of the reads that passed the hard rules, with status and rule list."""
     p = params or VeeParams()
     attrs = _meter_attributes(meters, dmas, p)
-    iv = interval_consumption(_without_hard(reads, failures), meters, p.consumption)
+    iv = interval_consumption(
+        _without_hard(reads, failures, clean), meters, p.consumption, cleaned=True
+    )
     q4 = iv["meter_id"].map(attrs["q4_eff"]).astype("float64")
     decrease = (
         (iv["volume"] < -p.decrease_tolerance_m3)
