@@ -11,7 +11,9 @@ parameter, where a password would end up in the orchestrator's database).
 
 Every ``run_flow`` leaves exactly one row in ``flow_runs`` (migration 0009): completed with the
 flow's summary, or failed with the same one line the CLI prints, so ``ingest_health`` and the
-metrics exporter can tell a failed flow from one that found nothing. Flows are imported only
+metrics exporter can tell a failed flow from one that found nothing. Served runs, which Prefect
+starts in subprocesses without ``run_flow``, record theirs through the state hooks of
+``recorded(name)``, the flow their deployment's entrypoint names. Flows are imported only
 when first used (``FLOWS`` is lazy): ``flow run NAME`` pays for NAME's imports, not all six.
 For a run against this process's local API (not an external ``PREFECT_API_URL``) Prefect's
 flow-run heartbeats are off: they exist so that a server-side automation can mark runs of
