@@ -152,10 +152,11 @@ def test_served_flows_record_their_runs(
     (deployment,) = deployments(names=["ingest_health"])
     assert deployment.entrypoint == "flows.runner.recorded_ingest_health"
     monkeypatch.setitem(flows.runner.FLOWS, "water_quality", _broken_flow("water_quality"))
+    assert deployment.entrypoint is not None
     with prefect_api(Settings(data_dir=data_dir)):
-        served = load_flow_from_entrypoint(deployment.entrypoint)
+        served: Any = load_flow_from_entrypoint(deployment.entrypoint)
         result = served(database_url=analytics_url, since=SINCE, until=UNTIL)
-        broken = load_flow_from_entrypoint("flows.runner.recorded_water_quality")
+        broken: Any = load_flow_from_entrypoint("flows.runner.recorded_water_quality")
         with pytest.raises(RuntimeError, match="injected failure"):
             broken(database_url=analytics_url, since=SINCE, until=UNTIL)
     rows = _rows(db_url)

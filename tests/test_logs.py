@@ -131,7 +131,7 @@ def test_default_handler_follows_the_current_stderr(restore_root, monkeypatch):
         assert json.loads(fresh.getvalue())["message"] == "here"
 
 
-def test_tagged_process_and_explicit_level(restore_root):
+def test_tagged_process_and_explicit_level(restore_root: None) -> None:
     """What an ingest worker process sets up (ingest.workers.worker_main): its parent's format
     and level, each record tagged with the worker."""
     out = io.StringIO()
@@ -150,7 +150,7 @@ def test_tagged_process_and_explicit_level(restore_root):
     assert line.endswith(" ERROR aquameter.ingest.workers[w0]: shown")
 
 
-def test_ingest_worker_process_logs_json_lines(db_url, mqtt_url):
+def test_ingest_worker_process_logs_json_lines(db_url: str, mqtt_url: str) -> None:
     """A real MQTT worker process (spawned: fresh interpreter, bare logging) with
     AQUAMETER_LOG_FORMAT=json: its records (paho's connect, at the parent's INFO level) are JSON
     lines tagged with the worker, like the rest of the command's output."""
