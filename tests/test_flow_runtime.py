@@ -129,3 +129,49 @@ def test_flow_run_succeeds_beside_cpu_hogs(data_dir: Path, cpu_hogs: None) -> No
         url, _ = probe()
         assert url == api.url
     _assert_stopped(api, data_dir)
+
+
+def test_flow_run_imports_only_its_flow() -> None:
+    """`flow run NAME` pays for NAME's imports only (a fresh interpreter, as the CLI is)."""
+    code = (
+        "import sys\n"
+        "from flows.runner import FLOWS\n"
+        "assert 'prefect' not in sys.modules, 'the runner alone imports Prefect'\n"
+        "assert FLOWS['ingest_health'].name == 'ingest_health'\n"
+        "others = [m for m in ('flows.billing_export', 'flows.dma_night_flow',\n"
+        "          'flows.meter_anomalies', 'flows.water_balance') if m in sys.modules]\n"
+        "assert not others, others\n"
+        "assert list(FLOWS) == ['dma_night_flow', 'meter_anomalies', 'water_balance',\n"
+        "                       'billing_export', 'ingest_health', 'water_quality']\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_no_heartbeat_thread_against_the_local_api(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heartbeats serve server-side crash detection, which a local per-command API has not;
+    stopping their thread cost up to a second per run. An external API keeps them."""
+    from prefect import flow
+    from prefect.settings import get_current_settings
+
+    import flows.runner
+    from flows.runner import run_flow
+
+    @flow(name="ingest_health", validate_parameters=False)
+    def probe(
+        database_url: str | None = None,
+        since: Any = None,
+        until: Any = None,
+        overrides: Any = None,
+        full: bool = False,
+    ) -> dict[str, Any]:
+        return {"heartbeat": get_current_settings().flows.heartbeat_frequency}
+
+    monkeypatch.setitem(flows.runner.FLOWS, "ingest_health", probe)
+    monkeypatch.setenv("AQUAMETER_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    with prefect_api(Settings(data_dir=data_dir)) as api:
+        assert api.pid is not None
+        assert run_flow("ingest_health") == {"heartbeat": None}
+        assert get_current_settings().flows.heartbeat_frequency is not None  # restored after
