@@ -23,6 +23,7 @@ Device and channel keys (``params`` in the registry) are documented in ``opcua.s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -44,7 +45,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from aquameter.registry import Device, Registry
 from protocols.opcua_decode import convert_batch
-from protocols.uplink import Frame, FrameSink, submit_and_wait
+from protocols.params import (
+    OpcUaChannelParams,
+    OpcUaDeviceParams,
+    ParamsError,
+    validate_params,
+)
+from protocols.uplink import Frame, FrameSink, Uplink, submit_and_wait
 
 log = logging.getLogger("aquameter.opcua")
 
@@ -120,106 +127,204 @@ class DeviceConfig:
     trigger: TriggerName = "status_value_timestamp"
 
 
-def _param(params: dict[str, Any], key: str, kind: type, default: Any) -> Any:
-    """``params[key]`` checked against ``kind`` (an int is accepted where a float is wanted)."""
-    value = params.get(key, default)
-    if value is None:
-        return None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ConfigError(f"{key} must be {kind.__name__}, got {value!r}")
-    return value
-
-
-def channel_config(channel_name: str, params: dict[str, Any], device: Device) -> ChannelConfig:
+def channel_config(
+    channel_name: str, params: dict[str, Any], device: Device, where: str = ""
+) -> ChannelConfig:
     """``node_id`` may say ``{station}``: replaced by device param ``station`` (else the device id),
-    so one vendor channel template serves many alike stations."""
-    node_id = params.get("node_id")
-    if not isinstance(node_id, str) or not node_id:
-        raise ConfigError(f"channel {channel_name}: node_id missing")
-    station = str(device.params.get("station", device.id))
-    node_id = node_id.replace("{station}", station)
+    so one vendor channel template serves many alike stations. ``params`` go through
+    :class:`OpcUaChannelParams` first, so a misspelt key is refused, not silently a default."""
+    what = where or f"channel {channel_name}"
+    try:
+        p = validate_params(OpcUaChannelParams, params, what)
+    except ParamsError as err:
+        raise ConfigError(str(err)) from None
+    station = str(device.params.get("station") or device.id)
+    node_id = p.node_id.replace("{station}", station)
     try:
         ua.NodeId.from_string(node_id)
     except Exception as err:  # asyncua raises UaStringParsingError and friends
-        raise ConfigError(f"channel {channel_name}: node_id {node_id!r} does not parse") from err
+        raise ConfigError(f"{what}: node_id {node_id!r} does not parse") from err
     default_sampling = device.params.get("sampling_interval", 0.0)
-    sampling = _param(params, "sampling_interval", float, float(default_sampling))
-    queue_size = _param(params, "queue_size", int, int(device.params.get("queue_size", 10)))
-    if sampling < 0 or queue_size < 0:
-        raise ConfigError(f"channel {channel_name}: sampling_interval/queue_size must be >= 0")
-    return ChannelConfig(channel_name, node_id, sampling, queue_size)
+    default_queue = device.params.get("queue_size", 10)
+    sampling = p.sampling_interval if p.sampling_interval is not None else default_sampling
+    queue_size = p.queue_size if p.queue_size is not None else default_queue
+    return ChannelConfig(channel_name, node_id, float(sampling), int(queue_size))
+
+
+def check_node_id(node_id: str) -> str | None:
+    """Why ``node_id`` (a channel template: ``{station}`` allowed) cannot parse, else None.
+
+    For ``aquameter check``, which validates vendor templates before any device fills them."""
+    try:
+        ua.NodeId.from_string(node_id.replace("{station}", "STATION"))
+    except Exception as err:  # asyncua raises UaStringParsingError and friends
+        return f"node_id {node_id!r} does not parse ({type(err).__name__})"
+    return None
 
 
 def device_config(device: Device, registry: Registry) -> tuple[DeviceConfig, list[str]]:
     """Typed settings of one device, and the errors of channels that were skipped.
 
-    Raises :class:`ConfigError` when the device itself cannot work (no endpoint, bad security
-    settings, a password env var that is not set)."""
-    p = device.params
-    endpoint = p.get("endpoint")
-    if not isinstance(endpoint, str) or not endpoint.startswith("opc.tcp://"):
-        raise ConfigError(f"device {device.id}: endpoint must be an opc.tcp:// URL")
+    The device's ``params`` go through :class:`OpcUaDeviceParams` (unknown keys refused, with the
+    key probably meant), each channel's through :class:`OpcUaChannelParams`. Raises
+    :class:`ConfigError` when the device itself cannot work (bad params, bad security settings,
+    a password env var that is not set)."""
+    where = f"device {device.id}"
+    try:
+        p = validate_params(OpcUaDeviceParams, device.params, where)
+    except ParamsError as err:
+        raise ConfigError(str(err)) from None
     channels: list[ChannelConfig] = []
     errors: list[str] = []
     for ch in registry.channels_of(device):
         try:
-            channels.append(channel_config(ch.name, ch.params, device))
+            channels.append(
+                channel_config(ch.name, ch.params, device, f"{where} channel {ch.name}")
+            )
         except ConfigError as err:
-            errors.append(f"device {device.id}: {err}")
-    policy = _param(p, "security_policy", str, "None")
-    if policy not in ("None", "Basic256Sha256"):
-        raise ConfigError(f"device {device.id}: security_policy must be None or Basic256Sha256")
-    mode = _param(p, "security_mode", str, "SignAndEncrypt")
-    if mode not in ("Sign", "SignAndEncrypt"):
-        raise ConfigError(f"device {device.id}: security_mode must be Sign or SignAndEncrypt")
-    cert = _param(p, "client_certificate", str, None)
-    key = _param(p, "client_private_key", str, None)
-    generate = _param(p, "generate_client_certificate", bool, False)
-    if policy != "None":
+            errors.append(str(err))
+    cert, key = p.client_certificate, p.client_private_key
+    if p.security_policy != "None":
         if not cert or not key:
             raise ConfigError(
-                f"device {device.id}: {policy} needs client_certificate and client_private_key"
+                f"{where}: {p.security_policy} needs client_certificate and client_private_key"
             )
-        if not generate and not (Path(cert).is_file() and Path(key).is_file()):
-            raise ConfigError(f"device {device.id}: client certificate or key file missing")
-    password = _param(p, "password", str, None)
-    password_env = _param(p, "password_env", str, None)
-    if password_env:
-        password = os.environ.get(password_env)
+        if not p.generate_client_certificate and not (Path(cert).is_file() and Path(key).is_file()):
+            raise ConfigError(f"{where}: client certificate or key file missing")
+    password = None
+    if p.password_env:
+        password = os.environ.get(p.password_env)
         if password is None:
-            raise ConfigError(f"device {device.id}: environment variable {password_env} not set")
-    trigger = _param(p, "trigger", str, "status_value_timestamp")
-    if trigger not in _TRIGGERS:
-        raise ConfigError(f"device {device.id}: trigger must be one of {sorted(_TRIGGERS)}")
+            raise ConfigError(f"{where}: environment variable {p.password_env} not set")
+    if p.lifetime_count < 3 * p.keepalive_count:  # OPC 10000-4 §5.13.2
+        raise ConfigError(f"{where}: lifetime_count must be >= 3 * keepalive_count")
     cfg = DeviceConfig(
         device=device.id,
-        endpoint=endpoint,
+        endpoint=p.endpoint,
         channels=tuple(channels),
-        security_policy=policy,
-        security_mode=mode,
+        security_policy=p.security_policy,
+        security_mode=p.security_mode,
         client_certificate=cert,
         client_private_key=key,
-        generate_client_certificate=generate,
-        server_certificate=_param(p, "server_certificate", str, None),
-        application_uri=_param(p, "application_uri", str, DEFAULT_APPLICATION_URI),
-        username=_param(p, "username", str, None),
+        generate_client_certificate=p.generate_client_certificate,
+        server_certificate=p.server_certificate,
+        application_uri=p.application_uri,
+        username=p.username,
         password=password,
-        publishing_interval_ms=_param(p, "publishing_interval", float, 1000.0),
-        keepalive_count=_param(p, "keepalive_count", int, 10),
-        lifetime_count=_param(p, "lifetime_count", int, 100),
-        session_timeout_ms=_param(p, "session_timeout", int, 60_000),
-        request_timeout_s=_param(p, "request_timeout", float, 4.0),
-        trigger=trigger,
+        publishing_interval_ms=p.publishing_interval,
+        keepalive_count=p.keepalive_count,
+        lifetime_count=p.lifetime_count,
+        session_timeout_ms=p.session_timeout,
+        request_timeout_s=p.request_timeout,
+        trigger=p.trigger,
     )
-    if cfg.publishing_interval_ms <= 0 or cfg.keepalive_count < 1:
-        raise ConfigError(
-            f"device {device.id}: publishing_interval and keepalive_count must be > 0"
-        )
-    if cfg.lifetime_count < 3 * cfg.keepalive_count:  # OPC 10000-4 §5.13.2
-        raise ConfigError(f"device {device.id}: lifetime_count must be >= 3 * keepalive_count")
     return cfg, errors
+
+
+async def new_client(cfg: DeviceConfig, *, watchdog_interval_s: float = 5.0) -> Client:
+    """An asyncua client set up for ``cfg`` (identity, login, security), not yet connected.
+
+    One place for it, so the subscriber and ``aquameter check --poll`` reach a server exactly
+    the same way (same certificate handling, same login)."""
+    client = Client(
+        cfg.endpoint, timeout=cfg.request_timeout_s, watchdog_intervall=watchdog_interval_s
+    )
+    client.name = client.description = "Aquameter OPC-UA subscriber"
+    client.application_uri = cfg.application_uri
+    client.session_timeout = cfg.session_timeout_ms
+    if cfg.username:
+        client.set_user(cfg.username)
+    if cfg.password is not None:
+        client.set_password(cfg.password)
+    if cfg.security_policy != "None":
+        await _set_security(client, cfg)
+    return client
+
+
+async def _set_security(client: Client, cfg: DeviceConfig) -> None:
+    assert cfg.client_certificate and cfg.client_private_key
+    cert, key = Path(cfg.client_certificate), Path(cfg.client_private_key)
+    if cfg.generate_client_certificate:
+        # Creates the pair when missing (or invalid for this application URI), else reuses it:
+        # the server's trust list holds this certificate, so it must survive restarts.
+        await client.setup_self_signed_certificate(
+            key,
+            cert,
+            extended=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            host_name=socket.gethostname(),
+        )
+    mode = getattr(ua.MessageSecurityMode, cfg.security_mode)
+    # Without a pinned server_certificate, asyncua takes the one the endpoint advertises.
+    await client.set_security(
+        security_policies.SecurityPolicyBasic256Sha256,
+        certificate=str(cert),
+        private_key=str(key),
+        server_certificate=cfg.server_certificate,
+        mode=mode,
+    )
+
+
+async def resolve_node_id(client: Client, node_id: str) -> ua.NodeId:
+    """``node_id`` for this server: an ``nsu=`` URI becomes the server's namespace index (it may
+    differ between servers and restarts); raises ValueError for a URI the server lacks."""
+    nid = ua.NodeId.from_string(node_id)
+    uri = getattr(nid, "NamespaceUri", None)
+    if uri:
+        index = await client.get_namespace_index(uri)
+        return ua.NodeId(nid.Identifier, ua.Int16(index), nid.NodeIdType)
+    return nid
+
+
+@dataclass
+class ReadOnce:
+    """One read of every channel of a device: its uplinks, data changes that were not numbers
+    (by reason) and channels the server refused (channel -> status name)."""
+
+    uplinks: list[Uplink]
+    skipped: dict[str, int]
+    refused: dict[str, str]
+    received_at: float
+
+
+async def read_once(cfg: DeviceConfig, *, connect_timeout_s: float = 10.0) -> ReadOnce:
+    """Connect, read each channel's current Value (with source and server timestamps) once,
+    and disconnect: what ``aquameter check --poll`` shows of an OPC-UA device.
+
+    A plain Read, not a subscription: one answer, no publish cadence to wait for. The values go
+    through the subscriber's own converter, so they read exactly as ingest would store them.
+    Raises ``OSError``/``TimeoutError`` when the server cannot be reached within the timeout."""
+    client = await new_client(cfg, watchdog_interval_s=max(connect_timeout_s, 1.0))
+    await asyncio.wait_for(client.connect(), connect_timeout_s)
+    try:
+        refused: dict[str, str] = {}
+        nodes: list[ua.ReadValueId] = []
+        names: list[str] = []
+        for ch in cfg.channels:
+            try:
+                nid = await resolve_node_id(client, ch.node_id)
+            except ValueError:
+                refused[ch.channel] = "BadNamespaceUnknown"
+                continue
+            nodes.append(ua.ReadValueId(NodeId=nid, AttributeId=ua.AttributeIds.Value))
+            names.append(ch.channel)
+        params = ua.ReadParameters()
+        params.NodesToRead = nodes
+        params.TimestampsToReturn = ua.TimestampsToReturn.Both
+        received_at = time.time()
+        values = await client.uaclient.read(params) if nodes else []
+        items: list[tuple[str, ua.DataValue]] = []
+        for name, dv in zip(names, values, strict=True):
+            status = dv.StatusCode
+            empty = dv.Value is None or dv.Value.Value is None
+            if status is not None and status.is_bad() and empty:
+                refused[name] = status.name
+            else:
+                items.append((name, dv))
+        uplinks, skipped = convert_batch(cfg.device, items, received_at)
+        return ReadOnce(uplinks, skipped, refused, received_at)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.disconnect(), 2.0)
 
 
 class _Session:
@@ -237,53 +342,14 @@ class _Session:
     # --- connect ---------------------------------------------------------------------------
     async def open(self) -> None:
         cfg, o = self.cfg, self.owner
-        client = Client(
-            cfg.endpoint, timeout=cfg.request_timeout_s, watchdog_intervall=o.watchdog_interval_s
-        )
+        client = await new_client(cfg, watchdog_interval_s=o.watchdog_interval_s)
         self.client = client
-        client.name = client.description = "Aquameter OPC-UA subscriber"
-        client.application_uri = cfg.application_uri
-        client.session_timeout = cfg.session_timeout_ms
-        if cfg.username:
-            client.set_user(cfg.username)
-        if cfg.password is not None:
-            client.set_password(cfg.password)
-        if cfg.security_policy != "None":
-            await self._set_security(client)
         client.connection_lost_callback = self._on_connection_lost
         await asyncio.wait_for(client.connect(), o.connect_timeout_s)
         await self._subscribe(client)
 
-    async def _set_security(self, client: Client) -> None:
-        cfg = self.cfg
-        assert cfg.client_certificate and cfg.client_private_key
-        cert, key = Path(cfg.client_certificate), Path(cfg.client_private_key)
-        if cfg.generate_client_certificate:
-            # Creates the pair when missing (or invalid for this application URI), else reuses it:
-            # the server's trust list holds this certificate, so it must survive restarts.
-            await client.setup_self_signed_certificate(
-                key,
-                cert,
-                extended=[ExtendedKeyUsageOID.CLIENT_AUTH],
-                host_name=socket.gethostname(),
-            )
-        mode = getattr(ua.MessageSecurityMode, cfg.security_mode)
-        # Without a pinned server_certificate, asyncua takes the one the endpoint advertises.
-        await client.set_security(
-            security_policies.SecurityPolicyBasic256Sha256,
-            certificate=str(cert),
-            private_key=str(key),
-            server_certificate=cfg.server_certificate,
-            mode=mode,
-        )
-
     async def _resolve(self, client: Client, node_id: str) -> ua.NodeId:
-        nid = ua.NodeId.from_string(node_id)
-        uri = getattr(nid, "NamespaceUri", None)
-        if uri:  # nsu=…: the index is the server's business and may differ between servers
-            index = await client.get_namespace_index(uri)
-            return ua.NodeId(nid.Identifier, ua.Int16(index), nid.NodeIdType)
-        return nid
+        return await resolve_node_id(client, node_id)
 
     async def _subscribe(self, client: Client) -> None:
         cfg, o = self.cfg, self.owner
