@@ -36,7 +36,7 @@ from flows.load import (
 from flows.meter_series import MeterSeries, MeterSeriesParams, meter_series
 from flows.overrides import apply_overrides, settings_digest
 from flows.store import copy_rows, lock, write_marks
-from flows.window import resolve_database_url, utc
+from flows.window import resolve_database_url, utc, waves
 from pipelines.billing import (
     BillingParams,
     all_hold_codes,
@@ -67,6 +67,7 @@ class BillingExportSettings:
     context_days: reads loaded on each side of the period, so a register at a boundary that falls
         in a gap is estimated from the reads around it.
     chunk_meters: meters per Prefect task.
+    parallel_chunks: chunks in flight at once (``flows.window.waves``; 0: all).
     export_format: ``csv`` or ``parquet``.
     """
 
@@ -75,6 +76,7 @@ class BillingExportSettings:
     series: MeterSeriesParams = field(default_factory=MeterSeriesParams)
     context_days: int = 3
     chunk_meters: int = 2000
+    parallel_chunks: int = 1
     export_format: Literal["csv", "parquet"] = "csv"
 
 
@@ -382,15 +384,17 @@ def billing_export(
     as_of = min(now, utc(end + timedelta(days=settings.context_days + 2)))
     started, chunks = plan_billing(url, start, end, as_of, full, settings)
     log.info("%d meter(s) to bill for %s..%s", sum(len(c.meter_ids) for c in chunks), start, end)
-    futures = compute_billing_chunk.map(
-        unmapped(url),
-        chunks,
-        unmapped(start),
-        unmapped(end),
-        unmapped(as_of),
-        unmapped(settings),
-    )
-    results = [f.result() for f in futures]
+    results = []
+    for wave in waves(chunks, settings.parallel_chunks):
+        futures = compute_billing_chunk.map(
+            unmapped(url),
+            wave,
+            unmapped(start),
+            unmapped(end),
+            unmapped(as_of),
+            unmapped(settings),
+        )
+        results += [f.result() for f in futures]
     versions = sum(r["versions"] for r in results)
     path: Path | None = None
     if versions:

@@ -30,7 +30,7 @@ from flows.load import (
 from flows.meter_series import MeterSeriesParams, meter_series
 from flows.overrides import apply_overrides, settings_digest
 from flows.store import lock, upsert_alerts, write_marks
-from flows.window import resolve_database_url, resolve_window, utc
+from flows.window import resolve_database_url, resolve_window, utc, waves
 from pipelines.anomalies import (
     METER_CODES,
     MeterAnomalyParams,
@@ -53,6 +53,7 @@ class MeterAnomaliesSettings:
     chunk_meters: meters per Prefect task.
     slice_days: a longer window is evaluated in slices of this many days, one after the other,
         so memory follows chunk_meters x (slice_days + context_days), not the window.
+    parallel_chunks: chunks in flight at once (``flows.window.waves``; 0: all).
     """
 
     anomalies: MeterAnomalyParams = field(default_factory=MeterAnomalyParams)
@@ -62,6 +63,7 @@ class MeterAnomaliesSettings:
     late_horizon_days: int = 62
     chunk_meters: int = 2000
     slice_days: int = 31
+    parallel_chunks: int = 1
 
 
 @dataclass(frozen=True)
@@ -213,10 +215,12 @@ def meter_anomalies(
     win = resolve_window(since, until, settings.lookback_days)
     chunks = plan_meter_days(url, win.since, win.until, win.as_of, full, settings)
     log.info("%d meter(s) to evaluate", sum(len(c.meter_ids) for c in chunks))
-    futures = compute_meter_chunk.map(
-        unmapped(url), chunks, unmapped(win.since), unmapped(win.as_of), unmapped(settings)
-    )
-    results = [f.result() for f in futures]
+    results = []
+    for wave in waves(chunks, settings.parallel_chunks):
+        futures = compute_meter_chunk.map(
+            unmapped(url), wave, unmapped(win.since), unmapped(win.as_of), unmapped(settings)
+        )
+        results += [f.result() for f in futures]
     return {
         "flow": FLOW,
         "since": win.since.isoformat(),

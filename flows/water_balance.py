@@ -43,7 +43,7 @@ from flows.load import (
 from flows.meter_series import MeterSeriesParams, meter_series
 from flows.overrides import apply_overrides, settings_digest
 from flows.store import lock, replace_keyed, write_marks
-from flows.window import resolve_database_url, resolve_window, utc
+from flows.window import resolve_database_url, resolve_window, utc, waves
 from sql.connect import connect
 
 FLOW = "water_balance"
@@ -61,6 +61,7 @@ class WaterBalanceSettings:
         and over time, so it is computed for ``chunk_meters`` meters x ``slice_days`` days at a
         time (each slice with two days of reads on either side for the register differences and
         gap estimates) and added up: memory follows the unit, not the DMA or the window.
+    parallel_chunks: DMAs in flight at once (``flows.window.waves``; 0: all).
     Without ``since`` a run covers the previous calendar month and the current one to date.
     """
 
@@ -71,6 +72,7 @@ class WaterBalanceSettings:
     estimated_share_limit: float = 0.05
     chunk_meters: int = 2000
     slice_days: int = 31
+    parallel_chunks: int = 1
 
 
 @dataclass(frozen=True)
@@ -363,8 +365,10 @@ def water_balance_flow(
     periods = periods_of(win.since, win.until, settings.period)
     work = plan_balances(url, periods, win.as_of, full, settings)
     log.info("%d DMA(s) with stale periods", len(work))
-    futures = compute_balance.map(unmapped(url), work, unmapped(win.as_of), unmapped(settings))
-    results = [f.result() for f in futures]
+    results = []
+    for wave in waves(work, settings.parallel_chunks):
+        futures = compute_balance.map(unmapped(url), wave, unmapped(win.as_of), unmapped(settings))
+        results += [f.result() for f in futures]
     return {
         "flow": FLOW,
         "since": win.since.isoformat(),

@@ -8,10 +8,27 @@ from deployment parameters, so a password is not stored in the orchestrator's da
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import TypeVar
 
 from aquameter.settings import get_settings
+
+T = TypeVar("T")
+
+
+def waves(items: Sequence[T], size: int) -> Iterator[list[T]]:
+    """``items`` in consecutive groups of ``size`` (all at once when ``size`` <= 0).
+
+    A flow maps one wave of units onto its task runner and waits for it before the next: with
+    the default thread runner every mapped task runs at once in this process, so its peak memory
+    would be the sum of all units instead of ``size`` units. On Dask (separate worker processes)
+    set the flow's ``parallel_chunks`` to the number of workers, or 0.
+    """
+    step = size if size > 0 else max(len(items), 1)
+    for i in range(0, len(items), step):
+        yield list(items[i : i + step])
 
 
 def utc(moment: datetime | date) -> datetime:
