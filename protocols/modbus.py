@@ -536,3 +536,51 @@ class _DevicePoller:
             log.exception("modbus %s: sink rejected a frame", self.plan.device)
         finally:
             self.inflight.release()
+
+
+@dataclass
+class OnePoll:
+    """One poll of one device (``aquameter check --poll``): the uplinks of the values read, the
+    channels not read, and the channels left out for a bad register map."""
+
+    plan: DevicePlan
+    uplinks: list[Uplink]
+    failed: set[str]
+    config_errors: list[str]
+    exception_codes: dict[int, int]
+
+
+class _NoSink:
+    """The sink of a one-shot poll: nothing may be submitted (the caller prints, never writes)."""
+
+    def submit(self, frame: Frame, on_durable: Any) -> None:
+        raise RuntimeError("a one-shot Modbus poll submits nothing")
+
+
+async def poll_once(
+    device: Device, registry: Registry, options: ModbusOptions | None = None
+) -> OnePoll:
+    """Connect to ``device``, read its whole register map once, disconnect.
+
+    Why the poller's own code path (its connect, block reads, exception splitting and decoding)
+    rather than a separate reader: what an operator sees with ``aquameter check --poll`` is then
+    exactly what ingest would store. Raises :class:`ModbusConfigError` for a device that cannot
+    be polled and :class:`ConnectionError` (naming host:port and the timeout) when the station
+    does not answer the connect within ``timeout_s``."""
+    plan, errors = plan_device(device, registry, options)
+    poller = ModbusPoller([], registry, _NoSink(), options=options)
+    poller.stats.devices[plan.device] = DeviceStatus(plan.device, plan.address)
+    dp = _DevicePoller(poller, plan)
+    try:
+        if not await dp._connect():
+            raise ConnectionError(
+                f"modbus {plan.device}: cannot connect to {plan.host}:{plan.port} "
+                f"(unit {plan.unit_id}) within timeout_s {plan.timeout_s:g} s"
+            )
+        assert dp.client is not None
+        t_poll = time.time()
+        result = await dp._poll(dp.client)
+        uplinks = dp._record(t_poll, result)
+    finally:
+        dp._drop_client()
+    return OnePoll(plan, uplinks, result.failed, errors, dict(poller.stats.exception_codes))
