@@ -27,6 +27,7 @@ from protocols.params import (
     CHANNEL_PARAMS,
     DEVICE_PARAMS,
     ModbusPointParams,
+    OpcUaChannelParams,
     OpcUaDeviceParams,
     ParamsError,
     validate_params,
@@ -232,6 +233,9 @@ class _Checker:
             conversion(ch.quantity, ch.unit)
         except UnknownUnit as err:
             self.add(line, f"{what}: {err}{_unit_hint(ch.quantity)}")
+        # One problem per (line, message): a template shared by MQTT and CoAP meters that holds a
+        # key neither reads is one mistake, named once with both protocols.
+        found: dict[tuple[int, str], list[str]] = {}
         for protocol in sorted(protocols):
             model = CHANNEL_PARAMS.get(protocol)
             if model is None:
@@ -242,17 +246,31 @@ class _Checker:
                     from protocols.modbus_decode import parse_point
 
                     parse_point(ch.name, ch.unit, ch.params, what)
-            except ValueError as err:
-                key = err.problems[0][0] if isinstance(err, ParamsError) else ""
-                bad_line = self._key_line(line, key)
-                self.add(bad_line, f"{str(err)} ({protocol} channel)")
+                elif model is OpcUaChannelParams:
+                    from protocols.opcua import check_node_id
 
-    def _key_line(self, line: int, key: str) -> int:
-        if not key:
+                    bad = check_node_id(str(ch.params["node_id"]))
+                    if bad:
+                        raise ParamsError(what, [("node_id", bad)])
+            except ValueError as err:
+                keys = [k for k, _ in err.problems] if isinstance(err, ParamsError) else []
+                found.setdefault((self._key_line(line, keys), str(err)), []).append(protocol)
+        for (bad_line, message), protos in found.items():
+            self.add(bad_line, f"{message} ({', '.join(protos)} channel)")
+
+    def _key_line(self, line: int, keys: list[str]) -> int:
+        """Line of the first of ``keys`` written in the channel starting at ``line``: on its own
+        line for an inline table, else up to the next table header (a key that is missing,
+        like a required one, is not written: the next key, or the channel's line, is named)."""
+        lo = line - 1
+        if not 0 <= lo < len(self.loc.lines):
             return line
-        # the key on the channel's own line (inline table) or in the lines after it
-        found = self.loc.find(key, line - 1, min(line + 12, len(self.loc.lines)))
-        return line if found is None else found + 1
+        hi = lo + 1 if "{" in self.loc.lines[lo] else self.loc._block_end(lo, len(self.loc.lines))
+        for key in keys:
+            found = self.loc.find(key, lo, hi)
+            if found is not None:
+                return found + 1
+        return line
 
     def device(self, dev: Device, index: int | None, registry: Registry) -> None:
         where = f"device {dev.id}"
@@ -262,8 +280,13 @@ class _Checker:
             try:
                 params = validate_params(model, dev.params, where)
             except ParamsError as err:
-                key = err.problems[0][0]
-                kl = self.loc.line("device", index, (key,)) if index is not None else line
+                kl = line
+                span = self.loc.entry("device", index) if index is not None else None
+                for key, _ in err.problems if span is not None else []:
+                    found = self.loc.find(key, *span)
+                    if found is not None:
+                        kl = found + 1
+                        break
                 self.add(kl, f"{err} ({dev.protocol} device)")
             else:
                 if isinstance(params, OpcUaDeviceParams) and index is not None:

@@ -72,3 +72,96 @@ def test_toml_syntax_error_has_line_and_column(tmp_path: Path) -> None:
 def test_urls_need_a_scheme() -> None:
     assert check_url("broker:1883", ("mqtt", "mqtts"), "url") is not None
     assert check_url("mqtts://broker", ("mqtt", "mqtts"), "url") is None
+
+
+PARAMS = """\
+[[dma]]
+id = "D1"
+
+[[vendor]]
+id = "nb"
+payload = "json"
+channel = [
+  { name = "register", quantity = "volume", unit = "m3", params = { address = 3 } },
+]
+
+[[vendor]]
+id = "wq"
+  [[vendor.channel]]
+  name = "ph"
+  quantity = "ph"
+  unit = "pH"
+  params = { nodeid = "ns=2;s={station}.pH" }
+  [[vendor.channel]]
+  name = "turbidity"
+  quantity = "turbidity"
+  unit = "NTU"
+  params = { node_id = "ns=x;q=1" }
+
+[[meter_group]]
+vendor = "nb"
+dma = "D1"
+id_format = "NB{:03d}"
+count = 2
+protocol = "coap"
+
+[[device]]
+id = "M1"
+vendor = "nb"
+protocol = "mqtt"
+dma = "D1"
+params = { host = "10.0.0.9" }
+
+[[device]]
+id = "WQ1"
+vendor = "wq"
+protocol = "opcua"
+dma = "D1"
+  [device.params]
+  endpoint = "opc.tcp://127.0.0.1:4840/"
+  publishing_intervall = 500
+"""
+
+
+def test_every_protocol_params_through_its_model(tmp_path: Path) -> None:
+    """MQTT and CoAP read no params, OPC-UA's are typed: each unknown key on its own line."""
+    reg = tmp_path / "registry.toml"
+    reg.write_text(PARAMS)
+    problems, summary = check_registry_text(reg, PARAMS)
+    assert summary is None
+    by_line = {p.line: p.message for p in problems}
+    lines = PARAMS.splitlines()
+
+    def line_of(text: str) -> int:
+        return next(i for i, line in enumerate(lines, start=1) if text in line)
+
+    # CoAP meters (the group) use the vendor template: a Modbus-style key there is refused
+    assert "params.address is not a key this protocol reads" in by_line[line_of("address = 3")]
+    assert "(coap, mqtt channel)" in by_line[line_of("address = 3")]
+    assert "params.host is not a key" in by_line[line_of('host = "10.0.0.9"')]
+    assert "did you mean 'node_id'?" in by_line[line_of("nodeid =")]
+    assert "does not parse" in by_line[line_of('node_id = "ns=x;q=1"')]
+    assert "did you mean 'publishing_interval'?" in by_line[line_of("publishing_intervall")]
+    assert len(problems) == 5, "\n".join(map(str, problems))
+
+
+def test_load_time_refuses_the_same_keys() -> None:
+    """The OPC-UA adapter validates through the same models: a typo never becomes a default."""
+    import tomllib
+
+    from aquameter.registry import Registry
+    from protocols.opcua import ConfigError, device_config
+
+    data = tomllib.loads(PARAMS)
+    registry = Registry.model_validate(data)
+    wq = next(d for d in registry.devices if d.id == "WQ1")
+    try:
+        device_config(wq, registry)
+    except ConfigError as err:
+        assert "unknown params key 'publishing_intervall'" in str(err)
+    else:
+        raise AssertionError("a misspelt device key was accepted")
+    fixed = wq.model_copy(update={"params": {"endpoint": "opc.tcp://127.0.0.1:4840/"}})
+    cfg, errors = device_config(fixed, registry)
+    assert [c.channel for c in cfg.channels] == []
+    assert "did you mean 'node_id'?" in errors[0] and "does not parse" in errors[1]
