@@ -282,11 +282,9 @@ class _Checker:
             except ParamsError as err:
                 kl = line
                 span = self.loc.entry("device", index) if index is not None else None
-                for key, _ in err.problems if span is not None else []:
-                    found = self.loc.find(key, *span)
-                    if found is not None:
-                        kl = found + 1
-                        break
+                if span is not None:  # the first key of the problems that is written there
+                    written = (self.loc.find(k, span[0], span[1]) for k, _ in err.problems)
+                    kl = next((f + 1 for f in written if f is not None), line)
                 self.add(kl, f"{err} ({dev.protocol} device)")
             else:
                 if isinstance(params, OpcUaDeviceParams) and index is not None:
