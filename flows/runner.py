@@ -282,8 +282,9 @@ def record_run(
     stopped after the run, and operators look at PostgreSQL (``ingest_health``, the exporter).
 
     Never raises: a run that failed because the database is down cannot be recorded there, and
-    must still fail with its own line, not this one. Returns whether the row was written (a
-    warning in the log says why not)."""
+    must still fail with its own line, not this one. Returns whether the row was written; the log
+    says why not: a warning for a completed run, only INFO for a failed one, whose own one line
+    is what the operator acts on (and most often the same cause)."""
     from flows.window import resolve_database_url
     from sql.connect import connect
 
@@ -307,7 +308,8 @@ def record_run(
             )
     except Exception as exc:
         detail = " ".join(str(exc).split())[:300]
-        log.warning("flow %s (%s) not recorded in flow_runs: %s", name, status, detail)
+        level = logging.INFO if error is not None else logging.WARNING
+        log.log(level, "flow %s (%s) not recorded in flow_runs: %s", name, status, detail)
         return False
     return True
 

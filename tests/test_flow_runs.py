@@ -130,12 +130,21 @@ def test_failed_flow_run_exits_1_and_is_recorded(
 
 
 def test_unrecordable_run_keeps_its_own_failure(caplog: pytest.LogCaptureFixture) -> None:
-    """The database is down: the row cannot be written, which is a warning, never an exception
-    that would replace the flow's own failure line."""
+    """The database is down: the row cannot be written, which is logged, never an exception
+    that would replace the flow's own failure line (and, for a failed run, below WARNING: the
+    CLI shows that run's one line, not a second one about the same outage)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="aquameter.flows")
     down = "postgresql://nobody@127.0.0.1:1/none"
     started = datetime.now(UTC)
     assert record_run(down, "ingest_health", started, None, "flow ingest_health FAILED: x") is False
-    assert "not recorded in flow_runs" in caplog.text
+    assert record_run(down, "ingest_health", started, {"rows": 0}, None) is False
+    levels = [(r.levelname, r.getMessage().split(" not recorded")[0]) for r in caplog.records]
+    assert levels == [
+        ("INFO", "flow ingest_health (failed)"),
+        ("WARNING", "flow ingest_health (completed)"),
+    ]
 
 
 def test_served_flows_record_their_runs(
