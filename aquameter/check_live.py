@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import logging
 import os
 import sys
 import threading
@@ -338,7 +339,8 @@ def _poll_opcua(
     except (OSError, TimeoutError) as exc:
         why = f": {exc}" if str(exc) else ""
         print(
-            f"check --poll: opcua {dev.id}: cannot reach {cfg.endpoint} within {timeout_s:g} s"
+            f"check --poll: opcua {dev.id}: cannot reach {cfg.endpoint} "
+            f"(connect timeout {timeout_s:g} s)"
             f"{why}",
             file=err,
         )
@@ -408,14 +410,29 @@ def run_listen(
         # MqttIngest keeps a 3.1.1 session (clean_session=False) for ingest's redelivery; a
         # one-off listener must leave none behind at the broker.
         mqtt.client._clean_session = True  # type: ignore[attr-defined]
-    mqtt.start(wait_s=connect_timeout_s)
+    # The adapter logs every retry; here the one line below says it all, once.
+    mqtt_log = logging.getLogger("aquameter.mqtt")
+    level = mqtt_log.level
+    mqtt_log.setLevel(logging.CRITICAL)
+    try:
+        mqtt.start(wait_s=0)
+        deadline = time.monotonic() + connect_timeout_s
+        while not mqtt.connected.is_set() and time.monotonic() < deadline:
+            if mqtt.stats.connect_failures or mqtt.stats.refused:
+                break  # refused or unreachable now: waiting for paho's retry shows nothing new
+            time.sleep(0.05)
+    finally:
+        mqtt_log.setLevel(level)
     try:
         if not mqtt.connected.is_set():
-            detail = mqtt._last_connect_error  # the one line names the cause
-            why = f": {detail}" if detail else ""
+            if mqtt.stats.refused:
+                why = ": the broker refused the connection (login or ACL: see AQUAMETER_MQTT_*)"
+            else:
+                detail = mqtt._last_connect_error  # the one line names the cause
+                why = f": {detail}" if detail else ""
             print(
                 f"check --listen: cannot reach the MQTT broker {mqtt.host}:{mqtt.port} "
-                f"({safe_url(url)}) within {connect_timeout_s:g} s{why}",
+                f"({safe_url(url)}, connect timeout {connect_timeout_s:g} s){why}",
                 file=err,
             )
             return 1

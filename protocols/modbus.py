@@ -571,11 +571,13 @@ async def poll_once(
     poller = ModbusPoller([], registry, _NoSink(), options=options)
     poller.stats.devices[plan.device] = DeviceStatus(plan.device, plan.address)
     dp = _DevicePoller(poller, plan)
+    # The caller reports a failed connect itself, in one line: no poller warning beside it.
+    dp.status.consecutive_failures = 1
     try:
         if not await dp._connect():
             raise ConnectionError(
                 f"modbus {plan.device}: cannot connect to {plan.host}:{plan.port} "
-                f"(unit {plan.unit_id}) within timeout_s {plan.timeout_s:g} s"
+                f"(unit {plan.unit_id}, connect timeout timeout_s = {plan.timeout_s:g} s)"
             )
         assert dp.client is not None
         t_poll = time.time()

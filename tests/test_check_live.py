@@ -135,7 +135,7 @@ def test_poll_unreachable_modbus_is_one_line_with_address_and_timeout(tmp_path: 
     code = run_poll(registry, "PS-NORTH", _settings(), out=out, err=err)
     assert code == 1 and out.getvalue() == ""
     (line,) = err.getvalue().splitlines()
-    assert f"127.0.0.1:{port}" in line and "timeout_s" in line
+    assert f"127.0.0.1:{port}" in line and "timeout_s = 1 s" in line
 
 
 # --- --poll: OPC-UA ------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_poll_unreachable_opcua_is_one_line(tmp_path: Path) -> None:
     code = run_poll(load_registry(path), "WQ1", _settings(), err=err, connect_timeout_s=2)
     assert code == 1
     (line,) = err.getvalue().splitlines()
-    assert endpoint in line and "within 2 s" in line
+    assert endpoint in line and "connect timeout 2 s" in line
 
 
 # --- --poll: what cannot be polled ---------------------------------------------------------------
@@ -270,4 +270,4 @@ def test_listen_without_a_reachable_broker_is_one_line() -> None:
     )
     assert code == 1
     (line,) = err.getvalue().splitlines()
-    assert f"127.0.0.1:{port}" in line and "within 1 s" in line
+    assert f"127.0.0.1:{port}" in line and "connect timeout 1 s" in line
