@@ -44,7 +44,7 @@ from ingest.validate import PROCESSING_ERROR, Prepared, Rejection, Validator, fr
 from protocols.uplink import DurableCallback, Frame, FrameOutcome, Quality
 
 POLLED = ("modbus", "opcua")
-PUSHED = ("mqtt", "coap")
+REFUSED = "aquameter check --listen: printed, not stored; send again"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +146,9 @@ class PrintingSink:
     prints it instead of writing it; it counts frames, readings and rejections by reason.
 
     ``on_durable`` is called at once (MQTT then acknowledges our own copy of the message; it
-    was never ingest's to acknowledge). Thread-safe: paho calls ``submit`` from its thread."""
+    was never ingest's to acknowledge). Frames of a ``refuse`` source get an error outcome: a
+    CoAP meter answered 2.04 would drop readings nobody stored, answered 5.00 it sends them
+    again. Thread-safe: paho and the CoAP loop call ``submit`` from their threads."""
 
     def __init__(
         self,
@@ -154,8 +156,10 @@ class PrintingSink:
         labels: dict[int, ChannelLabel],
         out: TextIO,
         max_rejections_per_frame: int = 100,
+        refuse: tuple[str, ...] = (),
     ) -> None:
         self.validator = validator
+        self.refuse = refuse
         self.labels = labels
         self.out = out
         self.max_rejections_per_frame = max_rejections_per_frame
@@ -215,6 +219,7 @@ class PrintingSink:
                 accepted=len(prepared),
                 quarantined=quarantined,
                 reasons=[r.reason for r in prepared.rejections],
+                error=REFUSED if frame.source in self.refuse else None,
             )
         )
 
@@ -373,6 +378,76 @@ def _poll_opcua(
     return problems
 
 
+class CoapListener:
+    """The CoAP uplink server on its own thread and loop for ``aquameter check --listen``.
+
+    Only when the registry has CoAP devices and the port is free (a running ingest holds it: a
+    meter's POST then goes to ingest, and there is no copy to listen to). Plain CoAP only: the
+    DTLS keys stay unread. Every uplink is answered 5.00 by :class:`PrintingSink`, so a meter
+    keeps its readings and sends them again to the real ingest."""
+
+    def __init__(self, registry: Registry, sink: PrintingSink, settings: Settings) -> None:
+        self.registry = registry
+        self.sink = sink
+        self.settings = settings
+        self.devices = registry.devices_by_protocol("coap")
+        self.started = threading.Event()
+        self.stop = threading.Event()
+        self.problem: str | None = None
+        self.endpoint = f"coap://{settings.coap_host}:{settings.coap_port}/{settings.coap_path}"
+        self._thread = threading.Thread(target=self._run, name="check-coap", daemon=True)
+
+    @property
+    def listening(self) -> bool:
+        """True once the server is bound and answering."""
+        return self.started.is_set() and self.problem is None
+
+    def start(self, timeout_s: float) -> CoapListener:
+        """Bind the server (bounded by ``timeout_s``); ``problem`` says why it did not."""
+        if not self.devices:
+            return self
+        self._thread.start()
+        if not self.started.wait(timeout_s):
+            self.problem = f"not bound within {timeout_s:g} s"
+        return self
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop serving and wait (bounded) for the thread."""
+        self.stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        from protocols.coap import CoapIngest
+
+        s = self.settings
+        try:
+            adapter = CoapIngest(
+                self.devices,
+                self.registry,
+                self.sink,
+                host=s.coap_host,
+                port=s.coap_port,
+                path=s.coap_path,
+                dtls=False,
+                max_payload_bytes=s.max_payload_bytes,
+            )
+            await adapter.start()
+        except Exception as exc:  # port in use, a key file missing: one line, MQTT goes on
+            self.problem = f"{type(exc).__name__}: {exc}"
+            self.started.set()
+            return
+        self.started.set()
+        try:
+            while not self.stop.is_set():
+                await asyncio.sleep(0.05)
+        finally:
+            await adapter.stop()
+
+
 def run_listen(
     registry: Registry,
     seconds: float,
@@ -383,14 +458,16 @@ def run_listen(
     err: TextIO | None = None,
     connect_timeout_s: float = 10.0,
     ready: threading.Event | None = None,
+    coap: bool = True,
 ) -> int:
     """Subscribe to the broker for ``seconds`` with ingest's topic layout and payload decoding,
     print every canonical reading and rejection, write nothing, then print the count summary.
+    With ``coap`` and CoAP devices in the registry, the CoAP uplink server listens too when its
+    port is free (see :class:`CoapListener`).
 
     ``broker`` is (url, speaks MQTT 5) as ``aquameter.runtime.known_broker`` finds it. Returns
     0 after a listen, 1 when the broker cannot be reached within ``connect_timeout_s``, 2 when
-    no broker is configured. ``ready`` is set once the subscription is in place (tests publish
-    after it)."""
+    no broker is configured. ``ready`` is set once everything listens (tests publish after)."""
     from ingest.service import mqtt_client, vendor_formats
     from protocols.mqtt import safe_url
 
@@ -401,7 +478,7 @@ def run_listen(
         return 2
     url, v5 = broker
     index, labels = registry_index(registry)
-    sink = PrintingSink(validator_for(index, settings), labels, out)
+    sink = PrintingSink(validator_for(index, settings), labels, out, refuse=("coap", "coaps"))
     # Our own subscription (no shared group) and a session that ends with the connection.
     mine = settings.model_copy(update={"mqtt_shared_group": None, "mqtt_session_expiry_s": 0})
     client_id = f"aquameter-check-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -410,6 +487,7 @@ def run_listen(
         # MqttIngest keeps a 3.1.1 session (clean_session=False) for ingest's redelivery; a
         # one-off listener must leave none behind at the broker.
         mqtt.client._clean_session = True  # type: ignore[attr-defined]
+    coap_listener = CoapListener(registry, sink, settings)
     # The adapter logs every retry; here the one line below says it all, once.
     mqtt_log = logging.getLogger("aquameter.mqtt")
     level = mqtt_log.level
@@ -436,11 +514,18 @@ def run_listen(
                 file=err,
             )
             return 1
-        print(
-            f"listening on {mqtt.endpoint} to {', '.join(mqtt.subscriptions())} for "
-            f"{seconds:g} s; nothing is written",
-            file=err,
-        )
+        where = [f"{mqtt.endpoint} to {', '.join(mqtt.subscriptions())}"]
+        if coap and coap_listener.start(connect_timeout_s).devices:
+            if coap_listener.listening:
+                where.append(f"CoAP {coap_listener.endpoint} (answered 5.00: sent again later)")
+            else:
+                print(
+                    f"check --listen: CoAP not listened on {coap_listener.endpoint}: "
+                    f"{coap_listener.problem} (a running ingest holds the port: its meters "
+                    f"post there)",
+                    file=err,
+                )
+        print(f"listening on {' and '.join(where)} for {seconds:g} s; nothing is written", file=err)
         if ready is not None:
             ready.set()
         deadline = time.monotonic() + seconds
@@ -450,6 +535,7 @@ def run_listen(
         except KeyboardInterrupt:
             print("interrupted", file=err)
     finally:
+        coap_listener.close()
         mqtt.shutdown(timeout_s=2.0)
     print(sink.summary(), file=out)
     return 0

@@ -271,3 +271,82 @@ def test_listen_without_a_reachable_broker_is_one_line() -> None:
     assert code == 1
     (line,) = err.getvalue().splitlines()
     assert f"127.0.0.1:{port}" in line and "connect timeout 1 s" in line
+
+
+COAP_REGISTRY = """\
+[[dma]]
+id = "D1"
+
+[[vendor]]
+id = "acme-nb"
+payload = "json"
+channel = [{ name = "register", quantity = "volume", unit = "m3", kind = "register" }]
+
+[[device]]
+id = "NB9"
+vendor = "acme-nb"
+protocol = "coap"
+dma = "D1"
+allow_plain_coap = true
+  [device.meter]
+  id = "NB9"
+"""
+
+
+def test_listen_serves_coap_too_and_answers_5_00_so_the_meter_sends_again(
+    mqtt_url: str, tmp_path: Path
+) -> None:
+    import aiocoap
+    from aiocoap.numbers.codes import Code
+
+    path = tmp_path / "coap.toml"
+    path.write_text(COAP_REGISTRY)
+    registry = load_registry(path)
+    port = free_port()
+    settings = _settings(
+        mqtt_url=mqtt_url, mqtt_topic_root=f"aqt-{uuid.uuid4().hex[:8]}/v1", coap_port=port
+    )
+    t0 = int(time.time()) // 900 * 900 - 900
+    out, err = io.StringIO(), io.StringIO()
+    ready = threading.Event()
+    result: list[int] = []
+    listener = threading.Thread(
+        target=lambda: result.append(
+            run_listen(
+                registry,
+                3.0,
+                settings,
+                (mqtt_url, speaks_mqtt5(mqtt_url)),
+                out=out,
+                err=err,
+                ready=ready,
+            )
+        )
+    )
+
+    async def post() -> aiocoap.Message:
+        ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+        try:
+            msg = aiocoap.Message(
+                code=Code.POST,
+                uri=f"coap://127.0.0.1:{port}/up",
+                payload=json.dumps({"dev": "NB9", "ts": t0, "reg": 41.25}).encode(),
+                content_format=50,
+            )
+            return await asyncio.wait_for(ctx.request(msg).response, 20)
+        finally:
+            await ctx.shutdown()
+
+    listener.start()
+    try:
+        assert ready.wait(30), err.getvalue()
+        assert "CoAP coap://127.0.0.1" in err.getvalue()
+        response = asyncio.run(post())
+    finally:
+        listener.join(60)
+    assert result == [0], err.getvalue()
+    assert response.code == Code.INTERNAL_SERVER_ERROR  # not 2.04: the meter keeps its reading
+    assert b"not stored" in response.payload
+    ((_, value, unit, quality),) = _readings(out.getvalue())[("NB9", "register")]
+    assert (value, unit, quality) == (41.25, "m3", 0)
+    assert out.getvalue().splitlines()[-1] == "frames=1 readings=1 rejected=0"
