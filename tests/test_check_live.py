@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from aquameter.check_live import run_listen, run_poll
+from aquameter.check_live import registry_index, run_listen, run_poll
 from aquameter.embedded import free_port
 from aquameter.registry import Registry, load_registry
 from aquameter.runtime import speaks_mqtt5
@@ -126,6 +126,58 @@ def test_poll_modbus_prints_canonical_values_and_writes_nothing(
     assert out.getvalue().splitlines()[-1] == f"frames=1 readings={len(expected)} rejected=0"
     assert station.manifest()["served"]["requests"].get(3, 0) >= 1  # a real request was served
     assert _stored(empty_db_url) == (0, 0)
+
+
+def test_poll_names_a_channel_the_station_refuses_and_exits_1(tmp_path: Path) -> None:
+    port = free_port()
+    path = sample_registry(tmp_path, port)
+    spare = (
+        '  { name = "spare", quantity = "count", unit = "count", '
+        'params = { table = "holding", address = 35, type = "uint16" } },'
+    )
+    anchor = 'name = "Three-pump booster station PLC (Modbus TCP)"\nchannel = [\n'
+    path.write_text(path.read_text().replace(anchor, anchor + spare + "\n"))
+    registry = load_registry(path)
+    station = PumpStation(port=port, start_epoch=MORNING)
+    out, err = io.StringIO(), io.StringIO()
+
+    async def scenario() -> int:
+        await station.start(clock=False)
+        try:
+            return await asyncio.to_thread(
+                run_poll, registry, "PS-NORTH", _settings(), out=out, err=err
+            )
+        finally:
+            await station.close()
+
+    assert asyncio.run(scenario()) == 1
+    assert "not read: device PS-NORTH channel spare" in err.getvalue()
+    assert "answered Modbus exceptions (code: count) 2: " in err.getvalue()
+    printed = _readings(out.getvalue())
+    assert ("PS-NORTH:spare", "spare") not in printed
+    assert ("PS-NORTH:pump1_flow", "pump1_flow") in printed  # its neighbours still read
+    assert out.getvalue().splitlines()[-1] == f"frames=1 readings={len(printed)} rejected=0"
+
+
+def test_registry_index_matches_what_ingest_loads_after_sync(db_url: str) -> None:
+    """The index --poll/--listen validate with is the one ingest loads from the database after
+    ``devices sync`` of the same file: same channels, units, ranges, install dates, aliases."""
+    from ingest.channels import ChannelIndex
+
+    mine, labels = registry_index(load_registry(EXAMPLE_REGISTRY))
+    with psycopg.connect(db_url) as conn:
+        loaded = ChannelIndex.load(conn)
+
+    def key(index: ChannelIndex) -> dict[tuple[str, str], tuple[object, ...]]:
+        return {
+            k: (c.quantity, c.unit, c.device_unit, c.min_value, c.max_value, c.install_epoch)
+            for k, c in index.by_key.items()
+        }
+
+    assert key(mine) == key(loaded) and len(mine) > 100
+    assert mine.aliases == loaded.aliases and mine.aliases
+    assert mine.vendors == loaded.vendors and mine.gateways == loaded.gateways
+    assert labels[mine.by_key[("AQN00001", "register")].id].subject == "meter AQN00001"
 
 
 def test_poll_unreachable_modbus_is_one_line_with_address_and_timeout(tmp_path: Path) -> None:
