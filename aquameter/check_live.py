@@ -271,8 +271,15 @@ def run_poll(
     if dev is None:
         print(_known_devices_line(registry, device_id, registry_path), file=err)
         return 2
+    if dev.protocol == "import":
+        print(
+            f"check --poll: device {dev.id} is loaded from files (`aquameter import`): there "
+            "is nothing to poll",
+            file=err,
+        )
+        return 2
     if dev.protocol not in POLLED:
-        how = "publishes over MQTT" if dev.protocol == "mqtt" else f"sends over {dev.protocol}"
+        how = "publishes over MQTT" if dev.protocol == "mqtt" else "posts over CoAP"
         print(
             f"check --poll: device {dev.id} {how}: there is nothing to poll; watch its traffic "
             f"with `aquameter check --listen SECONDS`",
