@@ -89,13 +89,21 @@ FLOWS: MutableMapping[str, Flow[..., dict[str, Any]]] = _LazyFlows(FLOW_PATHS)
 # Served runs (``flow serve``) start in subprocesses that load each flow from its deployment's
 # entrypoint: ``flows.runner.recorded_<name>``, the flow with hooks that record its outcome.
 RECORDED_PREFIX = "recorded_"
+# ``flow serve --dask``: served runs start in Prefect's subprocesses, which inherit this.
+SERVE_DASK_ENV = "AQUAMETER_FLOW_DASK"
 
 
 def recorded(name: str) -> Flow[..., dict[str, Any]]:
     """Flow ``name`` with state hooks that write its ``flow_runs`` row: what ``flow serve``
     runs, since its runs do not go through ``run_flow`` (they start in Prefect's subprocesses)."""
     hook = _RecordHook(name)
-    return FLOWS[name].with_options(on_completion=[hook], on_failure=[hook], on_crashed=[hook])
+    flow = FLOWS[name].with_options(on_completion=[hook], on_failure=[hook], on_crashed=[hook])
+    dask = os.environ.get(SERVE_DASK_ENV)
+    if dask:  # set by serve_all(dask=...) for the served runs it starts
+        from flows.dask_runner import dask_task_runner
+
+        flow = flow.with_options(task_runner=dask_task_runner(dask))
+    return flow
 
 
 def __getattr__(attribute: str) -> Any:
@@ -199,13 +207,16 @@ def run_flow(
     *,
     overrides: Mapping[str, Any] | None = None,
     full: bool = False,
+    dask: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Run flow ``name`` once over [since, until) and return its summary.
 
     ``overrides`` sets thresholds by dotted name (see ``flows.overrides``); ``full`` recomputes
-    every unit of the window instead of only stale ones; ``options`` are flow-specific
-    (``billing_export``: ``period_start``, ``period_end``, ``export_dir``).
+    every unit of the window instead of only stale ones; ``dask`` (``local:N`` or
+    ``tcp://host:port``, see ``flows.dask_runner``) fans the flow's tasks out on a Dask cluster;
+    ``options`` are flow-specific (``billing_export``: ``period_start``, ``period_end``,
+    ``export_dir``).
 
     Raises ``FlowFailed`` when the flow (or the Prefect API it needs) fails: a caller must never
     mistake a failed flow for one that found nothing. Either way the run leaves one
@@ -217,7 +228,12 @@ def run_flow(
     started = datetime.now(UTC)
     try:
         with prefect_api() as api, _heartbeats_off(api):  # re-entrant: reuses an outer API
-            result: dict[str, Any] = FLOWS[name](
+            flow = FLOWS[name]
+            if dask:
+                from flows.dask_runner import dask_task_runner
+
+                flow = flow.with_options(task_runner=dask_task_runner(dask))
+            result: dict[str, Any] = flow(
                 database_url=database_url,
                 since=window["since"],
                 until=window["until"],
@@ -357,8 +373,12 @@ def serve_all(
     names: Sequence[str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     limit: int | None = None,
+    dask: str | None = None,
 ) -> None:
     """Serve every flow on its schedule until interrupted (``aquameter flow serve``).
+
+    ``dask`` runs every served flow's tasks on that cluster (``tcp://host:port`` shares one
+    scheduler between runs; ``local:N`` makes a cluster per run).
 
     Flow runs start in subprocesses of this one; they find the database through
     ``AQUAMETER_DATABASE_URL``, which is set here from ``database_url`` when given, and the
@@ -369,5 +389,10 @@ def serve_all(
 
     if database_url:
         os.environ["AQUAMETER_DATABASE_URL"] = database_url
+    if dask:
+        from flows.dask_runner import parse_dask_spec
+
+        parse_dask_spec(dask)  # a typo fails here, not in every served run
+        os.environ[SERVE_DASK_ENV] = dask
     with prefect_api(services=True):
         serve(*deployments(schedules, names=names, overrides=overrides), limit=limit)

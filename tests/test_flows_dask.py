@@ -72,20 +72,6 @@ def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return True
 
 
-def _run(name: str, url: str, dask: str | None, **kw: Any) -> dict[str, Any]:
-    if dask is None:
-        return run_flow(name, START, UNTIL, url, **kw)
-    from aquameter.prefect_api import prefect_api as api
-    from flows.dask_runner import dask_task_runner
-
-    flow = FLOWS[name].with_options(task_runner=dask_task_runner(dask))
-    overrides = kw.pop("overrides", None)
-    with api():
-        return flow(
-            database_url=url, since=START, until=UNTIL, overrides=overrides, full=False, **kw
-        )
-
-
 def _run_all(url: str, export_dir: Path, dask: str | None) -> dict[str, dict[str, Any]]:
     summaries = {}
     for name in FLOWS:
@@ -94,7 +80,7 @@ def _run_all(url: str, export_dir: Path, dask: str | None) -> dict[str, dict[str
             kw = {"period_start": BILL_START, "period_end": BILL_END, "export_dir": str(export_dir)}
         if name == "water_balance":
             kw["overrides"] = {"period": "window"}
-        summaries[name] = _run(name, url, dask, **kw)
+        summaries[name] = run_flow(name, START, UNTIL, url, dask=dask, **kw)
     return summaries
 
 
