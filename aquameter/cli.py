@@ -453,10 +453,32 @@ def import_cmd(
 @app.command("check")
 def check_cmd(
     registry: Annotated[Path | None, typer.Option(help="Registry TOML file.")] = None,
+    poll: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DEVICE",
+            help="Poll this Modbus/OPC-UA device once and print its decoded readings "
+            "(nothing is written).",
+        ),
+    ] = None,
+    listen: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            min=0.1,
+            help="Subscribe to the broker this long and print decoded readings and rejected "
+            "frames (nothing is written).",
+        ),
+    ] = None,
 ) -> None:
-    """Validate the registry as `devices sync` would load it; each problem as FILE:LINE."""
+    """Validate the registry as `devices sync` would load it; each problem as FILE:LINE.
+    With --poll DEVICE or --listen SECONDS, then show live traffic as ingest would store it,
+    without writing anything (like Telegraf's --test)."""
     from aquameter.check import check_registry_text, check_url
 
+    if poll is not None and listen is not None:
+        typer.echo("check: give --poll DEVICE or --listen SECONDS, not both", err=True)
+        raise typer.Exit(2)
     s = _settings()
     path = Path(registry or s.registry)
     try:
@@ -475,7 +497,18 @@ def check_cmd(
     if lines:
         typer.echo(f"{len(lines)} problem(s)", err=True)
         raise typer.Exit(1)
-    typer.echo(str(summary))
+    if poll is None and listen is None:
+        typer.echo(str(summary))
+        return
+    from aquameter.check_live import run_listen, run_poll
+
+    reg = load_registry(path)
+    if poll is not None:
+        raise typer.Exit(run_poll(reg, poll, s, registry_path=str(path)))
+    from aquameter.runtime import known_broker
+
+    assert listen is not None
+    raise typer.Exit(run_listen(reg, listen, s, known_broker(s)))
 
 
 def _when(value: str | None) -> datetime | None:
@@ -656,6 +689,13 @@ def flow_run(
         list[str] | None, typer.Option("--set", help="Threshold override, e.g. vee.spike_k=6")
     ] = None,
     full: Annotated[bool, typer.Option(help="Recompute every unit, not only stale ones.")] = False,
+    dask: Annotated[
+        str | None,
+        typer.Option(
+            help="Fan tasks out on Dask: local:N (a LocalCluster of N worker processes) or "
+            "tcp://host:port (a running scheduler)."
+        ),
+    ] = None,
 ) -> None:
     """Run one flow once under Prefect and print its summary.
 
@@ -671,11 +711,12 @@ def flow_run(
 
     t0 = _time.monotonic()
     s = _settings()
+    _check_dask(dask)
     error: str | None = None
     result: dict[str, object] = {}
     try:
-        # The flows import (Prefect, polars) while the server starts: both take seconds.
-        with prefect_api(s, warmup=lambda: importlib.import_module("flows.runner")):
+        # The flow imports (Prefect, polars) while the server starts: both take seconds.
+        with prefect_api(s, warmup=lambda: importlib.import_module("flows.runner").FLOWS.get(name)):
             from flows.overrides import parse_assignments
             from flows.runner import run_flow
 
@@ -686,6 +727,7 @@ def flow_run(
                 database_url(s, "analytics"),
                 overrides=parse_assignments(set_ or []),
                 full=full,
+                dask=dask,
             )
     except Exception as exc:
         from flows.runner import FlowFailed
@@ -705,6 +747,13 @@ def flow_run(
 @flow_app.command("serve")
 def flow_serve(
     only: Annotated[list[str] | None, typer.Option(help="Serve only these flows.")] = None,
+    dask: Annotated[
+        str | None,
+        typer.Option(
+            help="Fan tasks out on Dask: local:N (a LocalCluster of N worker processes) or "
+            "tcp://host:port (a running scheduler)."
+        ),
+    ] = None,
 ) -> None:
     """Serve every flow on its schedule (Prefect) until Ctrl-C.
 
@@ -712,7 +761,21 @@ def flow_serve(
     this command does; `aquameter flow run` in another shell reuses it."""
     from flows.runner import serve_all
 
-    serve_all(database_url(_settings(), "analytics"), names=only)
+    _check_dask(dask)
+    serve_all(database_url(_settings(), "analytics"), names=only, dask=dask)
+
+
+def _check_dask(spec: str | None) -> None:
+    """A bad ``--dask`` is one line and exit 2, before any server or cluster starts."""
+    if spec is None:
+        return
+    from flows.dask_runner import DaskSpecError, parse_dask_spec
+
+    try:
+        parse_dask_spec(spec)
+    except DaskSpecError as exc:
+        console.print(f"[bold red]{exc}[/]", soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 @export_app.command("billing")
