@@ -1,0 +1,463 @@
+"""Leak *events* from a DMA's nightly flow series: each rise is its own event, and events stack.
+
+The input is one value per night (MNF or net night flow, m³/h). Each rise of the level — a step
+(a burst, abrupt) or a ramp (a leak that grows over days) — becomes an event with an onset night
+estimate, a size in m³/h, a confidence and a status ``open`` → ``confirmed`` → ``closed`` (the
+level stepped back down by about the event's size: a repair).
+
+Method: Page's cumulative sum (E. S. Page, "Continuous inspection schemes", Biometrika 41, 1954)
+run as a *re-armed* scheme — after each detected change the level is re-estimated from the nights
+since the change point and both sums restart, so a second leak while the first is still running
+is judged against the level that already includes the first (see also D. M. Hawkins & D. H.
+Olwell, "Cumulative Sum Charts and Charting for Quality Improvement", 1998, ch. 6 on re-starting
+after a signal). Per night:
+
+- **Noise scale** σ from the data: 1.4826 × MAD of night-to-night differences / √2, weekday and
+  weekend nights apart (a weekend or holiday night is compared with the previous such night).
+  Differences do not see the level, so a step or a slow drift barely moves them, and the MAD
+  ignores the odd filling-pool night. **Cold start**: σ² is shrunk towards a prior
+  (``prior_sigma_rel`` of the level, ``prior_weight`` pseudo-differences), and the decision
+  interval is widened by ``1 + cold_h / n`` for n differences seen, so detection runs from
+  ``min_nights`` nights on with wide thresholds that tighten as history grows.
+- **Local level**: the median of the last ``window_nights`` in-control nights of the current
+  segment (weekend and holiday nights minus their own median offset from it). Nights of a CUSUM
+  run that has not (yet) died out do not join the level, so a ramp cannot hide in its own
+  reference. The slack grows by the standard error of that median (1.2533 σ/√n).
+- **Two upward CUSUMs** on the standardised residual: a fast one (small ``fast_h``: a large step
+  alarms within one or two nights) and a slow one (small slack, larger interval: small steps and
+  ramps), each night's increment capped so no single night alarms alone. Downward CUSUMs with the
+  same settings detect drops. The onset is the CUSUM change-point estimate: the first night of
+  the run that alarmed.
+- **Ramps**: a new upward run that starts at most ``ramp_join_nights`` after the previous alarm of
+  a still-open event while its segment keeps rising is the same leak growing, not a new one: the
+  event becomes a ``ramp`` whose onset is the back-extrapolation of the line through its nights to
+  the level before it, and whose size is the level it reached.
+- **Size**: median of the event's segment (at most ``size_nights`` nights) minus the level before
+  the onset (median of up to ``size_nights`` nights before it), in m³/h. **Confidence**: erf(z/√2)
+  with z = size / (σ √(1/n_before + 1/n_after)): the probability, under Gaussian noise, that the
+  shift is not noise.
+- **Repairs**: a downward alarm of size d closes the open event whose size is nearest d if they
+  agree within ``repair_match_rel`` (or 3 standard errors); otherwise the drop is a change of level
+  (demand, season) and closes nothing.
+
+The recursion walks one DMA's nights in order (numpy and Python floats, O(nights × window)).
+Pure: no I/O; the flow persists the frame ``leak_events`` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, cast
+
+import numpy as np
+import polars as pl
+
+from pipelines.schemas import ALERTS
+
+ALERT_CODE = "DMA_NIGHT_FLOW_RISE"
+_MAD_TO_SIGMA = 1.4826
+_MEDIAN_SE = 1.2533
+
+LEAK_EVENTS: dict[str, Any] = {
+    "dma_id": pl.String,
+    "event_no": pl.Int32,
+    "kind": pl.String,
+    "status": pl.String,
+    "onset_night": pl.Date,
+    "alarm_night": pl.Date,
+    "confirmed_night": pl.Date,
+    "end_night": pl.Date,
+    "size_m3h": pl.Float64,
+    "confidence": pl.Float64,
+    "level_before_m3h": pl.Float64,
+    "sigma_m3h": pl.Float64,
+    "detector": pl.String,
+}
+
+
+@dataclass(frozen=True)
+class LeakEventParams:
+    """Settings of the re-armed CUSUM (k and h in units of σ).
+
+    window_nights: in-control nights in the local level median.
+    min_nights: nights before detection starts (cold start).
+    fast_k, fast_h, fast_cap: slack, decision interval and per-night cap of the fast CUSUM.
+    slow_k, slow_h, slow_cap: the same for the slow CUSUM (small steps, ramps).
+    prior_sigma_rel, prior_sigma_m3h, prior_weight: σ prior (relative to the level, absolute
+        floor) and its weight in pseudo-differences; shrinks the cold-start estimate.
+    cold_h: the decision interval is multiplied by 1 + cold_h / (differences seen).
+    confirm_nights: nights after the onset an open event must last to become ``confirmed``.
+    ramp_join_nights: an upward run starting this soon after an open event's alarm extends it.
+    size_nights: nights before/after the onset used for the size.
+    repair_match_rel: a drop closes the event whose size it matches within this fraction.
+    holidays: dates whose nights behave like weekend nights.
+    """
+
+    window_nights: int = 14
+    min_nights: int = 3
+    fast_k: float = 1.0
+    fast_h: float = 4.0
+    fast_cap: float = 2.0
+    slow_k: float = 0.5
+    slow_h: float = 8.0
+    slow_cap: float = 2.0
+    prior_sigma_rel: float = 0.02
+    prior_sigma_m3h: float = 0.05
+    prior_weight: float = 3.0
+    cold_h: float = 4.0
+    confirm_nights: int = 5
+    ramp_join_nights: int = 2
+    size_nights: int = 28
+    repair_match_rel: float = 0.35
+    holidays: tuple[date, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class LeakEvent:
+    """One detected rise (indices are positions in the DMA's night series)."""
+
+    onset: int
+    alarm: int
+    level_before: float
+    n_before: int
+    sigma: float
+    detector: str
+    kind: str = "step"
+    size: float = 0.0
+    n_after: int = 0
+    confirmed: int | None = None
+    end: int | None = None
+    last_alarm: int = 0
+    seg_start: int = 0
+
+    @property
+    def status(self) -> str:
+        """``closed`` once repaired, ``confirmed`` once it lasted, else ``open``."""
+        if self.end is not None:
+            return "closed"
+        return "confirmed" if self.confirmed is not None else "open"
+
+    @property
+    def confidence(self) -> float:
+        """erf(z/√2), z = size over its standard error (Gaussian noise assumed)."""
+        if self.sigma <= 0 or self.n_after == 0:
+            return 0.0
+        se = self.sigma * math.sqrt(1.0 / max(self.n_before, 1) + 1.0 / self.n_after)
+        return math.erf(max(self.size, 0.0) / se / math.sqrt(2.0))
+
+
+def _mad_sigma(diffs: list[float]) -> float:
+    if not diffs:
+        return 0.0
+    a = np.asarray(diffs)
+    return _MAD_TO_SIGMA * float(np.median(np.abs(a - np.median(a)))) / math.sqrt(2.0)
+
+
+@dataclass
+class _Cusum:
+    k: float
+    h: float
+    cap: float
+    s: float = 0.0
+    start: int = -1
+
+    def step(self, z: float, i: int, k_extra: float, h_mult: float) -> bool:
+        inc = min(z - self.k - k_extra, self.cap * h_mult)
+        new = max(0.0, self.s + inc)
+        if new > 0.0 and self.s == 0.0:
+            self.start = i
+        self.s = new
+        return self.s >= self.h * h_mult
+
+    def reset(self) -> None:
+        self.s, self.start = 0.0, -1
+
+
+def _theil_sen(t: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Median pairwise slope, median t and median of y − slope·t (Sen 1968)."""
+    if len(t) < 2:
+        return 0.0, float(t.mean()) if len(t) else 0.0, float(y.mean()) if len(y) else 0.0
+    dt = t[None, :] - t[:, None]
+    dy = y[None, :] - y[:, None]
+    mask = dt > 0
+    slope = float(np.median(dy[mask] / dt[mask]))
+    tm = float(np.median(t))
+    return slope, tm, float(np.median(y - slope * (t - tm)))
+
+
+def detect_leak_events(
+    values: np.ndarray, nights: Sequence[date], params: LeakEventParams | None = None
+) -> list[LeakEvent]:
+    """Walk one DMA's nightly series (NaN = no value) and return its events in onset order.
+
+    Why a walk and not a batch fit: each decision uses only nights up to that night, so the
+    alarm night is what a daily run would have reported, and a rerun over the same history
+    reproduces it exactly.
+    """
+    p = params or LeakEventParams()
+    holidays = set(p.holidays)
+    weekend = [d.weekday() >= 5 or d in holidays for d in nights]
+    day_no = np.asarray([d.toordinal() for d in nights], dtype=np.float64)
+    x = np.asarray(values, dtype=np.float64)
+    diffs: dict[bool, list[float]] = {False: [], True: []}
+    last: dict[bool, tuple[float, float] | None] = {False: None, True: None}
+    we_resid: list[float] = []
+    seg: list[tuple[int, float]] = []  # in-control (index, adjusted value) of the current segment
+    pending: list[tuple[int, float]] = []
+    ups = [_Cusum(p.fast_k, p.fast_h, p.fast_cap), _Cusum(p.slow_k, p.slow_h, p.slow_cap)]
+    downs = [_Cusum(p.fast_k, p.fast_h, p.fast_cap), _Cusum(p.slow_k, p.slow_h, p.slow_cap)]
+    names = ["fast", "slow"]
+    events: list[LeakEvent] = []
+    seen = 0
+    for i in range(len(x)):
+        xi = float(x[i])
+        if math.isnan(xi):
+            continue
+        g = weekend[i]
+        prev = last[g]
+        if prev is not None and day_no[i] - prev[0] <= 7:
+            diffs[g].append(xi - prev[1])
+        last[g] = (day_no[i], xi)
+        seen += 1
+        ctrl = [v for _, v in seg[-p.window_nights :]]
+        level = float(np.median(ctrl)) if ctrl else None
+        if g:
+            if level is None:
+                continue
+            if len(we_resid) < 2:
+                we_resid.append(xi - level)
+                continue
+            adj = xi - float(np.median(we_resid[-8:]))
+        else:
+            adj = xi
+        if level is None or seen <= p.min_nights or len(ctrl) < 2:
+            seg.append((i, adj))
+            continue
+        n_diff = len(diffs[g])
+        prior = max(p.prior_sigma_m3h, p.prior_sigma_rel * abs(level))
+        mad = _mad_sigma(diffs[g])
+        sigma = math.sqrt((p.prior_weight * prior**2 + n_diff * mad**2) / (p.prior_weight + n_diff))
+        sigma = max(sigma, 1e-9)
+        z = (adj - level) / sigma
+        k_extra = _MEDIAN_SE / math.sqrt(len(ctrl))
+        h_mult = 1.0 + p.cold_h / max(n_diff, 1)
+        up_hit = [c.step(z, i, k_extra, h_mult) for c in ups]
+        down_hit = [c.step(-z, i, k_extra, h_mult) for c in downs]
+        if g:
+            we_resid.append(xi - level)
+        if any(up_hit) or any(down_hit):
+            upward = any(up_hit)
+            cs = ups if upward else downs
+            which = (up_hit if upward else down_hit).index(True)
+            start = cs[which].start
+            run = [(j, v) for j, v in pending + [(i, adj)] if j >= start]
+            new_level = float(np.median([v for _, v in run]))
+            before = [v for _, v in seg[-p.size_nights :]]
+            if upward:
+                _on_rise(events, run, seg, before, level, sigma, names[which], i, p, day_no)
+            else:
+                _on_drop(events, level - new_level, sigma, len(before), run, i, p)
+            seg = run
+            pending = []
+            for c in ups + downs:
+                c.reset()
+        elif any(c.s > 0 for c in ups + downs):
+            pending.append((i, adj))
+        else:
+            seg.extend(pending)
+            seg.append((i, adj))
+            pending = []
+        _update_current(events, seg, pending, i, p)
+    return events
+
+
+def _on_rise(
+    events: list[LeakEvent],
+    run: list[tuple[int, float]],
+    seg: list[tuple[int, float]],
+    before: list[float],
+    level: float,
+    sigma: float,
+    detector: str,
+    i: int,
+    p: LeakEventParams,
+    day_no: np.ndarray,
+) -> None:
+    onset = run[0][0]
+    cur = events[-1] if events else None
+    if (
+        cur is not None
+        and cur.end is None
+        and cur.seg_start == seg[0][0]
+        and day_no[onset] - day_no[cur.last_alarm] <= p.ramp_join_nights
+    ):
+        # The level kept rising right after the last alarm: the same leak growing.
+        cur.kind = "ramp"
+        cur.last_alarm = i
+        cur.seg_start = onset
+        pts = [(j, v) for j, v in seg + run if j >= cur.onset]
+        t = np.asarray([day_no[j] for j, _ in pts])
+        y = np.asarray([v for _, v in pts])
+        slope, tm, ym = _theil_sen(t, y)
+        if slope > 0:
+            t0 = tm + (cur.level_before - ym) / slope
+            first = int(np.searchsorted(day_no, t0, side="left"))
+            cur.onset = min(max(first, cur.onset - p.size_nights), cur.onset)
+        return
+    base = float(np.median(before)) if before else level
+    events.append(
+        LeakEvent(
+            onset=onset,
+            alarm=i,
+            level_before=base,
+            n_before=max(len(before), 1),
+            sigma=sigma,
+            detector=detector,
+            last_alarm=i,
+            seg_start=onset,
+        )
+    )
+
+
+def _on_drop(
+    events: list[LeakEvent],
+    drop: float,
+    sigma: float,
+    n_before: int,
+    run: list[tuple[int, float]],
+    i: int,
+    p: LeakEventParams,
+) -> None:
+    open_ = [e for e in events if e.end is None]
+    if not open_ or drop <= 0:
+        return
+    best = min(open_, key=lambda e: abs(e.size - drop))
+    tol = max(p.repair_match_rel * best.size, 3.0 * sigma * math.sqrt(1 / n_before + 1 / len(run)))
+    if abs(best.size - drop) <= tol:
+        best.end = run[0][0]
+
+
+def _update_current(
+    events: list[LeakEvent],
+    seg: list[tuple[int, float]],
+    pending: list[tuple[int, float]],
+    i: int,
+    p: LeakEventParams,
+) -> None:
+    """Refresh the size of the event whose segment is current; confirm events that lasted."""
+    for e in events:
+        if e.end is None and e.confirmed is None and i - e.onset >= p.confirm_nights:
+            e.confirmed = i
+    if not events:
+        return
+    cur = events[-1]
+    if cur.end is not None or not seg or seg[0][0] != cur.seg_start:
+        return
+    vals = [v for _, v in (seg + pending)[: p.size_nights]] if cur.kind == "step" else None
+    if vals is None:  # a ramp: the level it has reached (latest nights of its last segment)
+        vals = [v for _, v in seg[-p.window_nights :]]
+    cur.size = float(np.median(vals)) - cur.level_before
+    cur.n_after = len(vals)
+
+
+def leak_events(series: pl.DataFrame, params: LeakEventParams | None = None) -> pl.DataFrame:
+    """The ``LEAK_EVENTS`` frame of every DMA in ``series`` (``dma_id, night_date, nnf_m3h``).
+
+    Nights with a null or NaN value are skipped, not read as zero; a DMA with fewer than
+    ``min_nights`` values has no events. ``event_no`` counts a DMA's events from 1 in onset order,
+    so (dma_id, onset_night) and (dma_id, event_no) both identify an event.
+    """
+    p = params or LeakEventParams()
+    rows: list[dict[str, Any]] = []
+    frame = (
+        series.select("dma_id", "night_date", "nnf_m3h")
+        .filter(pl.col("dma_id").is_not_null() & pl.col("night_date").is_not_null())
+        .unique(subset=["dma_id", "night_date"], keep="first")
+        .sort("dma_id", "night_date")
+    )
+    for part in frame.partition_by("dma_id", maintain_order=True):
+        dma_id = str(part["dma_id"][0])
+        values = part["nnf_m3h"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        nights: list[date] = part["night_date"].to_list()
+        evs = sorted(detect_leak_events(values, nights, p), key=lambda e: e.onset)
+        for no, e in enumerate(evs, start=1):
+            rows.append(
+                {
+                    "dma_id": dma_id,
+                    "event_no": no,
+                    "kind": e.kind,
+                    "status": e.status,
+                    "onset_night": nights[e.onset],
+                    "alarm_night": nights[e.alarm],
+                    "confirmed_night": nights[e.confirmed] if e.confirmed is not None else None,
+                    "end_night": nights[e.end] if e.end is not None else None,
+                    "size_m3h": round(e.size, 4),
+                    "confidence": round(e.confidence, 4),
+                    "level_before_m3h": round(e.level_before, 4),
+                    "sigma_m3h": round(e.sigma, 4),
+                    "detector": e.detector,
+                }
+            )
+    return pl.DataFrame(rows, schema=pl.Schema(LEAK_EVENTS))
+
+
+def _severity(size: float, medium_m3h: float, high_m3h: float) -> str:
+    if size >= high_m3h:
+        return "high"
+    return "medium" if size >= medium_m3h else "low"
+
+
+def leak_event_alerts(
+    events: pl.DataFrame,
+    stamps: pl.DataFrame,
+    medium_m3h: float = 1.0,
+    high_m3h: float = 3.6,
+) -> pl.DataFrame:
+    """One ``DMA_NIGHT_FLOW_RISE`` alert per event, in the ``ALERTS`` schema.
+
+    ``stamps`` (``dma_id, night_date, mnf_start_ts``) dates the alert at the onset night's MNF
+    window and closes it at the repair night's. The alerts table knows only open/closed, so a
+    confirmed event is an open alert; the evidence carries the event's own status, id, onset,
+    size and confidence so the worklist shows them.
+    """
+    keyed = {
+        (str(r["dma_id"]), r["night_date"]): r["mnf_start_ts"]
+        for r in stamps.select("dma_id", "night_date", "mnf_start_ts").iter_rows(named=True)
+    }
+    rows: list[dict[str, Any]] = []
+    for e in events.iter_rows(named=True):
+        dma, onset, end = str(e["dma_id"]), e["onset_night"], e["end_night"]
+        start_ts: datetime | None = keyed.get((dma, onset))
+        if start_ts is None:
+            continue
+        evidence = {
+            "event_id": f"{dma}:{onset.isoformat()}",
+            "event_no": e["event_no"],
+            "kind": e["kind"],
+            "event_status": e["status"],
+            "onset_night": onset.isoformat(),
+            "alarm_night": e["alarm_night"].isoformat(),
+            "confirmed_night": e["confirmed_night"].isoformat() if e["confirmed_night"] else None,
+            "end_night": end.isoformat() if end else None,
+            "size_m3h": e["size_m3h"],
+            "confidence": e["confidence"],
+            "level_before_m3h": e["level_before_m3h"],
+            "sigma_m3h": e["sigma_m3h"],
+            "detector": e["detector"],
+        }
+        rows.append(
+            {
+                "code": ALERT_CODE,
+                "subject_id": dma,
+                "start_ts": start_ts,
+                "end_ts": keyed.get((dma, end)) if end else None,
+                "status": "closed" if e["status"] == "closed" else "open",
+                "severity": _severity(float(e["size_m3h"]), medium_m3h, high_m3h),
+                "evidence": json.dumps(evidence, sort_keys=True),
+            }
+        )
+    return pl.DataFrame(rows, schema=pl.Schema(cast(Any, ALERTS)))
