@@ -680,6 +680,15 @@ def flow_list() -> None:
         console.print(f"{name:18} {DEFAULT_SCHEDULES.get(name) or '-'}")
 
 
+DaskOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Fan tasks out on Dask: local:N (a LocalCluster of N worker processes) or "
+        "tcp://host:port (a running scheduler)."
+    ),
+]
+
+
 @flow_app.command("run")
 def flow_run(
     name: Annotated[str, typer.Argument(help="Flow name (see `aquameter flow list`).")],
@@ -689,13 +698,7 @@ def flow_run(
         list[str] | None, typer.Option("--set", help="Threshold override, e.g. vee.spike_k=6")
     ] = None,
     full: Annotated[bool, typer.Option(help="Recompute every unit, not only stale ones.")] = False,
-    dask: Annotated[
-        str | None,
-        typer.Option(
-            help="Fan tasks out on Dask: local:N (a LocalCluster of N worker processes) or "
-            "tcp://host:port (a running scheduler)."
-        ),
-    ] = None,
+    dask: DaskOption = None,
 ) -> None:
     """Run one flow once under Prefect and print its summary.
 
@@ -747,13 +750,7 @@ def flow_run(
 @flow_app.command("serve")
 def flow_serve(
     only: Annotated[list[str] | None, typer.Option(help="Serve only these flows.")] = None,
-    dask: Annotated[
-        str | None,
-        typer.Option(
-            help="Fan tasks out on Dask: local:N (a LocalCluster of N worker processes) or "
-            "tcp://host:port (a running scheduler)."
-        ),
-    ] = None,
+    dask: DaskOption = None,
 ) -> None:
     """Serve every flow on its schedule (Prefect) until Ctrl-C.
 
