@@ -75,7 +75,7 @@ class BillingExportSettings:
     tariff: TieredTariff = field(default_factory=TieredTariff)
     series: MeterSeriesParams = field(default_factory=MeterSeriesParams)
     context_days: int = 3
-    chunk_meters: int = 2000
+    chunk_meters: int = 1000
     parallel_chunks: int = 1
     export_format: Literal["csv", "parquet"] = "csv"
 

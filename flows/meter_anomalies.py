@@ -52,7 +52,8 @@ class MeterAnomaliesSettings:
     late_horizon_days: days before the window whose late data still triggers a recompute.
     chunk_meters: meters per Prefect task.
     slice_days: a longer window is evaluated in slices of this many days, one after the other,
-        so memory follows chunk_meters x (slice_days + context_days), not the window.
+        so memory follows chunk_meters x (slice_days + context_days), not the window. 1,000 meters x
+        28 days of 15-minute slots peaked at 1.5 GB (BENCHMARKS.md, "Flows end to end").
     parallel_chunks: chunks in flight at once (``flows.window.waves``; 0: all).
     """
 
@@ -61,8 +62,8 @@ class MeterAnomaliesSettings:
     lookback_days: float = 3.0
     context_days: int = 14
     late_horizon_days: int = 62
-    chunk_meters: int = 2000
-    slice_days: int = 31
+    chunk_meters: int = 1000
+    slice_days: int = 14
     parallel_chunks: int = 1
 
 

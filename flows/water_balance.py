@@ -70,7 +70,7 @@ class WaterBalanceSettings:
     series: MeterSeriesParams = field(default_factory=MeterSeriesParams)
     period: Literal["month", "window"] = "month"
     estimated_share_limit: float = 0.05
-    chunk_meters: int = 2000
+    chunk_meters: int = 1000
     slice_days: int = 31
     parallel_chunks: int = 1
 
