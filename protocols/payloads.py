@@ -675,6 +675,31 @@ def _cbor_loads(payload: bytes, max_depth: int) -> tuple[Any, bool]:
     return cbor2.loads(payload, **_CBOR_OPTIONS), False
 
 
+# --- the standards' codecs (their own modules, imported on first use: they import this one) ---
+_STANDARD_CODECS: dict[str, tuple[str, str]] = {
+    "senml-json": ("protocols.senml", "decode_senml_json"),
+    "senml-cbor": ("protocols.senml", "decode_senml_cbor"),
+    "wmbus": ("protocols.wmbus", "decode_wmbus"),
+    "wmbus-hex": ("protocols.wmbus", "decode_wmbus_hex"),
+    "cjt188": ("protocols.cjt188", "decode_cjt188"),
+}
+
+
+def _standard_codec(fmt: str) -> Callable[[bytes, str | None], list[Uplink]]:
+    """The decoder of a standard format (SenML, wireless M-Bus, CJ/T 188) by its registry name.
+
+    Why lazily: those modules build on this one's helpers, and a deployment without
+    ``cryptography`` still decodes everything but encrypted wM-Bus.
+    """
+    import importlib
+
+    module, name = _STANDARD_CODECS[fmt]
+    decoder: Callable[[bytes, str | None], list[Uplink]] = getattr(
+        importlib.import_module(module), name
+    )
+    return decoder
+
+
 # --- any format ---------------------------------------------------------------------------------
 def sniff_format(payload: bytes) -> str:
     """Guess a payload's format: JSON starts with ``{``/``[``, binary-v1 with its version byte."""
@@ -709,6 +734,8 @@ def decode(
             uplinks = decode_binary_v1(payload)
         elif fmt == "cbor":
             uplinks = decode_cbor(payload, default_device, max_depth=max_depth)
+        elif fmt in _STANDARD_CODECS:
+            uplinks = _standard_codec(fmt)(payload, default_device)
         else:
             uplinks = None
         if uplinks is not None:
