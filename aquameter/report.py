@@ -2,13 +2,20 @@
 
 Every number and every curve comes from the database (``readings``/``readings_hourly`` of the DMA
 boundary channels, ``dma_daily``, ``alerts``, ``water_balance``, ``read_rates``,
-``billing_export``), never from the simulator's memory: the page shows what the system stored and
+``billing_export``, and ``flow_runs`` for each analytics flow's latest outcome), never from the
+simulator's memory: the page shows what the system stored and
 computed, so the same page can be rebuilt later (``aquameter report``) and a broken pipeline shows
 as a gap instead of being papered over by the truth. The simulator's fault manifest is optional
 and only *annotates*: injected onsets on the charts, and an injected-vs-detected table that checks
 each detection's start against the onset (a stated tolerance per fault kind) and counts false
 alerts. Everything except :func:`load_report_frames` and :func:`write_report` is pure on frames;
 the page uses no external URL, so it opens offline and in a sandboxed browser.
+
+A flow whose latest run over the window failed gets a red banner at the top of the page (flow,
+when, its one-line error): a missed fault or an empty chart may only mean that the flow which
+should have filled it did not run, and a reader must see that before trusting any figure. A
+database migrated before ``flow_runs`` existed (migration 0009) still gets its report, with a line
+saying flow outcomes are unavailable.
 """
 
 from __future__ import annotations
@@ -111,17 +118,46 @@ _QUERIES: dict[str, tuple[str, dict[str, Any]]] = {
 }  # fmt: skip
 
 
+# The latest run of each flow that concerns the window: its computed window overlaps the report's,
+# or (a run recorded without any window) it finished after the window began. A run over other
+# days says nothing about this page's figures.
+FLOW_RUNS_SQL = """
+SELECT DISTINCT ON (flow) flow, status, started_at, finished_at,
+       extract(epoch FROM finished_at - started_at)::float8, error
+FROM flow_runs
+WHERE (window_since IS NULL OR window_since < %(until)s)
+  AND (window_until IS NULL OR window_until > %(since)s)
+  AND (window_since IS NOT NULL OR window_until IS NOT NULL OR finished_at >= %(since)s)
+ORDER BY flow, finished_at DESC, id DESC
+"""
+FLOW_RUNS_SCHEMA: dict[str, Any] = {
+    "flow": pl.String,
+    "status": pl.String,
+    "started_at": UTC_US,
+    "finished_at": UTC_US,
+    "seconds": pl.Float64,
+    "error": pl.String,
+}
+
+
 def load_report_frames(url: str, since: datetime, until: datetime) -> dict[str, pl.DataFrame]:
     """The report's inputs from the database (the only reads of this module).
 
-    Also ``window`` (one row: ``since``, ``until``) so the page states what it covers."""
+    Also ``window`` (one row: ``since``, ``until``) so the page states what it covers, and
+    ``flow_runs`` (:data:`FLOW_RUNS_SQL`), left out when the database has no such table (migrated
+    before 0009): the page then says flow outcomes are unavailable instead of failing."""
     from sql.connect import connect
 
     out: dict[str, pl.DataFrame] = {}
+    params = {"since": since, "until": until}
     with connect(url) as conn:
         for name, (sql, schema) in _QUERIES.items():
-            rows = conn.execute(sql, {"since": since, "until": until}).fetchall()  # type: ignore[arg-type]
+            rows = conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
             out[name] = pl.DataFrame(rows, schema=schema, orient="row")
+        has_runs = conn.execute("SELECT to_regclass('flow_runs') IS NOT NULL").fetchone()
+        if has_runs is not None and has_runs[0]:
+            rows = conn.execute(FLOW_RUNS_SQL, params).fetchall()  # type: ignore[arg-type]
+            out["flow_runs"] = pl.DataFrame(rows, schema=FLOW_RUNS_SCHEMA, orient="row")
     out["window"] = pl.DataFrame(
         {"since": [since], "until": [until]}, schema={"since": UTC_US, "until": UTC_US}
     )
@@ -475,11 +511,58 @@ def _table(frame: pl.DataFrame, classes: Mapping[str, str] | None = None) -> str
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def failed_flow_lines(runs: pl.DataFrame | None, extra: Iterable[str] = ()) -> list[str]:
+    """One line per failed flow for the banner: each flow whose latest run (``flow_runs`` frame)
+    failed — flow, when, its one-line error — then the ``extra`` lines (failures the caller saw
+    that left no row, e.g. flows never started because the Prefect API did not come up) that do
+    not repeat a recorded error."""
+    lines: list[str] = []
+    recorded: set[str] = set()
+    if runs is not None:
+        failed = runs.filter(pl.col("status") == "failed").sort("flow")
+        for flow, finished, seconds, error in failed.select(
+            "flow", "finished_at", "seconds", "error"
+        ).iter_rows():
+            recorded.add(str(error or ""))
+            # The recorded error is FlowFailed's line ("flow NAME FAILED: ..."): said once.
+            detail = str(error or "(no message)").removeprefix(f"flow {flow} FAILED: ")
+            lines.append(
+                f"flow {flow} failed at {_fmt_ts(finished)} UTC after {seconds or 0.0:.1f} s: "
+                f"{detail}"
+            )
+    lines += [str(x) for x in extra if str(x) not in recorded]
+    return lines
+
+
 def _failure_banner(failures: Iterable[str]) -> str:
     items = "".join(f"<li>{html.escape(str(f))}</li>" for f in failures)
     return (
-        "<div class='failures' role='alert'><strong>Some steps failed: the figures below may be "
-        f"incomplete or stale.</strong><ul>{items}</ul></div>"
+        "<div class='failures' role='alert'><strong>Analytics flows failed: the figures below "
+        f"may be incomplete or stale.</strong><ul>{items}</ul></div>"
+    )
+
+
+def flow_runs_table(runs: pl.DataFrame) -> pl.DataFrame:
+    """Each flow's latest run as the page shows it: flow, status, finished (UTC), duration."""
+    return runs.sort("flow").select(
+        "flow",
+        "status",
+        pl.col("finished_at").dt.strftime("%Y-%m-%d %H:%M:%S").alias("finished"),
+        pl.col("seconds").map_elements(lambda s: f"{s:.1f} s", return_dtype=pl.String)
+        .alias("duration"),
+    )  # fmt: skip
+
+
+def _flow_runs_section(runs: pl.DataFrame | None) -> str:
+    if runs is None:
+        return (
+            "<p class='note flows'>Flow outcomes are unavailable: this database has no "
+            "<code>flow_runs</code> table (run <code>aquameter db migrate</code>).</p>"
+        )
+    if runs.height == 0:
+        return "<p class='note flows'>No analytics flow run is recorded for this window.</p>"
+    return "<h2>Analytics flows (latest run)</h2>" + _table(
+        flow_runs_table(runs), {"failed": "missed", "completed": "detected"}
     )
 
 
@@ -516,8 +599,10 @@ def build_report(
     simulator's true inflow, and the report now draws only what the database holds (kept as a
     parameter so existing callers work; pass None). ``manifest`` (optional) annotates injected
     onsets and marks false alerts in the worklist; ``faults`` is :func:`compare_faults`' table
-    (computed from the manifest when None). ``failures`` (e.g. flows that raised) puts a red
-    banner on top, so nobody trusts a page built on half the analytics.
+    (computed from the manifest when None). Every flow whose latest run in
+    ``frames["flow_runs"]`` failed gets a line in a red banner on top, so nobody trusts a page
+    built on half the analytics; ``failures`` adds lines for failures that left no row (a repeat
+    of a recorded error is dropped).
     """
     del dma_flow
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -530,13 +615,16 @@ def build_report(
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Aquameter report</title>"
         f"<style>{_CSS}</style></head><body>",
     ]
-    if failures:
-        parts.append(_failure_banner(failures))
+    runs = frames.get("flow_runs")
+    banner = failed_flow_lines(runs, failures or ())
+    if banner:
+        parts.append(_failure_banner(banner))
     parts += [
         "<h1>Aquameter report</h1>",
         f"<p>Window {html.escape(_window_text(frames, manifest))}, "
         f"{frames['meters'].height:,} customer meters. Every figure is read from the database."
         "</p>",
+        _flow_runs_section(runs),
     ]
     if faults is not None and faults.height:
         parts += [
@@ -594,6 +682,19 @@ def build_report(
     return page
 
 
+@dataclass(frozen=True)
+class WrittenReport:
+    """What :func:`write_report` wrote and found, for a caller that prints a summary.
+
+    ``failed_flows`` are the banner's lines (empty: no banner); ``flow_outcomes`` is False when
+    the database has no ``flow_runs`` table, so nothing is known about the flows."""
+
+    page: Path
+    faults: pl.DataFrame
+    failed_flows: list[str]
+    flow_outcomes: bool
+
+
 def write_report(
     url: str,
     out_dir: Path,
@@ -603,10 +704,10 @@ def write_report(
     manifest: Mapping[str, Any] | None = None,
     extra_faults: Sequence[Mapping[str, Any]] = (),
     failures: list[str] | None = None,
-) -> tuple[Path, pl.DataFrame]:
+) -> WrittenReport:
     """Load from the database, compare with the manifest (plus ``extra_faults``, truths the
     manifest does not hold, e.g. the demo's water-quality excursion) and write the page.
-    Returns the page's path and the injected-vs-detected table (empty without a manifest)."""
+    The injected-vs-detected table is empty without a manifest."""
     frames = load_report_frames(url, since, until)
     truth = manifest_faults(manifest) + [dict(f) for f in extra_faults]
     table = (
@@ -617,4 +718,5 @@ def write_report(
     full = {**(manifest or {}), "faults": truth}
     page = build_report(frames, None, full if truth else manifest, table, out_dir,
                         failures=failures)  # fmt: skip
-    return page, table
+    runs = frames.get("flow_runs")
+    return WrittenReport(page, table, failed_flow_lines(runs, failures or ()), runs is not None)

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import polars as pl
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from aquameter.runtime import database_url
 from aquameter.secrets import mask_url
@@ -69,13 +70,23 @@ def report_cmd(
     if end <= start:
         raise typer.BadParameter("--until must be after --since")
     url = database_url(Settings())
-    page, table = write_report(url, out, start, end, manifest=truth)
-    outcomes = table.group_by("outcome").agg(pl.col("count").sum()).sort("outcome").rows()
+    written = write_report(url, out, start, end, manifest=truth)
+    outcomes = written.faults.group_by("outcome").agg(pl.col("count").sum()).sort("outcome").rows()
     console.print(
-        f"report {page}: window {start:%Y-%m-%d %H:%M} → {end:%Y-%m-%d %H:%M} UTC, "
+        f"report {written.page}: window {start:%Y-%m-%d %H:%M} → {end:%Y-%m-%d %H:%M} UTC, "
         f"database {mask_url(url)}"
         + ("" if truth is None else "; " + ", ".join(f"{o}={n}" for o, n in outcomes))
     )
+    # The page's red banner, on the terminal too: the rebuild itself succeeded (exit 0), but
+    # whoever reads its figures must know which flows did not produce theirs.
+    for line in written.failed_flows:
+        console.print(f"[bold red]{escape(line)}[/]", soft_wrap=True)
+    if not written.flow_outcomes:
+        console.print(
+            "[yellow]flow outcomes unavailable: this database has no flow_runs table "
+            "(run `aquameter db migrate`)",
+            soft_wrap=True,
+        )
 
 
 def db_serve_cmd() -> None:

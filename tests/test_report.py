@@ -171,10 +171,11 @@ def test_report_is_built_from_the_database_with_worklist_and_banner(
         "faults": [_fault("DMA_LEAK", "DMA_NIGHT_FLOW_RISE", "DMA-NORTH", onset)],
     }
     out = tmp_path / "report"
-    page, table = write_report(
+    written = write_report(
         db_url, out, since, until, manifest=manifest,
         failures=["flow water_balance: RuntimeError('boom <x>')"],
     )  # fmt: skip
+    page, table = written.page, written.faults
     assert table.filter(pl.col("outcome") == "detected").height == 1
     assert table.filter(pl.col("outcome") == "false")["count"].to_list() == [1]
     text = page.read_text()
@@ -191,9 +192,119 @@ def test_report_is_built_from_the_database_with_worklist_and_banner(
     assert (out / "alerts.png").stat().st_size > 5_000
 
     # Without failures there is no banner; without a manifest no truth table.
-    page2, table2 = write_report(db_url, tmp_path / "plain", since, until)
-    assert "class='failures'" not in page2.read_text() and table2.height == 0
-    assert "Injected faults" not in page2.read_text()
+    plain = write_report(db_url, tmp_path / "plain", since, until)
+    assert "class='failures'" not in plain.page.read_text() and plain.faults.height == 0
+    assert "Injected faults" not in plain.page.read_text()
+    assert plain.failed_flows == [] and plain.flow_outcomes
+    assert "No analytics flow run is recorded for this window" in plain.page.read_text()
+
+
+# --- flow outcomes from flow_runs ----------------------------------------------------------------
+
+
+def _record(url: str, name: str, error: Exception | None, since: datetime) -> str | None:
+    """One flow_runs row written as run_flow writes it (its recorder, its one-line error)."""
+    from flows.runner import FlowFailed, record_run
+
+    line = None if error is None else FlowFailed(name, error).line
+    summary = None if error is not None else {"flow": name, "rows": 3}
+    started = datetime.now(UTC) - timedelta(seconds=2)
+    assert record_run(url, name, started, summary, line, since, since + timedelta(days=1))
+    return line
+
+
+def test_failed_latest_run_is_a_red_banner_with_its_error(db_url: str, tmp_path: Path) -> None:
+    since, until = T0 - timedelta(days=1), T0 + timedelta(days=4)
+    # dma_night_flow failed, then completed: its latest run is fine, no banner for it.
+    _record(db_url, "dma_night_flow", RuntimeError("early trouble"), T0)
+    _record(db_url, "dma_night_flow", None, T0)
+    line = _record(db_url, "water_balance", ValueError("no SIV for <DMA-NORTH>"), T0)
+    # A failure over other days (last year) says nothing about this window's figures.
+    _record(db_url, "meter_anomalies", RuntimeError("old"), T0 - timedelta(days=400))
+
+    frames = load_report_frames(db_url, since, until)
+    runs = frames["flow_runs"]
+    assert dict(zip(runs["flow"], runs["status"], strict=True)) == {
+        "dma_night_flow": "completed",
+        "water_balance": "failed",
+    }
+    # The same failure seen by the caller (the demo's in-memory line) is not listed twice.
+    written = write_report(db_url, tmp_path / "r", since, until, failures=[str(line)])
+    assert len(written.failed_flows) == 1
+    banner = written.failed_flows[0]
+    assert banner.startswith("flow water_balance failed at ")
+    assert banner.endswith("ValueError: no SIV for <DMA-NORTH>")
+    text = written.page.read_text()
+    top = text[: text.index("<h1>")]
+    assert "class='failures'" in top
+    assert "water_balance failed at" in top and "no SIV for &lt;DMA-NORTH&gt;" in top
+    assert "early trouble" not in text and "RuntimeError: old" not in text
+    # The table of latest runs: status, finished, duration per flow.
+    assert "<h2>Analytics flows (latest run)</h2>" in text
+    for header in ("flow", "status", "finished", "duration"):
+        assert f"<th>{header}</th>" in text
+    assert '<td class="missed">failed</td>' in text
+    assert '<td class="detected">completed</td>' in text
+
+    # Once water_balance completes again the banner is gone.
+    _record(db_url, "water_balance", None, T0)
+    again = write_report(db_url, tmp_path / "r2", since, until)
+    assert again.failed_flows == [] and "class='failures'" not in again.page.read_text()
+
+
+def test_report_cli_names_failed_flows(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer import Typer
+    from typer.testing import CliRunner
+
+    from aquameter.report_cli import report_cmd
+
+    _record(db_url, "ingest_health", RuntimeError("read rates exploded"), T0)
+    monkeypatch.setenv("AQUAMETER_DATABASE_URL", db_url)
+    app = Typer()
+    app.command()(report_cmd)
+    out = tmp_path / "r"
+    args = ["--out", str(out), "--since", "2026-03-01", "--until", "2026-03-06"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "flow ingest_health failed at" in result.output
+    assert "RuntimeError: read rates exploded" in result.output
+
+
+def test_database_without_flow_runs_still_gets_a_report(
+    empty_db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database migrated only to 0008 (before flow_runs): report built, outcomes unavailable.
+    (No registry sync: today's sync writes columns of later migrations.)"""
+    import shutil
+
+    import sql.migrate as migrate_mod
+
+    old = tmp_path / "migrations"
+    old.mkdir()
+    for path in migrate_mod.MIGRATIONS_DIR.glob("*.sql"):
+        if int(path.name[:4]) <= 8:
+            shutil.copy(path, old / path.name)
+    real = migrate_mod.discover
+    monkeypatch.setattr(migrate_mod, "discover", lambda backend: real(backend, old))
+    with psycopg.connect(empty_db_url) as conn:
+        migrate_mod.migrate(conn)
+        conn.commit()
+        assert conn.execute("SELECT to_regclass('flow_runs')").fetchone() == (None,)
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (8,)
+
+    since, until = T0 - timedelta(days=1), T0 + timedelta(days=4)
+    assert "flow_runs" not in load_report_frames(empty_db_url, since, until)
+    written = write_report(
+        empty_db_url, tmp_path / "r", since, until, failures=["flow x FAILED: seen by the caller"]
+    )
+    assert not written.flow_outcomes
+    text = written.page.read_text()
+    assert "Flow outcomes are unavailable" in text
+    # What the caller saw still makes the banner; nothing else is invented.
+    assert written.failed_flows == ["flow x FAILED: seen by the caller"]
+    assert "class='failures'" in text and "<h2>Water balance (IWA)</h2>" in text
 
 
 def test_report_cli_rebuilds_from_database(
