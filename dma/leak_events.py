@@ -50,7 +50,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, cast
 
 import numpy as np
@@ -91,7 +91,8 @@ class LeakEventParams:
         floor) and its weight in pseudo-differences; shrinks the cold-start estimate.
     cold_h: the decision interval is multiplied by 1 + cold_h / (differences seen).
     confirm_nights: nights after the onset an open event must last to become ``confirmed``.
-    ramp_join_nights: an upward run starting this soon after an open event's alarm extends it.
+    ramp_join_nights, ramp_t: an upward run starting this soon after an open event's last alarm
+        extends it (a ramp) when the nights since then rise with a slope t-statistic ≥ ramp_t.
     size_nights: nights before/after the onset used for the size.
     repair_match_rel: a drop closes the event whose size it matches within this fraction.
     holidays: dates whose nights behave like weekend nights.
@@ -99,18 +100,21 @@ class LeakEventParams:
 
     window_nights: int = 14
     min_nights: int = 3
-    fast_k: float = 1.0
+    fast_k: float = 1.25
     fast_h: float = 4.0
     fast_cap: float = 2.0
     slow_k: float = 0.5
-    slow_h: float = 8.0
+    slow_h: float = 10.0
     slow_cap: float = 2.0
     prior_sigma_rel: float = 0.02
     prior_sigma_m3h: float = 0.05
     prior_weight: float = 3.0
     cold_h: float = 4.0
     confirm_nights: int = 5
-    ramp_join_nights: int = 2
+    ramp_join_nights: int = 5
+    ramp_t: float = 2.0
+    ramp_next_nights: int = 2
+    ramp_backcast: bool = False
     size_nights: int = 28
     repair_match_rel: float = 0.35
     holidays: tuple[date, ...] = field(default_factory=tuple)
@@ -255,6 +259,9 @@ def detect_leak_events(
             which = (up_hit if upward else down_hit).index(True)
             start = cs[which].start
             run = [(j, v) for j, v in pending + [(i, adj)] if j >= start]
+            cut = _change_point([v for _, v in run], level, sigma, upward)
+            seg.extend(run[:cut])
+            run = run[cut:]
             new_level = float(np.median([v for _, v in run]))
             before = [v for _, v in seg[-p.size_nights :]]
             if upward:
@@ -275,6 +282,18 @@ def detect_leak_events(
     return events
 
 
+def _change_point(vals: list[float], level: float, sigma: float, upward: bool) -> int:
+    """Where in an alarmed run the shift began: the maximum-likelihood change point of a mean
+    shift of the size seen at the run's end (argmin of the partial sums of z − δ/2), which is
+    later than the CUSUM's own estimate (the run start) when a run crept up before the step."""
+    z = (np.asarray(vals) - level) / sigma * (1.0 if upward else -1.0)
+    delta = float(np.median(z[-3:]))
+    if len(z) < 2 or delta <= 0:
+        return 0
+    partial = np.concatenate([[0.0], np.cumsum(z - delta / 2.0)])[:-1]
+    return int(np.argmin(partial))
+
+
 def _on_rise(
     events: list[LeakEvent],
     run: list[tuple[int, float]],
@@ -293,9 +312,15 @@ def _on_rise(
         cur is not None
         and cur.end is None
         and cur.seg_start == seg[0][0]
-        and day_no[onset] - day_no[cur.last_alarm] <= p.ramp_join_nights
+        and (
+            day_no[onset] - day_no[cur.last_alarm] <= p.ramp_next_nights
+            or (
+                day_no[onset] - day_no[cur.last_alarm] <= p.ramp_join_nights
+                and _rising(seg, day_no, sigma, p.ramp_t)
+            )
+        )
     ):
-        # The level kept rising right after the last alarm: the same leak growing.
+        # The level kept rising since the last alarm: the same leak growing.
         cur.kind = "ramp"
         cur.last_alarm = i
         cur.seg_start = onset
@@ -303,10 +328,11 @@ def _on_rise(
         t = np.asarray([day_no[j] for j, _ in pts])
         y = np.asarray([v for _, v in pts])
         slope, tm, ym = _theil_sen(t, y)
-        if slope > 0:
+        if p.ramp_backcast and slope > 0:
             t0 = tm + (cur.level_before - ym) / slope
             first = int(np.searchsorted(day_no, t0, side="left"))
-            cur.onset = min(max(first, cur.onset - p.size_nights), cur.onset)
+            floor = events[-2].alarm + 1 if len(events) > 1 else 0
+            cur.onset = min(max(first, floor, cur.onset - p.window_nights), cur.onset)
         return
     base = float(np.median(before)) if before else level
     events.append(
@@ -321,6 +347,17 @@ def _on_rise(
             seg_start=onset,
         )
     )
+
+
+def _rising(seg: list[tuple[int, float]], day_no: np.ndarray, sigma: float, t_min: float) -> bool:
+    """Whether the segment since the last change rises: Theil–Sen slope over its standard error
+    (σ √(12 / n³), the least-squares one) at least ``t_min``. A step's segment is flat."""
+    if len(seg) < 3:
+        return True
+    t = np.asarray([day_no[j] for j, _ in seg])
+    slope, _, _ = _theil_sen(t, np.asarray([v for _, v in seg]))
+    span = float(t[-1] - t[0]) or 1.0
+    return slope / (sigma * math.sqrt(12.0 / len(seg)) / span) >= t_min
 
 
 def _on_drop(
@@ -411,6 +448,12 @@ def _severity(size: float, medium_m3h: float, high_m3h: float) -> str:
     return "medium" if size >= medium_m3h else "low"
 
 
+def _stamp(keyed: dict[tuple[str, date], datetime | None], dma: str, night: date) -> datetime:
+    """The night's MNF window start, else its UTC midnight (an alert is never dropped)."""
+    ts = keyed.get((dma, night))
+    return ts if ts is not None else datetime(night.year, night.month, night.day, tzinfo=UTC)
+
+
 def leak_event_alerts(
     events: pl.DataFrame,
     stamps: pl.DataFrame,
@@ -431,9 +474,7 @@ def leak_event_alerts(
     rows: list[dict[str, Any]] = []
     for e in events.iter_rows(named=True):
         dma, onset, end = str(e["dma_id"]), e["onset_night"], e["end_night"]
-        start_ts: datetime | None = keyed.get((dma, onset))
-        if start_ts is None:
-            continue
+        start_ts = _stamp(keyed, dma, onset)
         evidence = {
             "event_id": f"{dma}:{onset.isoformat()}",
             "event_no": e["event_no"],
@@ -454,7 +495,7 @@ def leak_event_alerts(
                 "code": ALERT_CODE,
                 "subject_id": dma,
                 "start_ts": start_ts,
-                "end_ts": keyed.get((dma, end)) if end else None,
+                "end_ts": _stamp(keyed, dma, end) if end else None,
                 "status": "closed" if e["status"] == "closed" else "open",
                 "severity": _severity(float(e["size_m3h"]), medium_m3h, high_m3h),
                 "evidence": json.dumps(evidence, sort_keys=True),

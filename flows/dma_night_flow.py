@@ -1,9 +1,13 @@
 """``dma_night_flow``: per DMA and local day, inflow, MNF, night use, NNF, NDF and real losses
-(``dma.daily``), and the ``DMA_NIGHT_FLOW_RISE`` alerts from the nightly NNF series.
+(``dma.daily``), the DMA's leak events (``dma.leak_events``, table ``leak_events``) and one
+``DMA_NIGHT_FLOW_RISE`` alert per event.
 
-The flow plans which DMA-days are stale (``flows.late_data``) and maps one Prefect task per DMA.
-A task gets only plain data (the database URL, a DMA id, its days) and opens its own connection, so
-a distributed task runner (Dask, Ray) can run the DMAs on other machines.
+The flow plans which DMA-days are stale (``flows.late_data``) and maps one Prefect task per DMA,
+``parallel_chunks`` DMAs at a time. A task gets only plain data (the database URL, a DMA id, its
+days) and opens its own connection, so a distributed task runner (Dask, Ray) can run the DMAs on
+other machines. Memory follows one DMA × ``span_days`` days: a long window of stale days is loaded
+and computed in spans of at most that many days, never the whole window at once (issue 11: 120
+days × 747 hourly meters peaked at 2.4 GB when a DMA's stale days were one span).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from dma.daily import DMA_DAILY, DmaDailyParams, dma_daily
 from dma.inflow import InflowParams, net_inflow
 from dma.leak_detection import ALERT_CODE, NightFlowRiseParams, night_flow_rise_alerts
+from dma.leak_events import LeakEventParams, leak_event_alerts, leak_events
 from flows.late_data import plan_days
 from flows.load import (
     load_dma_boundary,
@@ -32,7 +37,7 @@ from flows.load import (
 from flows.meter_series import MeterSeriesParams, meter_series
 from flows.overrides import apply_overrides, settings_digest
 from flows.store import delete_alerts_except, lock, replace_keyed, upsert_alerts, write_marks
-from flows.window import resolve_database_url, resolve_window, utc
+from flows.window import resolve_database_url, resolve_window, utc, waves
 from sql.connect import connect
 
 FLOW = "dma_night_flow"
@@ -45,15 +50,26 @@ class DmaNightFlowSettings:
     lookback_days: window of a run without ``since`` (late telemetry within it is picked up).
     late_horizon_days: days before the window whose late data still triggers a recompute.
     merge_gap_days: stale days of a DMA closer than this are loaded as one span.
+    span_days: the most days loaded at once for one DMA (bounds memory, whatever the window).
+    parallel_chunks: DMAs in flight at once (``flows.window.waves``; 0: all).
+    detector: ``"events"`` (``dma.leak_events``: one event and alert per rise, stored in
+        ``leak_events``) or ``"cusum"`` (the single-episode ``dma.leak_detection``, ``rise``).
+    medium_m3h, high_m3h: event size from which its alert's severity is medium / high.
     """
 
     daily: DmaDailyParams = field(default_factory=DmaDailyParams)
     inflow: InflowParams = field(default_factory=InflowParams)
     rise: NightFlowRiseParams = field(default_factory=NightFlowRiseParams)
+    events: LeakEventParams = field(default_factory=LeakEventParams)
     series: MeterSeriesParams = field(default_factory=MeterSeriesParams)
     lookback_days: float = 3.0
     late_horizon_days: int = 62
     merge_gap_days: int = 3
+    span_days: int = 14
+    parallel_chunks: int = 1
+    detector: str = "events"
+    medium_m3h: float = 1.0
+    high_m3h: float = 3.6
 
 
 @dataclass(frozen=True)
@@ -65,10 +81,16 @@ class DmaWork:
     inputs: list[str]
 
 
-def _spans(days: list[date], gap: int) -> list[list[date]]:
+def _spans(days: list[date], gap: int, most: int = 0) -> list[list[date]]:
+    """Stale days grouped into spans loaded together: days closer than ``gap`` share a span
+    (one load instead of several), and no span covers more than ``most`` days (0: no limit)."""
     spans: list[list[date]] = []
     for d in sorted(days):
-        if spans and (d - spans[-1][-1]).days <= gap:
+        if (
+            spans
+            and (d - spans[-1][-1]).days <= gap
+            and (most <= 0 or (d - spans[-1][0]).days < most)
+        ):
             spans[-1].append(d)
         else:
             spans.append([d])
@@ -115,7 +137,7 @@ def compute_dma(
         dmas = load_dmas(conn)
         meters = load_meters(conn, dma_ids=[work.dma_id])
         exchanges = load_exchanges(conn, meters["meter_id"].to_list())
-        for span in _spans(work.days, settings.merge_gap_days):
+        for span in _spans(work.days, settings.merge_gap_days, settings.span_days):
             # Any zone's local day lies within UTC days d−1..d+1; one more day each side gives the
             # interpolation of boundary flows and the meter intervals around midnight.
             lo = utc(span[0] - timedelta(days=2))
@@ -160,7 +182,15 @@ def compute_dma(
             )
             write_marks(cur, FLOW, units, as_of)
             nnf = load_dma_daily_nnf(conn, [work.dma_id])
-            alerts = night_flow_rise_alerts(nnf, settings.rise)
+            events = 0
+            if settings.detector == "cusum":
+                alerts = night_flow_rise_alerts(nnf, settings.rise)
+            else:
+                found = leak_events(nnf, settings.events)
+                _, events = replace_keyed(
+                    cur, "leak_events", {"dma_id": [work.dma_id]}, {"dma_id": "text"}, found
+                )
+                alerts = leak_event_alerts(found, nnf, settings.medium_m3h, settings.high_m3h)
             added, changed = upsert_alerts(cur, alerts)
             removed = delete_alerts_except(cur, ALERT_CODE, [work.dma_id], alerts)
     return {
@@ -171,6 +201,7 @@ def compute_dma(
         "alerts_new": added,
         "alerts_updated": changed,
         "alerts_removed": removed,
+        "leak_events": events,
     }
 
 
@@ -189,8 +220,10 @@ def dma_night_flow(
     win = resolve_window(since, until, settings.lookback_days)
     work = plan_dma_days(url, win.since, win.until, win.as_of, full, settings)
     log.info("%d DMA(s) with %d stale day(s)", len(work), sum(len(w.days) for w in work))
-    futures = compute_dma.map(unmapped(url), work, unmapped(win.as_of), unmapped(settings))
-    results = [f.result() for f in futures]
+    results: list[dict[str, Any]] = []
+    for wave in waves(work, settings.parallel_chunks):
+        futures = compute_dma.map(unmapped(url), wave, unmapped(win.as_of), unmapped(settings))
+        results += [f.result() for f in futures]
     return {
         "flow": FLOW,
         "since": win.since.isoformat(),

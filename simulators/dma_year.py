@@ -36,7 +36,8 @@ class DmaYearParams:
     holidays: number of weekday holidays (one of them a 3-day block).
     first_onset: the first leak's onset night (a cold start); min_gap: nights between an onset
     and the end of the previous leak's growth (two onsets closer than that are one rise in any
-    night-flow series).
+    night-flow series); a repair is never planned within ``min_gap`` nights of an onset (a
+    repair and a new leak the same night cancel in the night flow).
     """
 
     nights: int = 365
@@ -132,12 +133,14 @@ def simulate_dma_year(
     use[weekend] = we_mean + rng.normal(0.0, p.weekend_sigma_rel * base, int(weekend.sum()))
     leaks: list[LeakTruth] = []
     leak_flow = np.zeros(n)
-    for on, ramp, growth in _onsets(rng, p):
+    plan = _onsets(rng, p)
+    for on, ramp, growth in plan:
         size = float(rng.uniform(*p.size_rel)) * base
         repair: int | None = None
         if rng.random() < p.repair_share:
             r = on + growth + int(rng.integers(p.repair_after[0], p.repair_after[1] + 1))
-            repair = r if r < n else None
+            clash = any(abs(r - o) <= p.min_gap for o, _, _ in plan)
+            repair = r if r < n and not clash else None
         shape = np.zeros(n)
         if ramp:
             shape[on:] = np.minimum((t[on:] - on + 1) / growth, 1.0)
