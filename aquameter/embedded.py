@@ -7,6 +7,10 @@ broker (MQTT 3.1.1 only, see :mod:`aquameter.amqtt_broker`): ingest then runs on
 persistent ``clean_session=False`` session with QoS 1 and manual acknowledgement, and
 ``--mqtt-workers N`` falls back to 1 (no shared subscriptions in 3.1.1).
 
+Both keep persistent sessions across a restart in the broker's workdir (mosquitto's
+``persistence true``; amqtt's state file, see :mod:`aquameter.amqtt_broker`), and
+:meth:`Broker.stop` ends a broker with SIGTERM so it saves them.
+
 ``AQUAMETER_EMBEDDED_BROKER=amqtt`` forces the amqtt broker even where mosquitto is installed: what
 a machine with only Python gets (CI runs the MQTT and demo tests so); ``=mosquitto`` requires it.
 """
@@ -80,22 +84,27 @@ def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
 
 @dataclass
 class Broker:
-    """A broker process we started: ``url`` mqtt://127.0.0.1:port; ``v5`` if it speaks v5."""
+    """A broker process we started: ``url`` mqtt://127.0.0.1:port; ``v5`` if it speaks v5;
+    ``persistent`` if its sessions (subscriptions, queued and unacknowledged messages) survive
+    :meth:`restart` (mosquitto's ``persistence true``; amqtt's state file in ``workdir``)."""
 
     url: str
     v5: bool
     process: subprocess.Popen[bytes] | None = None
     workdir: Path | None = field(default=None)
+    persistent: bool = True
 
     @property
     def port(self) -> int:
         return int(urlparse(self.url).port or 1883)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM, so the broker saves its sessions and closes cleanly; SIGKILL only if it has
+        not exited after ``timeout_s`` (a hung broker must not hang the caller)."""
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(5)
+                self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -162,7 +171,8 @@ def start_broker(workdir: Path, port: int | None = None, prefer: str = "mosquitt
         broker = Broker(f"mqtt://127.0.0.1:{port}", v5=True, process=proc, workdir=workdir)
     else:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "aquameter.amqtt_broker", str(port)],
+            # the workdir holds its state file: sessions survive a restart
+            [sys.executable, "-m", "aquameter.amqtt_broker", str(port), str(workdir)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
