@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
@@ -39,13 +39,13 @@ def weekdays(n: int) -> list[date]:
     return out
 
 
-def frame(values: list[float | None], dma: str = "D1") -> pl.DataFrame:
+def frame(values: Sequence[float | None], dma: str = "D1") -> pl.DataFrame:
     nights = weekdays(len(values))
     return pl.DataFrame(
         {
             "dma_id": [dma] * len(values),
             "night_date": nights,
-            "nnf_m3h": values,
+            "nnf_m3h": list(values),
             "mnf_start_ts": [datetime(d.year, d.month, d.day, 2, tzinfo=UTC) for d in nights],
         },
         schema={
