@@ -4,29 +4,137 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from aquameter.embedded import Broker, start_broker
 from tests.servers import EXAMPLE_REGISTRY, DatabaseFactory, server_url
 from tests.servers import broker as _broker
+from tests.timescale_server import TimescaleDatabaseFactory, TimescaleUnavailable
+from tests.timescale_server import server_url as timescale_server_url
+
+BACKENDS = ("plain", "timescale")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "only_backend(name): run this database test on one backend only (plain or timescale)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the backend params an ``only_backend`` marker rules out."""
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        marker = item.get_closest_marker("only_backend")
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("backend") if callspec is not None else None
+        if marker is not None and backend is not None and backend not in marker.args:
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+class Factories:
+    """One :class:`DatabaseFactory` per backend, made on first use, dropped at the end.
+
+    ``plain``: the server of ``AQUAMETER_DATABASE_URL`` or an embedded PostgreSQL, migrated with
+    ``timescale=auto`` (plain wherever TimescaleDB is not loaded). ``timescale``: the server of
+    ``AQUAMETER_TIMESCALE_URL``; without one its tests skip, saying how to get one.
+    """
+
+    def __init__(self, tmp: pytest.TempPathFactory) -> None:
+        self.tmp = tmp
+        self.made: dict[str, DatabaseFactory] = {}
+        self.unavailable: str | None = None
+
+    def get(self, backend: str) -> DatabaseFactory:
+        if backend == "timescale" and self.unavailable is not None:
+            pytest.skip(self.unavailable)
+        if backend not in self.made:
+            if backend == "plain":
+                self.made[backend] = DatabaseFactory(server_url(self.tmp.mktemp("pg")))
+            else:
+                try:
+                    self.made[backend] = TimescaleDatabaseFactory(timescale_server_url())
+                except TimescaleUnavailable as err:
+                    self.unavailable = str(err)
+                    pytest.skip(self.unavailable)
+        return self.made[backend]
+
+    def drop_all(self) -> None:
+        for factory in self.made.values():
+            factory.drop_all()
 
 
 @pytest.fixture(scope="session")
-def db_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseFactory]:
-    factory = DatabaseFactory(server_url(tmp_path_factory.mktemp("pg")))
-    yield factory
-    factory.drop_all()
+def db_factories(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Factories]:
+    factories = Factories(tmp_path_factory)
+    yield factories
+    factories.drop_all()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The backend a database test runs on: every test that takes a database runs on both."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def db_factory(db_factories: Factories, backend: str) -> DatabaseFactory:
+    return db_factories.get(backend)
+
+
+def _dropped_after(factory: DatabaseFactory, url: str) -> None:
+    """Drop a test's database once the test is done: each TimescaleDB database keeps a scheduler
+    (a background worker) while it exists, and the server has a few dozen of them."""
+    name = conninfo_to_dict(url)["dbname"]
+    try:
+        factory._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    except psycopg.Error:
+        return  # dropped at the end of the session instead
+    factory.created.remove(str(name))
 
 
 @pytest.fixture
-def db_url(db_factory: DatabaseFactory) -> str:
-    """A fresh database, migrated, with the example registry synced."""
-    return db_factory.new()
+def db_url(db_factory: DatabaseFactory) -> Iterator[str]:
+    """A fresh database, migrated, with the example registry synced, on each backend."""
+    url = db_factory.new()
+    yield url
+    _dropped_after(db_factory, url)
 
 
 @pytest.fixture
-def empty_db_url(db_factory: DatabaseFactory) -> str:
-    return db_factory.new(empty=True)
+def empty_db_url(db_factory: DatabaseFactory) -> Iterator[str]:
+    """A fresh empty database on each backend (``migrate`` with ``auto`` picks the backend's
+    variant)."""
+    url = db_factory.new(empty=True)
+    yield url
+    _dropped_after(db_factory, url)
+
+
+@pytest.fixture
+def plain_db_url(db_factories: Factories) -> Iterator[str]:
+    """A fresh migrated database on plain PostgreSQL only, for comparisons across backends."""
+    factory = db_factories.get("plain")
+    url = factory.new()
+    yield url
+    _dropped_after(factory, url)
+
+
+@pytest.fixture
+def timescale_db_url(db_factories: Factories) -> Iterator[str]:
+    """A fresh migrated database on TimescaleDB only (skips without a server)."""
+    factory = db_factories.get("timescale")
+    url = factory.new()
+    yield url
+    _dropped_after(factory, url)
 
 
 @pytest.fixture(scope="session")

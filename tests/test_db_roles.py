@@ -5,15 +5,13 @@ end) and shows what that role can and cannot do, through the code that runs as i
 (the batch writer, the ingest pipeline, flows.store) where there is such code. Every refusal is
 asserted as InsufficientPrivilege, so a test cannot pass on an unrelated error.
 
-Plain PostgreSQL runs on the test server (``AQUAMETER_DATABASE_URL`` or the embedded one). The
-TimescaleDB branch runs the same checks when ``AQUAMETER_TIMESCALE_URL`` names a real TimescaleDB
-server; the PGlite server of tests/test_timescale.py serves one backend session to every
-connection, whatever user it names, so roles cannot be tested there and the branch is skipped.
+Every test runs on both backends (conftest's ``backend``): plain PostgreSQL on the test server
+(``AQUAMETER_DATABASE_URL`` or the embedded one) and TimescaleDB on the server named by
+``AQUAMETER_TIMESCALE_URL`` (skipped, saying so, without one).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -27,10 +25,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from aquameter.registry import load_registry
 from flows.store import upsert_alerts
 from ingest.pipeline import IngestPipeline
-from ingest.registry_sync import sync_registry
 from ingest.validate import CONFLICTING_DUPLICATE, UNKNOWN_DEVICE, Rejection
 from ingest.writer import Batch, BatchWriter, CopyStream
 from protocols.uplink import Frame, Uplink
@@ -46,8 +42,6 @@ from sql.roles import (
     role_url,
 )
 from sql.rollups import refresh_rollups
-from tests.servers import EXAMPLE_REGISTRY
-from tests.timescale_server import URL_ENV, drop_database, fresh_database
 
 Denied = psycopg.errors.InsufficientPrivilege
 
@@ -59,34 +53,10 @@ class Target:
     backend: str
 
 
-@pytest.fixture(scope="module")
-def timescale_db() -> Iterator[str]:
-    """A fresh database on the TimescaleDB server named by AQUAMETER_TIMESCALE_URL, migrated as
-    TimescaleDB with the example registry; shared by this module's tests (each writes its own
-    channel and time range), dropped at the end."""
-    server = os.environ.get(URL_ENV)
-    if not server:
-        pytest.skip(f"{URL_ENV} unset: no real TimescaleDB server to test roles on")
-    url, created = fresh_database(server)
-    if created is None:
-        pytest.skip("the TimescaleDB server cannot make a database (PGlite): roles untestable")
-    try:
-        with psycopg.connect(url) as conn:
-            if not mig.timescale_loaded(conn):
-                pytest.skip(f"{URL_ENV} does not load TimescaleDB")
-            mig.migrate(conn, timescale="on", partitions_ahead=2)
-            sync_registry(conn, load_registry(EXAMPLE_REGISTRY))
-            conn.commit()
-        yield url
-    finally:
-        drop_database(server, created)
-
-
-@pytest.fixture(params=["plain", "timescale"])
-def target(request: pytest.FixtureRequest) -> Target:
-    if request.param == "plain":
-        return Target(request.getfixturevalue("db_url"), "plain")
-    return Target(request.getfixturevalue("timescale_db"), "timescale")
+@pytest.fixture
+def target(db_url: str, backend: str) -> Target:
+    """The test's database on each backend (conftest's ``backend`` param)."""
+    return Target(db_url, backend)
 
 
 @dataclass
@@ -192,7 +162,7 @@ def test_migration_grants_by_name_and_is_idempotent(empty_db_url: str) -> None:
 # w UPDATE, d DELETE; "" nothing.)
 ANALYTICS_TABLES = (
     "dma_daily alerts billing_volumes water_balance water_balance_summary read_rates "
-    "meter_edits analysis_marks"
+    "meter_edits analysis_marks leak_events"
 ).split()
 EXPECTED = {
     INGEST: {
@@ -213,6 +183,8 @@ EXPECTED = {
         **{t: "r" for t in "dmas vendors devices meters meter_exchanges sensors channels".split()},
         **{t: "r" for t in "readings_backend schema_backend schema_migrations".split()},
         **{t: "r" for t in "billing_export readings_partitioning rollup_state".split()},
+        "meter_classes": "r",  # migration 0011: the registry's classes, read by the flows
+        "flow_runs": "ra",  # migration 0009: each flow run records itself, never rewrites
         **{t: "rawd" for t in ANALYTICS_TABLES},
     },
     BILLING: {"billing_export": "r"},
@@ -418,7 +390,7 @@ def test_partitions_made_later_need_no_grants_of_their_own(target: Target, login
         assert sorted(part_acl) == sorted(parent_acl)
 
 
-@pytest.mark.parametrize("target", ["timescale"], indirect=True)
+@pytest.mark.only_backend("timescale")
 def test_ingest_writes_into_a_compressed_chunk(target: Target, logins: Logins) -> None:
     """TimescaleDB only: late data for a compressed chunk, redelivered and new, as ingest."""
     lo = datetime(2025, 6, 2, tzinfo=UTC)

@@ -39,6 +39,7 @@ def test_timescale_on_without_extension_is_refused(empty_db_url):
             mig.migrate(conn, timescale="on")
 
 
+@pytest.mark.only_backend("plain")  # TimescaleDB makes its chunks itself (test_timescale.py)
 def test_partitions_are_created_for_incoming_weeks(db_url):
     with psycopg.connect(db_url) as conn:
         before = conn.execute(
@@ -55,6 +56,7 @@ def test_partitions_are_created_for_incoming_weeks(db_url):
     assert (made, again, after - before) == (3, 0, 3)
 
 
+@pytest.mark.only_backend("plain")  # continuous aggregates there: test_timescale.py
 def test_rollups_refresh_incrementally(db_url):
     with psycopg.connect(db_url) as conn:
         ch = conn.execute("SELECT id FROM channels WHERE device_id = 'AQN00001'").fetchone()[0]

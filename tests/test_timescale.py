@@ -1,16 +1,16 @@
-"""The TimescaleDB branch of the schema against a real TimescaleDB.
+"""The TimescaleDB branch of the schema against the real extension.
 
-By default that is the PGlite WASM build of PostgreSQL 17 + TimescaleDB served over the wire by
-tsdb/serve.mjs (``AQUAMETER_TIMESCALE_URL`` names another server instead). It is one backend
-session for every connection: tests use autocommit connections without prepared statements, and
-never hold a transaction open while another connection (the ingest pipeline's) works.
-
-The tests share one database, migrated once; each writes its own channel and time range, so they
-do not depend on each other's data.
+The server is the one named by ``AQUAMETER_TIMESCALE_URL`` (``.ci/timescale-cluster start`` makes
+one: PostgreSQL 15 with TimescaleDB 2.28 preloaded); without it every test here skips and says
+how to get one. The module's tests share one database, migrated once from empty; each writes its
+own channel and time range, so they do not depend on each other's data. The scheduler test has a
+database of its own, since it lets the background scheduler run the policies.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,37 +23,62 @@ from aquameter.registry import load_registry
 from ingest.pipeline import IngestPipeline
 from ingest.registry_sync import SyncResult, sync_registry
 from ingest.validate import CONFLICTING_DUPLICATE, UNKNOWN_DEVICE, Rejection
-from ingest.writer import Batch, BatchWriter
+from ingest.writer import Batch, BatchWriter, CopyStream
 from protocols.uplink import Frame, Uplink
-from sql.migrate import CAGG_POLICIES, MigrateResult, choose_backend, migrate, timescale_loaded
+from sql.migrate import (
+    CAGG_POLICIES,
+    MIGRATIONS_DIR,
+    MigrateResult,
+    choose_backend,
+    migrate,
+    timescale_loaded,
+)
 from sql.rollups import refresh_rollups
 from tests.servers import EXAMPLE_REGISTRY
 from tests.timescale_server import (
-    TimescaleTarget,
     TimescaleUnavailable,
-    connect,
-    timescale_target,
+    drop_database,
+    fresh_database,
+    server_url,
+    start_scheduler,
 )
 
-pytestmark = [pytest.mark.timescale, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.timescale, pytest.mark.timeout(300)]
 
 ORIGIN = datetime(2000, 1, 3, tzinfo=UTC)  # aq_bucket's origin on both backends
 
 
+def timescale_migrations() -> list[str]:
+    """The files a TimescaleDB database applies, read off sql/migrations independently of the
+    migrate code: one per version, the ``.timescale`` variant where there are two."""
+    by_version: dict[str, str] = {}
+    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+        m = re.fullmatch(r"(\d{4})_.+?(\.timescale|\.plain)?\.sql", path.name)
+        assert m is not None, path.name
+        if m.group(2) != ".plain":
+            by_version[m.group(1)] = path.name
+    return [by_version[v] for v in sorted(by_version)]
+
+
 @pytest.fixture(scope="module")
-def tsdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TimescaleTarget]:
-    targets = timescale_target(tmp_path_factory.mktemp("tsdb") / "data")
+def server() -> str:
     try:
-        target = next(targets)
+        return server_url()
     except TimescaleUnavailable as err:
-        pytest.skip(f"no TimescaleDB to test against: {err}")
-    yield target
-    targets.close()
+        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="module")
-def migrated(tsdb: TimescaleTarget) -> tuple[MigrateResult, SyncResult]:
-    with connect(tsdb.url) as conn:
+def tsdb_url(server: str) -> Iterator[str]:
+    """A database of this module's own on the TimescaleDB server, empty until ``migrated``."""
+    url, name = fresh_database(server)
+    yield url
+    drop_database(server, name)
+
+
+@pytest.fixture(scope="module")
+def migrated(tsdb_url: str) -> tuple[MigrateResult, SyncResult]:
+    with psycopg.connect(tsdb_url) as conn:
         result = migrate(conn)
         synced = sync_registry(conn, load_registry(EXAMPLE_REGISTRY))
         conn.commit()
@@ -61,8 +86,8 @@ def migrated(tsdb: TimescaleTarget) -> tuple[MigrateResult, SyncResult]:
 
 
 @pytest.fixture
-def conn(tsdb: TimescaleTarget, migrated: object) -> Iterator[psycopg.Connection]:
-    with connect(tsdb.url, autocommit=True) as c:
+def conn(tsdb_url: str, migrated: object) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(tsdb_url, autocommit=True) as c:
         yield c
 
 
@@ -102,16 +127,8 @@ def jobs(conn: psycopg.Connection) -> list[tuple]:
 def test_migrate_creates_timescale_backend(conn, migrated):
     result, synced = migrated
     assert result.backend == "timescale"
-    assert result.applied == [
-        "0001_core.sql",
-        "0002_readings.timescale.sql",
-        "0003_rollups.timescale.sql",
-        "0004_analytics.sql",
-        "0005_registry_version.sql",
-        "0006_roles.timescale.sql",
-        "0007_no_plaintext_secrets.sql",
-        "0008_quarantine_import_key.sql",
-    ]
+    assert result.applied == timescale_migrations()
+    assert "0002_readings.timescale.sql" in result.applied
     assert timescale_loaded(conn)
     assert choose_backend(conn, "auto") == "timescale"
     assert conn.execute("SELECT backend FROM readings_backend").fetchone() == ("timescale",)
@@ -170,12 +187,16 @@ def test_migrate_creates_timescale_backend(conn, migrated):
     ).fetchone() == (0,)
 
 
-def test_migrate_twice_changes_nothing(tsdb, migrated):
-    with connect(tsdb.url) as conn:
+def test_migrate_twice_changes_nothing(tsdb_url, migrated):
+    with psycopg.connect(tsdb_url) as conn:
         before = (conn.execute("SELECT * FROM schema_migrations ORDER BY 1").fetchall(), jobs(conn))
         again = migrate(conn)
         after = (conn.execute("SELECT * FROM schema_migrations ORDER BY 1").fetchall(), jobs(conn))
-        assert again.applied == [] and again.already == 8 and again.backend == "timescale"
+        assert (
+            again.applied == []
+            and again.already == len(timescale_migrations())
+            and again.backend == "timescale"
+        )
         assert after == before
 
         # A changed setting replaces that policy only; back to the default restores it.
@@ -226,8 +247,7 @@ def test_batch_writer_copies_and_deduplicates(conn):
     assert stored(conn, ch, lo, lo + timedelta(minutes=1))[0][1] == values[0]
 
 
-def test_ingest_pipeline_end_to_end(tsdb, conn, monkeypatch):
-    monkeypatch.setenv("AQUAMETER_DATABASE_PREPARE", "false")  # one shared backend session
+def test_ingest_pipeline_end_to_end(tsdb_url, conn):
     flow = channel_id(conn, "INLET-SOUTH", "flow")
     pressure = channel_id(conn, "INLET-SOUTH", "pressure")
     base = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=2)
@@ -237,7 +257,7 @@ def test_ingest_pipeline_end_to_end(tsdb, conn, monkeypatch):
         Frame("test", "b", uplinks=[Uplink("INLET-SOUTH", "pressure", t[:2], [4.0, 4.1])]),
         Frame("test", "c", uplinks=[Uplink("NO-SUCH-DEVICE", "flow", t[:1], [1.0])]),
     ]
-    with IngestPipeline(tsdb.url, batch_seconds=0.05) as pipeline:
+    with IngestPipeline(tsdb_url, batch_seconds=0.05) as pipeline:
         first = pipeline.submit_many(frames)
         redelivered = pipeline.submit_many(frames)
     counters = pipeline.counters
@@ -380,7 +400,7 @@ def test_time_bucket_gapfill(conn):
     assert [r[3] for r in rows] == pytest.approx([10.0, 20.0, 30.0, 40.0, 50.0, None])
 
 
-def test_aq_bucket_matches_plain_postgresql(conn, db_url):
+def test_aq_bucket_matches_plain_postgresql(conn, plain_db_url):
     widths = [
         timedelta(minutes=15),
         timedelta(hours=1),
@@ -400,28 +420,180 @@ def test_aq_bucket_matches_plain_postgresql(conn, db_url):
         "unnest(%s::timestamptz[]) WITH ORDINALITY AS b(t, j) ORDER BY i, j"
     )
     timescale = [r[0] for r in conn.execute(query, (widths, moments)).fetchall()]
-    with psycopg.connect(db_url) as plain_conn:
+    with psycopg.connect(plain_db_url) as plain_conn:
         assert plain_conn.execute("SELECT backend FROM readings_backend").fetchone() == ("plain",)
         plain = [r[0] for r in plain_conn.execute(query, (widths, moments)).fetchall()]
     floor = [m - (m - ORIGIN) % w for w in widths for m in moments]
     assert timescale == plain == floor
 
 
-def test_restart_keeps_compressed_rows(tsdb, migrated):
-    """The server LOADs timescaledb at start: without that, rows of compressed chunks vanish
-    from queries after a restart on the same data directory."""
-    if tsdb.server is None:
-        pytest.skip("AQUAMETER_TIMESCALE_URL names a server this test cannot restart")
+def test_streamed_copy_into_the_hypertable(conn):
+    """CopyStream, ingest's fast path: one COPY across several weeks' chunks, committed; a stream
+    that meets stored rows fails at its end, rolls back whole, and the batch writer then stores
+    only the new rows and quarantines the one that conflicts."""
+    ch = channel_id(conn, "INLET-NORTH", "flow")
+    lo = datetime(2025, 5, 5, tzinfo=UTC)
+    ts = grid(lo, timedelta(minutes=15), 96 * 21)  # three weeks: several chunks
+    values = [float(i % 97) for i in range(len(ts))]
+    writer = BatchWriter(conn)
+    conn.autocommit = False
+    stream = CopyStream(writer)
+    for i in range(0, len(ts), 500):  # frames arriving while the COPY is open
+        n = len(ts[i : i + 500])
+        stream.add([ch] * n, ts[i : i + 500], values[i : i + 500], [0] * n)
+        stream.flush()
+    assert stream.commit([]).inserted == len(ts)
+    assert len(stored(conn, ch, lo, lo + timedelta(days=21))) == len(ts)
+    chunks = conn.execute(
+        "SELECT count(DISTINCT tableoid) FROM readings WHERE channel_id = %s AND ts >= %s "
+        "AND ts < %s",
+        (ch, lo, lo + timedelta(days=21)),
+    ).fetchone()
+    assert (
+        chunks is not None and chunks[0] >= 3
+    )  # 7-day chunks, aligned on TimescaleDB's own origin
+
+    again = CopyStream(writer)
+    later = [t + 21 * 86_400 for t in ts[:10]]
+    again.add([ch] * 12, ts[:1] + later + ts[1:2], [99.5] + values[:10] + [values[1]], [0] * 12)
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        again.commit([])
+    again.abort()
+    assert len(stored(conn, ch, lo, lo + timedelta(days=22))) == len(ts)  # rolled back whole
+    redo = writer.write(batch_of(ch, ts[:1] + later + ts[1:2], [99.5] + values[:10] + [values[1]]))
+    conn.commit()
+    conn.autocommit = True
+    assert (redo.inserted, redo.duplicates) == (10, 1)
+    assert redo.quarantined == {CONFLICTING_DUPLICATE: 1}  # ts[0] with 99.5
+    assert len(stored(conn, ch, lo, lo + timedelta(days=22))) == len(ts) + 10
+
+
+def job_id(conn: psycopg.Connection, proc: str, relation: str) -> int:
+    row = conn.execute(
+        "SELECT job_id FROM timescaledb_information.jobs "
+        "WHERE proc_name = %s AND hypertable_name = %s",
+        (proc, relation),
+    ).fetchone()
+    assert row is not None, (proc, relation)
+    return int(row[0])
+
+
+def test_retention_policy_drops_old_chunks_only(conn):
+    ch = channel_id(conn, "INLET-SOUTH", "flow")
+    old = datetime(2011, 3, 7, tzinfo=UTC)  # older than the 3650-day retention
+    recent = datetime(2025, 7, 7, tzinfo=UTC)
+    writer = BatchWriter(conn)
+    assert writer.write(batch_of(ch, grid(old, timedelta(hours=1), 48), [1.0] * 48)).inserted == 48
+    assert writer.write(batch_of(ch, grid(recent, timedelta(hours=1), 48), [2.0] * 48)).inserted
+    conn.execute("CALL run_job(%s)", (job_id(conn, "policy_retention", "readings"),))
+    assert stored(conn, ch, old, old + timedelta(days=2)) == []
+    assert len(stored(conn, ch, recent, recent + timedelta(days=2))) == 48
+    assert conn.execute(
+        "SELECT count(*) FROM timescaledb_information.chunks "
+        "WHERE hypertable_name = 'readings' AND range_end <= now() - interval '3650 days'"
+    ).fetchone() == (0,)
+
+
+def materialized(conn: psycopg.Connection, view: str, ch: int) -> list[tuple]:
+    """The rows of the last 5 days a continuous aggregate has *materialized* for a channel (the
+    view itself also shows real-time rows, which would hide whether a refresh ran)."""
+    row = conn.execute(
+        "SELECT format('%%I.%%I', materialization_hypertable_schema, "
+        "materialization_hypertable_name) FROM timescaledb_information.continuous_aggregates "
+        "WHERE view_name = %s",
+        (view,),
+    ).fetchone()
+    assert row is not None
+    return conn.execute(
+        f"SELECT bucket, n, vmin, vmax FROM {row[0]} "
+        "WHERE channel_id = %s AND bucket >= now() - interval '5 days' ORDER BY bucket",
+        (ch,),
+    ).fetchall()
+
+
+def recent_readings(conn: psycopg.Connection, device: str) -> tuple[int, list[float], datetime]:
+    """Hourly readings from 3 days 1 hour to 2 hours ago, inside both refresh policies' windows:
+    (channel, timestamps, the first whole day among them)."""
+    ch = channel_id(conn, device, "pressure")
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    ts = grid(now - timedelta(days=2, hours=23), timedelta(minutes=30), 2 * 70)
+    assert BatchWriter(conn).write(batch_of(ch, ts, [3.0] * len(ts))).inserted == len(ts)
+    day = now.replace(hour=0) - timedelta(days=2)
+    return ch, ts, day
+
+
+def test_refresh_policies_by_run_job(conn):
+    ch, ts, day = recent_readings(conn, "INLET-NORTH")
+    assert materialized(conn, "readings_hourly", ch) == []
+    for view, *_ in CAGG_POLICIES:
+        conn.execute(
+            "CALL run_job(%s)", (job_id(conn, "policy_refresh_continuous_aggregate", view),)
+        )
+    hourly = materialized(conn, "readings_hourly", ch)
+    end = datetime.now(UTC) - timedelta(hours=1)  # the hourly policy's end_offset
+    assert len(hourly) >= 60
+    assert all(n == 2 and vmin == vmax == 3.0 for _, n, vmin, vmax in hourly)
+    assert all(b + timedelta(hours=1) <= end for b, *_ in hourly)
+    daily = dict((b, n) for b, n, *_ in materialized(conn, "readings_daily", ch))
+    assert daily[day] == 48  # a whole day inside the daily window, from the hourly rows
+
+
+def run_by_scheduler(conn: psycopg.Connection, job: int) -> tuple:
+    """Move ``job``'s next start to now and wait until the background scheduler has run it once
+    more; returns its (last_run_status, total_failures). The wait is bounded only so that a
+    scheduler that never runs it fails the test with what it saw, rather than hanging."""
     query = (
-        "SELECT count(*), bool_and(c.is_compressed) FROM readings r "
-        "JOIN timescaledb_information.chunks c ON c.hypertable_name = 'readings' "
-        "AND r.ts >= c.range_start AND r.ts < c.range_end "
-        "WHERE r.ts >= '2025-02-03' AND r.ts < '2025-02-05'"
+        "SELECT total_runs, job_status, last_run_status, total_failures "
+        "FROM timescaledb_information.job_stats WHERE job_id = %s"
     )
-    with connect(tsdb.url) as conn:
-        before = conn.execute(query).fetchone()
-    tsdb.restart()
-    with connect(tsdb.url) as conn:
-        after = conn.execute(query).fetchone()
-    assert before is not None and before[0] > 0
-    assert after == before
+    before = conn.execute(query, (job,)).fetchone()
+    runs = before[0] if before is not None and before[0] is not None else 0
+    conn.execute("SELECT alter_job(%s, next_start => now())", (job,))
+    row = before
+    for _ in range(1200):
+        row = conn.execute(query, (job,)).fetchone()
+        if row is not None and row[0] is not None and row[0] > runs and row[1] == "Scheduled":
+            return row[2], row[3]
+        time.sleep(0.1)
+    pytest.fail(f"job {job} was not run by the scheduler: {row}")
+
+
+def test_refresh_policies_by_the_scheduler(timescale_db_url):
+    """The background scheduler runs the refresh policies by itself (the vendored build carries
+    the fix that lets its runs end 'Success' on PostgreSQL 15.20), hourly first, then the daily
+    view built on it."""
+    start_scheduler(timescale_db_url)  # a database cloned from a template has none yet
+    with psycopg.connect(timescale_db_url, autocommit=True) as c:
+        ch, ts, day = recent_readings(c, "INLET-SOUTH")
+        assert materialized(c, "readings_hourly", ch) == []
+        for view, *_ in CAGG_POLICIES:
+            job = job_id(c, "policy_refresh_continuous_aggregate", view)
+            assert run_by_scheduler(c, job) == ("Success", 0)
+        errors = c.execute("SELECT job_id, err_message FROM timescaledb_information.job_errors")
+        assert errors.fetchall() == []
+        assert len(materialized(c, "readings_hourly", ch)) >= 60
+        assert dict((b, n) for b, n, *_ in materialized(c, "readings_daily", ch))[day] == 48
+
+
+def test_queries_through_aq_bucket_on_the_hypertable(conn):
+    """aq_bucket is the one bucketing call for queries on both backends: on TimescaleDB it is
+    time_bucket with the Monday origin, and a query through it matches the rollup."""
+    ch = channel_id(conn, "INLET-NORTH", "pressure")
+    lo = datetime(2025, 8, 4, 0, 0, tzinfo=UTC)
+    ts = grid(lo + timedelta(minutes=5), timedelta(minutes=10), 6 * 48)
+    values = [float(i % 11) for i in range(len(ts))]
+    BatchWriter(conn).write(batch_of(ch, ts, values))
+    for width in (timedelta(minutes=90), timedelta(days=1), timedelta(days=7)):
+        got = conn.execute(
+            "SELECT aq_bucket(%s, ts) AS b, count(*), min(value), max(value) FROM readings "
+            "WHERE channel_id = %s AND ts >= %s AND ts < %s GROUP BY b ORDER BY b",
+            (width, ch, lo, lo + timedelta(days=2)),
+        ).fetchall()
+        expected = expected_rollup(ts, values, int(width.total_seconds()))
+        assert [g[:4] for g in got] == [e[:4] for e in expected]
+    plan = conn.execute(
+        "EXPLAIN SELECT aq_bucket('1 day', ts), count(*) FROM readings "
+        "WHERE ts >= '2025-08-04' AND ts < '2025-08-06' GROUP BY 1"
+    ).fetchall()
+    text = "\n".join(r[0] for r in plan)
+    assert "time_bucket" in text  # inlined: TimescaleDB's planner sees its own function
