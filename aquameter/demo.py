@@ -289,8 +289,11 @@ def run_demo(
     Ctrl-C ends the live phase early; the flows and the report still run on what arrived.
 
     A failed analytics flow is never silent: ``summary["failed_flows"]`` lists one line per
-    failed flow (the CLI exits non-zero naming them) and the report shows them in a red banner,
-    since a missed fault may only mean the flow that should have found it did not run.
+    failed flow and the report shows them in a red banner (read back from ``flow_runs``), since a
+    missed fault may only mean the flow that should have found it did not run.
+    ``summary["missed_faults"]`` names each injected fault no alert detected, and
+    ``summary["failed"]`` is one line per reason the demo failed (failed flows, missed faults):
+    the CLI exits non-zero when it is not empty. False alerts are counted, not a failure.
     """
     p = params or DemoParams()
     con = console or Console()
@@ -578,6 +581,13 @@ def _analyse(
     faults = list(fleet.manifest["faults"]) + wq_truth
     table = compare_faults(faults, frames["alerts"], frames["meters"])
     summary["faults"] = table.to_dicts()
+    summary["missed_faults"] = [
+        f"{r['fault']} on {r['subject']} (expected {r['expected']})"
+        for r in summary["faults"]
+        if r["outcome"] == "missed"
+    ]
+    summary["false_alerts"] = sum(r["count"] for r in summary["faults"] if r["outcome"] == "false")
+    summary["failed"] = demo_failures(summary)
     summary["alerts_by_code"] = dict(
         frames["alerts"].group_by("code").len().sort("code").iter_rows()
     )
@@ -587,6 +597,15 @@ def _analyse(
                 frames, fleet.dma_flow, fleet.manifest, table, report_dir, failures=failures
             )
         )
+
+
+def demo_failures(summary: dict[str, Any]) -> list[str]:
+    """Why the demo failed, one line per reason (empty: it passed). The demo is an end-to-end
+    check of detection, so a missed fault fails it as a failed flow does; the two are named
+    apart because a missed fault after a failed flow is most likely that flow's doing."""
+    out = list(summary.get("failed_flows") or [])
+    out += [f"missed fault: {m}" for m in summary.get("missed_faults") or []]
+    return out
 
 
 def _jsonable(v: Any) -> Any:
@@ -618,10 +637,21 @@ def _print_summary(con: Console, s: dict[str, Any], report_dir: Path) -> None:
         f"report: {report_dir / 'index.html'}  billing export: {s.get('billing_export')}  "
         f"({s.get('elapsed_s')} s)"
     )
-    for line in s.get("failed_flows") or []:
+    flows = s.get("flows") or {}
+    if flows:
+        ok = [
+            n for n, r in flows.items() if not (isinstance(r, dict) and r.get("status") == "FAILED")
+        ]
+        con.print(f"flows completed: {', '.join(ok) or 'none'}")
+    con.print(f"false alerts: {s.get('false_alerts', 0):,}")
+    failed = s.get("failed") or []
+    for line in failed:
         con.print(f"[bold red]{escape(line)}[/]", soft_wrap=True)
-    if s.get("failed_flows"):
-        con.print(
-            f"[bold red]demo FAILED: {len(s['failed_flows'])} analytics flow(s) failed; "
-            "alerts they should have raised are missing from the table above[/]"
-        )
+    if failed:
+        n_flows, n_missed = len(s.get("failed_flows") or []), len(s.get("missed_faults") or [])
+        why = [f"{n_flows} analytics flow(s) failed"] if n_flows else []
+        why += [f"{n_missed} injected fault(s) missed"] if n_missed else []
+        hint = "; alerts the failed flows should have raised are missing" if n_flows else ""
+        con.print(f"[bold red]demo FAILED: {', '.join(why)}{hint}[/]", soft_wrap=True)
+    else:
+        con.print("[bold green]demo OK: every flow completed, every injected fault detected[/]")

@@ -67,6 +67,54 @@ def test_every_injected_fault_is_detected_with_its_code(
     assert not summary["interrupted"]
 
 
+def test_every_flow_completed_and_the_report_says_so(
+    demo: tuple[dict[str, Any], Path, str],
+) -> None:
+    summary, report, url = demo
+    assert summary["failed_flows"] == [] and summary["failed"] == []
+    assert summary["missed_faults"] == []
+    with psycopg.connect(url) as conn:
+        runs: dict[str, str] = dict(
+            conn.execute(
+                "SELECT DISTINCT ON (flow) flow, status FROM flow_runs "
+                "ORDER BY flow, finished_at DESC"
+            ).fetchall()
+        )
+    assert set(runs) == set(summary["flows"]) and set(runs.values()) == {"completed"}
+    page = (report / "index.html").read_text()
+    assert "class='failures'" not in page
+    assert "<h2>Analytics flows (latest run)</h2>" in page
+    assert page.count('<td class="detected">completed</td>') == len(runs)
+
+
+def test_summary_names_failed_flows_and_missed_faults_in_red() -> None:
+    from rich.console import Console
+
+    from aquameter.demo import _print_summary, demo_failures
+
+    line = "flow water_balance FAILED: RuntimeError: boom"
+    summary: dict[str, Any] = {
+        "meters": 10,
+        "failed_flows": [line],
+        "missed_faults": ["DMA_LEAK on DMA-NORTH (expected DMA_NIGHT_FLOW_RISE)"],
+        "flows": {"water_balance": {"status": "FAILED", "error": line}, "dma_night_flow": {}},
+        "faults": [],
+    }
+    summary["failed"] = demo_failures(summary)
+    assert summary["failed"] == [
+        line, "missed fault: DMA_LEAK on DMA-NORTH (expected DMA_NIGHT_FLOW_RISE)",
+    ]  # fmt: skip
+    con = Console(record=True, width=200, force_terminal=True, color_system="truecolor")
+    _print_summary(con, summary, Path("r"))
+    text = con.export_text(clear=False)
+    assert "demo FAILED: 1 analytics flow(s) failed, 1 injected fault(s) missed" in text
+    assert "flows completed: dma_night_flow" in text
+    styled = con.export_html(inline_styles=True)
+    # The failure lines are drawn in red (rich's "red" is #800000 in its HTML export).
+    assert styled.count("color: #800000") >= 3 and "boom" in styled
+    assert demo_failures({"failed_flows": [], "missed_faults": []}) == []
+
+
 def test_all_protocols_delivered_and_nothing_quarantined(
     demo: tuple[dict[str, Any], Path, str],
 ) -> None:
