@@ -91,8 +91,9 @@ class LeakEventParams:
         floor) and its weight in pseudo-differences; shrinks the cold-start estimate.
     cold_h: the decision interval is multiplied by 1 + cold_h / (differences seen).
     confirm_nights: nights after the onset an open event must last to become ``confirmed``.
-    ramp_join_nights, ramp_t: an upward run starting this soon after an open event's last alarm
-        extends it (a ramp) when the nights since then rise with a slope t-statistic ≥ ramp_t.
+    ramp_next_nights, ramp_join_nights: an upward run starting within ``ramp_next_nights`` of the
+        open event's last alarm extends it (a ramp); within ``ramp_join_nights`` it does when one
+        line fits the nights since the event's onset better than two levels.
     size_nights: nights before/after the onset used for the size.
     repair_match_rel: a drop closes the event whose size it matches within this fraction.
     holidays: dates whose nights behave like weekend nights.
@@ -111,10 +112,9 @@ class LeakEventParams:
     prior_weight: float = 3.0
     cold_h: float = 4.0
     confirm_nights: int = 5
-    ramp_join_nights: int = 5
-    ramp_t: float = 2.0
     ramp_next_nights: int = 2
-    ramp_backcast: bool = False
+    ramp_join_nights: int = 5
+    ramp_margin: float = 0.0
     size_nights: int = 28
     repair_match_rel: float = 0.35
     holidays: tuple[date, ...] = field(default_factory=tuple)
@@ -216,6 +216,7 @@ def detect_leak_events(
     downs = [_Cusum(p.fast_k, p.fast_h, p.fast_cap), _Cusum(p.slow_k, p.slow_h, p.slow_cap)]
     names = ["fast", "slow"]
     events: list[LeakEvent] = []
+    hist: list[tuple[int, float]] = []  # every night's value, weekend offset removed
     seen = 0
     for i in range(len(x)):
         xi = float(x[i])
@@ -227,6 +228,7 @@ def detect_leak_events(
             diffs[g].append(xi - prev[1])
         last[g] = (day_no[i], xi)
         seen += 1
+        hist.append((i, xi - (float(np.median(we_resid[-8:])) if g and we_resid else 0.0)))
         ctrl = [v for _, v in seg[-p.window_nights :]]
         level = float(np.median(ctrl)) if ctrl else None
         if g:
@@ -265,7 +267,7 @@ def detect_leak_events(
             new_level = float(np.median([v for _, v in run]))
             before = [v for _, v in seg[-p.size_nights :]]
             if upward:
-                _on_rise(events, run, seg, before, level, sigma, names[which], i, p, day_no)
+                _on_rise(events, run, seg, hist, before, level, sigma, names[which], i, p, day_no)
             else:
                 _on_drop(events, level - new_level, sigma, len(before), run, i, p)
             seg = run
@@ -298,6 +300,7 @@ def _on_rise(
     events: list[LeakEvent],
     run: list[tuple[int, float]],
     seg: list[tuple[int, float]],
+    hist: list[tuple[int, float]],
     before: list[float],
     level: float,
     sigma: float,
@@ -308,32 +311,18 @@ def _on_rise(
 ) -> None:
     onset = run[0][0]
     cur = events[-1] if events else None
-    if (
-        cur is not None
-        and cur.end is None
-        and cur.seg_start == seg[0][0]
-        and (
-            day_no[onset] - day_no[cur.last_alarm] <= p.ramp_next_nights
-            or (
-                day_no[onset] - day_no[cur.last_alarm] <= p.ramp_join_nights
-                and _rising(seg, day_no, sigma, p.ramp_t)
-            )
-        )
-    ):
-        # The level kept rising since the last alarm: the same leak growing.
-        cur.kind = "ramp"
-        cur.last_alarm = i
-        cur.seg_start = onset
-        pts = [(j, v) for j, v in seg + run if j >= cur.onset]
-        t = np.asarray([day_no[j] for j, _ in pts])
-        y = np.asarray([v for _, v in pts])
-        slope, tm, ym = _theil_sen(t, y)
-        if p.ramp_backcast and slope > 0:
-            t0 = tm + (cur.level_before - ym) / slope
-            first = int(np.searchsorted(day_no, t0, side="left"))
-            floor = events[-2].alarm + 1 if len(events) > 1 else 0
-            cur.onset = min(max(first, floor, cur.onset - p.window_nights), cur.onset)
-        return
+    if cur is not None and cur.end is None and cur.seg_start == seg[0][0]:
+        gap = day_no[onset] - day_no[cur.last_alarm]
+        since = [(float(day_no[j]), v) for j, v in hist if j >= cur.onset]
+        if gap <= p.ramp_next_nights or (
+            gap <= p.ramp_join_nights
+            and _line_beats_steps(since, float(day_no[onset]), p.ramp_margin)
+        ):
+            # The level kept rising since the last alarm: the same leak growing.
+            cur.kind = "ramp"
+            cur.last_alarm = i
+            cur.seg_start = onset
+            return
     base = float(np.median(before)) if before else level
     events.append(
         LeakEvent(
@@ -349,15 +338,26 @@ def _on_rise(
     )
 
 
-def _rising(seg: list[tuple[int, float]], day_no: np.ndarray, sigma: float, t_min: float) -> bool:
-    """Whether the segment since the last change rises: Theil–Sen slope over its standard error
-    (σ √(12 / n³), the least-squares one) at least ``t_min``. A step's segment is flat."""
-    if len(seg) < 3:
+def _line_beats_steps(points: list[tuple[float, float]], second: float, margin: float) -> bool:
+    """Whether the nights since an open event's onset are better explained by one straight line
+    (a leak still growing) than by two levels with the best split at or after the middle of them
+    (a second leak), by the Bayesian information criterion (line: 2 parameters, two levels: 3);
+    ``margin`` is added to the line's criterion (positive favours a second leak)."""
+    t = np.asarray([a for a, _ in points])
+    y = np.asarray([v for _, v in points])
+    n = len(y)
+    if n < 5 or not np.any(t >= second):
         return True
-    t = np.asarray([day_no[j] for j, _ in seg])
-    slope, _, _ = _theil_sen(t, np.asarray([v for _, v in seg]))
-    span = float(t[-1] - t[0]) or 1.0
-    return slope / (sigma * math.sqrt(12.0 / len(seg)) / span) >= t_min
+    line = np.polyval(np.polyfit(t, y, 1), t)
+    sse_line = max(float(np.sum((y - line) ** 2)), 1e-12)
+    sse_steps = min(
+        float(np.sum((y[:c] - y[:c].mean()) ** 2) + np.sum((y[c:] - y[c:].mean()) ** 2))
+        for c in range(max(2, n // 3), n - 1)
+    )
+    sse_steps = max(sse_steps, 1e-12)
+    bic_line = n * math.log(sse_line / n) + 2 * math.log(n)
+    bic_steps = n * math.log(sse_steps / n) + 3 * math.log(n)
+    return bic_line + margin < bic_steps
 
 
 def _on_drop(

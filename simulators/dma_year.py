@@ -170,9 +170,11 @@ class LeakScore:
     """Outcome of one (or several pooled) DMA-years.
 
     onsets: injected; detected: matched to an event at all; in_time: matched and alarmed within
-    the delay target (abrupt 2 nights, ramps 7); false_alarms: events matched to no onset;
-    delays: (kind, alarm night − onset night) per matched onset; size_errors: |est − true| / true
-    per matched onset, the estimate as reported at the end of the series.
+    the delay target (abrupt 2 nights, ramps 7) counted in nights *with data* after the onset (no
+    detector can alarm on a night the logger did not deliver); false_alarms: events matched to no
+    onset; delays: (kind, alarm night − onset night, calendar nights) per matched onset;
+    data_delays: the same in nights with data; size_errors: |est − true| / true per matched
+    onset, the estimate as reported at the end of the series.
     """
 
     onsets: int
@@ -181,6 +183,7 @@ class LeakScore:
     false_alarms: int
     events: int
     delays: list[tuple[str, int]]
+    data_delays: list[tuple[str, int]]
     size_errors: list[tuple[str, float]]
 
 
@@ -220,6 +223,8 @@ def score_events(
     used_e: set[int] = set()
     delays: list[tuple[str, int]] = []
     errors: list[tuple[str, float]] = []
+    data_delays: list[tuple[str, int]] = []
+    observed = np.cumsum(year.series["nnf_m3h"].is_not_null().to_numpy())
     in_time = 0
     for _, li, ei in sorted(pairs):
         if li in used_l or ei in used_e:
@@ -229,8 +234,11 @@ def score_events(
         leak = year.leaks[li]
         delay = ev[ei][1] - leak.onset
         delays.append((leak.kind, delay))
+        alarm = min(max(ev[ei][1], 0), len(observed) - 1)
+        seen = int(observed[alarm] - (observed[leak.onset - 1] if leak.onset > 0 else 0)) - 1
+        data_delays.append((leak.kind, max(seen, 0) if alarm >= leak.onset else delay))
         errors.append((leak.kind, abs(ev[ei][2] - leak.size_m3h) / leak.size_m3h))
-        if delay <= (ramp_delay if leak.kind == "ramp" else step_delay):
+        if data_delays[-1][1] <= (ramp_delay if leak.kind == "ramp" else step_delay):
             in_time += 1
     return LeakScore(
         onsets=len(year.leaks),
@@ -239,5 +247,6 @@ def score_events(
         false_alarms=len(ev) - len(used_e),
         events=len(ev),
         delays=delays,
+        data_delays=data_delays,
         size_errors=errors,
     )
