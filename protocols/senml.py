@@ -34,6 +34,7 @@ from typing import Any
 import cbor2
 
 from protocols.payloads import (
+    _CBOR_OPTIONS,
     MALFORMED,
     MAX_CHANNEL,
     MAX_DEVICE_ID,
@@ -69,6 +70,9 @@ CBOR_LABELS: dict[int, str] = {
     7: "ut",
     8: "vd",
 }
+# protocols.payloads' cbor2 hardening (no shared values, regexes, MIME) but integer map keys,
+# which SenML's labels are (the size limit above bounds what colliding keys could cost).
+_CBOR_SENML_OPTIONS = {k: v for k, v in _CBOR_OPTIONS.items() if k != "strict_hashable_types"}
 _JSON_TO_CBOR = {v: k for k, v in CBOR_LABELS.items()}
 _KNOWN = frozenset(CBOR_LABELS.values())
 
@@ -231,7 +235,7 @@ def decode_senml_cbor(
     if len(payload) > MAX_CBOR_BYTES:
         raise _fail(MALFORMED, f"SenML CBOR pack of {len(payload)} bytes > {MAX_CBOR_BYTES}")
     try:
-        doc = cbor2.loads(payload, max_depth=4)
+        doc = cbor2.loads(payload, max_depth=4, **_CBOR_SENML_OPTIONS)
     except Exception as exc:  # cbor2 raises several unrelated exception types
         if isinstance(exc, RecursionError) or "nesting depth" in str(exc):
             raise _fail(TOO_DEEP, "SenML CBOR nested too deep") from None
