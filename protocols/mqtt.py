@@ -16,6 +16,26 @@ message is committed or quarantined. A crash or a database outage therefore leav
 messages with the broker, which redelivers them; ingest's ``ON CONFLICT DO NOTHING`` makes the
 redelivery harmless.
 
+Broker restarts and shared subscriptions (measured on mosquitto 2.0.11, Debian's): a broker
+restarted from its persistence file restores a ``$share`` session (CONNACK says session present, the
+messages queued before the restart come back) but *not its shared subscriptions*: until a worker
+subscribes again, a message matches no subscription and the broker drops it, although it
+acknowledged it to its publisher (the quick soak lost ~200 readings, ~1 s of traffic, per restart:
+publishers reconnect as fast as the workers do). Plain persistent subscriptions are restored. So
+each worker on a shared subscription also holds a *catch-up* session (``{client_id}-catchup``,
+``catch_up=True``): the same filters, not shared, persistent. It acknowledges what it receives
+without processing it, except in a window after each of its (re)connects: then it hands its messages
+to the sink like the shared subscription does, until a *fence* it publishes itself
+(``{root}/_catchup/{client_id}``, QoS 1) comes back. The fence is published only once the worker's
+shared subscription is acknowledged on a connection newer than the catch-up session's last
+disconnect, and a session's messages arrive in order, so everything published while no shared
+subscription existed reaches the sink before the window closes. What arrives twice in the window
+(also through the shared subscription) is harmless: readings are de-duplicated on their key. The
+cost: every message crosses the network to each worker once more (acknowledged unread), and a
+reconnect replays what the catch-up session queued while the worker was away. A broker ACL must let
+the ingest user publish and read ``{root}/_catchup/#`` (until the fence passes, the window stays
+open: duplicated work, nothing lost; a refused fence is logged).
+
 Poison messages: no message can stop the receive thread. paho runs ``on_message`` on its one
 network thread, and an exception escaping it ends that thread: nothing is read or acknowledged
 any more, the unacknowledged message comes back on every reconnect and kills the next thread
@@ -60,6 +80,7 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +116,9 @@ class MqttStats:
     connects: int = 0
     disconnects: int = 0
     refused: int = 0  # CONNACK with a failure reason (bad credentials, not authorised)
+    catch_up: int = 0  # received by the catch-up session in its window: handed to the sink
+    catch_up_skipped: int = 0  # received by it outside the window: acknowledged unread
+    fences: int = 0  # catch-up windows closed by their fence
     connect_failures: int = 0  # no CONNACK at all: TCP refused, TLS handshake failed
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -225,8 +249,12 @@ class MqttIngest:
         key_file: str | os.PathLike[str] | None = None,
         tls_version: str | None = None,
         trust_topic: bool = True,
+        catch_up: bool = True,
     ) -> None:
-        """``username``/``password`` (or ``password_file``) take precedence over the URL's;
+        """``catch_up`` (with a shared subscription on MQTT v5 only) adds the catch-up session
+        of the module docstring, so a broker restart loses nothing.
+
+        ``username``/``password`` (or ``password_file``) take precedence over the URL's;
         the TLS options need an ``mqtts://`` URL: configured certificates with a plain-text
         URL would send the password in clear, so that is an error, not a guess."""
         parsed = urlparse(url)
@@ -264,18 +292,24 @@ class MqttIngest:
         kwargs: dict[str, object] = {}
         if not v5:
             kwargs["clean_session"] = False
-        self.client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=protocol,
-            manual_ack=True,
-            **kwargs,  # type: ignore[arg-type]
-        )
-        if self.username:
-            self.client.username_pw_set(self.username, self._password)
-        if tls:
-            self.client.tls_set_context(tls_context(ca_file, cert_file, key_file, tls_version))
-        self.client.reconnect_delay_set(int(max(1, reconnect_min_s)), int(reconnect_max_s))
+        tls_ctx = tls_context(ca_file, cert_file, key_file, tls_version) if tls else None
+
+        def new_client(cid: str) -> mqtt.Client:
+            c = mqtt.Client(
+                callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                client_id=cid,
+                protocol=protocol,
+                manual_ack=True,
+                **kwargs,  # type: ignore[arg-type]
+            )
+            if self.username:
+                c.username_pw_set(self.username, self._password)
+            if tls_ctx is not None:
+                c.tls_set_context(tls_ctx)
+            c.reconnect_delay_set(int(max(1, reconnect_min_s)), int(reconnect_max_s))
+            return c
+
+        self.client = new_client(client_id)
         self._last_connect_error: str | None = None
         self._wrap_reconnect()
         self.client.on_connect = self._on_connect
@@ -283,6 +317,23 @@ class MqttIngest:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        # The catch-up session (module docstring): only beside a shared subscription.
+        self.catch_up: mqtt.Client | None = None
+        self.fence_topic = f"{self.topic_root}/_catchup/{client_id}"
+        self._cu_lock = threading.Lock()
+        self._cu_window = False  # hand messages to the sink until the fence comes back
+        self._cu_fence: str | None = None  # the fence published for the current window
+        self._cu_subscribed = False
+        self._cu_disconnected_at = 0.0  # monotonic time of the catch-up session's last loss
+        self._shared_subacked_at = -1.0  # monotonic time of the last shared SUBACK
+        self._cu_thread: threading.Thread | None = None
+        if catch_up and self.shared_group:
+            self.catch_up = new_client(f"{client_id}-catchup")
+            self.catch_up.on_connect = self._cu_on_connect
+            self.catch_up.on_subscribe = self._cu_on_subscribe
+            self.catch_up.on_disconnect = self._cu_on_disconnect
+            self.catch_up.on_message = self._cu_on_message
+            self.catch_up.on_publish = self._cu_on_publish
 
     @property
     def endpoint(self) -> str:
@@ -306,17 +357,23 @@ class MqttIngest:
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, wait_s: float = 10.0) -> MqttIngest:
-        if self.v5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = self.session_expiry_s
-            props.ReceiveMaximum = self.receive_maximum
-            self.client.connect_async(
-                self.host, self.port, keepalive=60, clean_start=False, properties=props
-            )
-        else:
-            self.client.connect_async(self.host, self.port, keepalive=60)
-        self.client.loop_start()
+        """Connect (in the background) and wait up to ``wait_s`` for the subscription."""
+        for c in (self.client, self.catch_up):
+            if c is None:
+                continue
+            if self.v5:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = self.session_expiry_s
+                props.ReceiveMaximum = self.receive_maximum
+                c.connect_async(
+                    self.host, self.port, keepalive=60, clean_start=False, properties=props
+                )
+            else:
+                c.connect_async(self.host, self.port, keepalive=60)
+            c.loop_start()
         self._thread = getattr(self.client, "_thread", None)
+        if self.catch_up is not None:
+            self._cu_thread = getattr(self.catch_up, "_thread", None)
         if not self.connected.wait(wait_s):
             log.warning("MQTT broker %s not reachable yet; retrying", self.endpoint)
         return self
@@ -330,12 +387,16 @@ class MqttIngest:
         runs any more), flush them, DISCONNECT, and close the socket only after the broker has.
         Whatever was read but not committed is never acknowledged and comes back next time."""
         self._thread = None  # stopped on purpose: no longer a problem for the supervisor
-        self.client.loop_stop()
+        self._cu_thread = None
+        clients = [c for c in (self.client, self.catch_up) if c is not None]
+        for c in clients:
+            c.loop_stop()
         if drain is not None:
             drain()
-        _flush_writes(self.client, timeout_s)
-        self.client.on_socket_close = _lingering_close
-        self.client.disconnect()
+        for c in clients:
+            _flush_writes(c, timeout_s)
+            c.on_socket_close = _lingering_close
+            c.disconnect()
 
     def subscriptions(self) -> list[str]:
         filters = [f"{self.topic_root}/+/+/up", f"{self.topic_root}/+/gw/+/batch"]
@@ -385,6 +446,119 @@ class MqttIngest:
             log.error("MQTT subscription refused: %s", ", ".join(str(rc) for rc in refused))
             return
         self.connected.set()
+        with self._cu_lock:
+            self._shared_subacked_at = time.monotonic()
+        self._maybe_fence()
+
+    # --- the catch-up session (its own network thread; see the module docstring) -----------
+    def _cu_on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: mqtt.ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT catch-up connect to %s refused: %s", self.endpoint, reason_code)
+            return
+        with self._cu_lock:
+            self._cu_window = True
+            self._cu_fence = None
+            self._cu_subscribed = False
+        plain = [f.split("/", 2)[2] for f in self.subscriptions()]  # without $share/group/
+        client.subscribe([(f, self.qos) for f in [*plain, self.fence_topic]])
+
+    def _cu_on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[mqtt.ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        refused = [rc for rc in reason_codes if rc.is_failure]
+        if refused:
+            log.error("MQTT catch-up subscription refused: %s", ", ".join(map(str, refused)))
+            return
+        with self._cu_lock:
+            self._cu_subscribed = True
+        self._maybe_fence()
+
+    def _cu_on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason_code: mqtt.ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._cu_lock:
+            self._cu_subscribed = False
+            self._cu_disconnected_at = time.monotonic()
+
+    def _maybe_fence(self) -> None:
+        """Publish the fence that closes the catch-up window, once both subscriptions are in
+        place and the shared one was acknowledged after the catch-up session last lost its
+        broker (a shared SUBACK from before a broker restart proves nothing)."""
+        catch_up = self.catch_up
+        if catch_up is None:
+            return
+        with self._cu_lock:
+            if not (self._cu_window and self._cu_subscribed and self._cu_fence is None):
+                return
+            if self._shared_subacked_at <= self._cu_disconnected_at:
+                return
+            self._cu_fence = fence = uuid.uuid4().hex
+        catch_up.publish(self.fence_topic, fence.encode(), qos=1)
+
+    def _cu_on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_code: mqtt.ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            log.error(
+                "MQTT catch-up fence on %s refused (%s): the broker's ACL must let ingest publish "
+                "and read it; until then every message is handled twice (nothing is lost)",
+                self.fence_topic,
+                reason_code,
+            )
+
+    def _cu_on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        """In the window: handle like a shared-subscription message; outside it, acknowledge
+        unread (the shared subscription has it). Never raises, like :meth:`_on_message`."""
+        try:
+            if _topic_text(msg) == self.fence_topic:
+                with self._cu_lock:
+                    closed = (
+                        self._cu_window and msg.payload.decode(errors="replace") == self._cu_fence
+                    )
+                    if closed:
+                        self._cu_window = False
+                if closed:
+                    self.stats.bump("fences")
+                    log.info("MQTT catch-up window closed (%d caught up)", self.stats.catch_up)
+                client.ack(msg.mid, msg.qos)
+                return
+            with self._cu_lock:
+                window = self._cu_window
+            if not window:
+                self.stats.bump("catch_up_skipped")
+                client.ack(msg.mid, msg.qos)
+                return
+        except Exception as exc:  # an ack on a closed socket: the broker sends it again
+            log.error("MQTT catch-up message: %s", _error_text(exc))
+            return
+        self.stats.bump("catch_up")
+        ack = _AckOnce(self, msg.mid, msg.qos, client)
+        try:
+            self.sink.submit(self._frame(msg), ack)
+        except Exception as exc:
+            self._poisoned(msg, exc, ack)
 
     def _on_disconnect(
         self,
@@ -480,10 +654,11 @@ class MqttIngest:
             except Exception as err:  # a closed socket: the broker redelivers, we try again
                 log.error("MQTT acknowledgement failed: %s", _error_text(err))
 
-    def _ack(self, mid: int, qos: int) -> None:
+    def _ack(self, mid: int, qos: int, client: mqtt.Client | None = None) -> None:
         if qos > 0:
-            self.client.ack(mid, qos)
-        self.stats.bump("acked")
+            (client or self.client).ack(mid, qos)
+        if client is None or client is self.client:
+            self.stats.bump("acked")
 
     # --- health ------------------------------------------------------------------------------
     def alive(self) -> bool:
@@ -496,6 +671,10 @@ class MqttIngest:
         thread = self._thread
         if thread is None or not thread.is_alive():
             return False
+        cu_thread = self._cu_thread
+        if self.catch_up is not None and cu_thread is not None:
+            if not cu_thread.is_alive() or getattr(self.catch_up, "_thread", None) is not cu_thread:
+                return False
         return getattr(self.client, "_thread", thread) is thread
 
     def problem(self) -> str | None:
@@ -513,17 +692,20 @@ class MqttIngest:
 class _AckOnce:
     """The ``on_durable`` of one message: sends its PUBACK once, however often it is called."""
 
-    __slots__ = ("_calls", "_ingest", "_mid", "_qos")
+    __slots__ = ("_calls", "_client", "_ingest", "_mid", "_qos")
 
-    def __init__(self, ingest: MqttIngest, mid: int, qos: int) -> None:
+    def __init__(
+        self, ingest: MqttIngest, mid: int, qos: int, client: mqtt.Client | None = None
+    ) -> None:
         self._ingest = ingest
         self._mid = mid
         self._qos = qos
+        self._client = client  # the catch-up session's client, else the main one
         self._calls = itertools.count()
 
     def __call__(self, outcome: FrameOutcome | None) -> None:
         if next(self._calls) == 0:  # atomic under the GIL: one caller wins
-            self._ingest._ack(self._mid, self._qos)
+            self._ingest._ack(self._mid, self._qos, self._client)
 
 
 def _topic_text(msg: mqtt.MQTTMessage) -> str:
