@@ -103,7 +103,7 @@ class LeakEventParams:
     min_nights: int = 3
     fast_k: float = 1.25
     fast_h: float = 4.0
-    fast_cap: float = 2.0
+    fast_cap: float = 2.5
     slow_k: float = 0.5
     slow_h: float = 10.0
     slow_cap: float = 2.0

@@ -171,16 +171,19 @@ class LeakScore:
 
     onsets: injected; detected: matched to an event at all; in_time: matched and alarmed within
     the delay target (abrupt 2 nights, ramps 7) counted in nights *with data* after the onset (no
-    detector can alarm on a night the logger did not deliver); false_alarms: events matched to no
-    onset; delays: (kind, alarm night − onset night, calendar nights) per matched onset;
-    data_delays: the same in nights with data; size_errors: |est − true| / true per matched
-    onset, the estimate as reported at the end of the series.
+    detector can alarm on a night the logger did not deliver); false_alarms: events in no leak's
+    matching window (an alarm without a leak); duplicates: events in the window of a leak another
+    event already matched (a second alert for a real leak, e.g. a ramp split in two); delays:
+    (kind, alarm night − onset night in calendar nights) per matched onset; data_delays: the same
+    in nights with data; size_errors: (kind, |est − true| / true) per matched onset, the estimate
+    as reported at the end of the series.
     """
 
     onsets: int
     detected: int
     in_time: int
     false_alarms: int
+    duplicates: int
     events: int
     delays: list[tuple[str, int]]
     data_delays: list[tuple[str, int]]
@@ -211,6 +214,7 @@ def score_events(
         for r in events.iter_rows(named=True)
     ]
     pairs: list[tuple[int, int, int]] = []
+    in_window: set[int] = set()
     for li, leak in enumerate(year.leaks):
         for ei, (on, alarm, _) in enumerate(ev):
             if alarm < leak.onset - onset_tolerance:
@@ -219,6 +223,7 @@ def score_events(
             hi = leak.onset + onset_tolerance + leak.growth_nights
             if lo <= on <= hi:
                 pairs.append((abs(on - leak.onset), li, ei))
+                in_window.add(ei)
     used_l: set[int] = set()
     used_e: set[int] = set()
     delays: list[tuple[str, int]] = []
@@ -244,7 +249,8 @@ def score_events(
         onsets=len(year.leaks),
         detected=len(used_l),
         in_time=in_time,
-        false_alarms=len(ev) - len(used_e),
+        false_alarms=len(set(range(len(ev))) - used_e - in_window),
+        duplicates=len(in_window - used_e),
         events=len(ev),
         delays=delays,
         data_delays=data_delays,

@@ -125,11 +125,15 @@ def test_cold_start_detects_a_leak_three_nights_in() -> None:
 
 
 def test_cold_start_thresholds_are_wider_than_later_ones() -> None:
-    """The same +1.0 step (≈ 14 σ here) right after the cold start needs more nights to alarm than
-    after 40 nights of history: the decision interval shrinks as differences accumulate."""
-    early = leak_events(frame(series(30, (4, 1.0)))).row(0, named=True)
-    late = leak_events(frame(series(70, (44, 1.0)))).row(0, named=True)
-    assert index(early, "alarm_night") - 4 > index(late, "alarm_night") - 44
+    """The same +0.5 m³/h step (≈ 4.5 σ here) four nights into the data takes 4 nights to alarm,
+    after 44 nights of history 1: the decision interval is h × (1 + 4 / differences seen) and σ
+    starts at the prior (2 % of the level) until differences accumulate. A large step alarms as
+    fast either way (``test_cold_start_detects_a_leak_three_nights_in``)."""
+    early = leak_events(frame(series(30, (4, 0.5)))).row(0, named=True)
+    late = leak_events(frame(series(70, (44, 0.5)))).row(0, named=True)
+    assert index(early, "onset_night") == 4 and index(late, "onset_night") == 44
+    assert index(early, "alarm_night") - 4 == 4
+    assert index(late, "alarm_night") - 44 == 1
 
 
 def test_one_exceptional_night_raises_nothing() -> None:
@@ -169,7 +173,7 @@ def test_one_alert_per_event_with_its_identity_in_the_evidence() -> None:
 
 # --- simulated DMA-years ----------------------------------------------------------------------
 
-SEEDS = range(6)  # the detector's settings were tuned on seeds 100–119, never on these
+SEEDS = range(20)  # the detector's settings were tuned on seeds 100–139, never on these
 
 
 def test_the_simulator_is_seeded_and_injects_what_it_says() -> None:
@@ -186,27 +190,28 @@ def test_the_simulator_is_seeded_and_injects_what_it_says() -> None:
 
 
 def test_targets_over_simulated_dma_years() -> None:
-    """Pooled over 6 seeds (120 onsets). Issue 11's targets are ≥ 90 % detected, abrupt ones
-    within 2 nights and ramps within 7, ≤ 1 false alarm per DMA-year, size within 15 %. Measured
-    here (bench/leak_events.py --first 0 --seeds 6): 90.0 % detected, 77.5 % in time, 3.2 false
-    alarms per DMA-year, median size error 8.4 %, 65 % within 15 %. The asserts hold today's
-    level so a change that loses ground fails; the gaps to the targets are stated in
-    BENCHMARKS.md."""
+    """Pooled over 20 DMA-years (400 onsets). Issue 11's targets: ≥ 90 % of onsets detected,
+    abrupt ones within 2 nights and ramps within 7, ≤ 1 false alarm per DMA-year, size within
+    15 %. Measured on these seeds (``bench/leak_events.py --first 0 --seeds 20``): 89.5 %
+    detected, 80.2 % in time (nights with data), 0.85 false alarms and 1.05 duplicate events per
+    DMA-year, median size error 6.9 %, 74 % of sizes within 15 %. The asserts hold that level
+    with a small margin, so a change that loses ground fails; BENCHMARKS.md states the gaps."""
     scores = []
     for seed in SEEDS:
         year = simulate_dma_year(seed)
-        scores.append(
-            score_events(leak_events(year.series, LeakEventParams(holidays=year.holidays)), year)
-        )
+        events = leak_events(year.series, LeakEventParams(holidays=year.holidays))
+        scores.append(score_events(events, year))
     onsets = sum(s.onsets for s in scores)
     assert onsets == 20 * len(SEEDS)
-    assert sum(s.detected for s in scores) / onsets >= 0.90
-    assert sum(s.in_time for s in scores) / onsets >= 0.75
-    assert sum(s.false_alarms for s in scores) / len(scores) <= 3.5
+    assert sum(s.detected for s in scores) / onsets >= 0.88
+    assert sum(s.in_time for s in scores) / onsets >= 0.78
+    assert sum(s.false_alarms for s in scores) / len(scores) <= 1.0
+    assert sum(s.duplicates for s in scores) / len(scores) <= 1.5
     errors = np.asarray([e for s in scores for _, e in s.size_errors])
-    assert float(np.median(errors)) <= 0.15
-    step_delays = [d for s in scores for k, d in s.delays if k == "step"]
-    assert float(np.median(step_delays)) <= 2
+    assert float(np.median(errors)) <= 0.10
+    assert float(np.mean(errors <= 0.15)) >= 0.70
+    step_delays = [d for s in scores for k, d in s.data_delays if k == "step"]
+    assert float(np.median(step_delays)) <= 1
 
 
 # --- the flow's writes against a real PostgreSQL ---------------------------------------------
