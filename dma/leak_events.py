@@ -26,16 +26,18 @@ after a signal). Per night:
 - **Two upward CUSUMs** on the standardised residual: a fast one (small ``fast_h``: a large step
   alarms within one or two nights) and a slow one (small slack, larger interval: small steps and
   ramps), each night's increment capped so no single night alarms alone. Downward CUSUMs with the
-  same settings detect drops. The onset is the CUSUM change-point estimate: the first night of
-  the run that alarmed.
-- **Ramps**: a new upward run that starts at most ``ramp_join_nights`` after the previous alarm of
-  a still-open event while its segment keeps rising is the same leak growing, not a new one: the
-  event becomes a ``ramp`` whose onset is the back-extrapolation of the line through its nights to
-  the level before it, and whose size is the level it reached.
-- **Size**: median of the event's segment (at most ``size_nights`` nights) minus the level before
-  the onset (median of up to ``size_nights`` nights before it), in m³/h. **Confidence**: erf(z/√2)
-  with z = size / (σ √(1/n_before + 1/n_after)): the probability, under Gaussian noise, that the
-  shift is not noise.
+  same settings detect drops. The onset is the maximum-likelihood change point inside the run
+  that alarmed (argmin of the partial sums of z − δ/2 for the shift δ seen at its end): the run
+  start, unless the run crept up before the step.
+- **Ramps**: an upward run that starts within ``ramp_next_nights`` of the last alarm of the open
+  event whose segment is current, or within ``ramp_join_nights`` when one straight line explains
+  the nights since that event's onset better than two levels (Bayesian information criterion),
+  is the same leak still growing, not a new one: the event becomes a ``ramp`` and its size is the
+  level it reached (median of the latest ``window_nights`` in-control nights).
+- **Size** of a step: median of the event's segment (at most ``size_nights`` nights) minus the
+  level before the onset (median of up to ``size_nights`` nights before it), in m³/h.
+  **Confidence**: erf(z/√2) with z = size / (σ √(1/n_before + 1/n_after)): the probability,
+  under Gaussian noise, that the shift is not noise.
 - **Repairs**: a downward alarm of size d closes the open event whose size is nearest d if they
   agree within ``repair_match_rel`` (or 3 standard errors); otherwise the drop is a change of level
   (demand, season) and closes nothing.
@@ -91,9 +93,9 @@ class LeakEventParams:
         floor) and its weight in pseudo-differences; shrinks the cold-start estimate.
     cold_h: the decision interval is multiplied by 1 + cold_h / (differences seen).
     confirm_nights: nights after the onset an open event must last to become ``confirmed``.
-    ramp_next_nights, ramp_join_nights: an upward run starting within ``ramp_next_nights`` of the
-        open event's last alarm extends it (a ramp); within ``ramp_join_nights`` it does when one
-        line fits the nights since the event's onset better than two levels.
+    ramp_next_nights, ramp_join_nights, ramp_margin: an upward run starting within
+        ``ramp_next_nights`` of the open event's last alarm extends it (a ramp); within
+        ``ramp_join_nights`` it does when one line beats two levels by the BIC (plus the margin).
     size_nights: nights before/after the onset used for the size.
     repair_match_rel: a drop closes the event whose size it matches within this fraction.
     holidays: dates whose nights behave like weekend nights.
@@ -179,18 +181,6 @@ class _Cusum:
 
     def reset(self) -> None:
         self.s, self.start = 0.0, -1
-
-
-def _theil_sen(t: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Median pairwise slope, median t and median of y − slope·t (Sen 1968)."""
-    if len(t) < 2:
-        return 0.0, float(t.mean()) if len(t) else 0.0, float(y.mean()) if len(y) else 0.0
-    dt = t[None, :] - t[:, None]
-    dy = y[None, :] - y[:, None]
-    mask = dt > 0
-    slope = float(np.median(dy[mask] / dt[mask]))
-    tm = float(np.median(t))
-    return slope, tm, float(np.median(y - slope * (t - tm)))
 
 
 def detect_leak_events(
