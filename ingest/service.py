@@ -2,8 +2,9 @@
 
 MQTT runs on paho's network thread (or, with ``--mqtt-workers N``, in N processes on the shared
 subscription: ``ingest.workers``); CoAP, Modbus and OPC-UA adapters run concurrently on one asyncio
-loop. All of them submit to the same :class:`IngestPipeline`, so validation, de-duplication and the
-quarantine behave the same whatever the protocol.
+loop, and so does the CJ/T 188 TCP listener when ``--cjt188-listen`` opens it. All of them submit
+to the same :class:`IngestPipeline`, so validation, de-duplication and the quarantine behave the
+same whatever the protocol.
 
 Health: a process that reads nothing must not look alive. :func:`ingest_problem` names what
 broke for good — paho's network thread died, or the pipeline reported ``failure`` (its writer
@@ -143,6 +144,13 @@ def build_async_adapters(
             continue
         cls = getattr(importlib.import_module(module), cls_name)
         adapters[proto] = cls(devices, registry, pipeline, **(options or {}).get(proto, {}))
+    listen = (options or {}).get("cjt188")
+    if listen and (protocols is None or "cjt188" in protocols):
+        # Not a registry protocol: DTUs dial in to a port the operator opens (--cjt188-listen),
+        # and every frame names its meter by address, resolved among the cjt188 vendors' devices.
+        from protocols.cjt188_listener import Cjt188Listener, cjt188_addresses
+
+        adapters["cjt188"] = Cjt188Listener(cjt188_addresses(registry), pipeline, **listen)
     return adapters
 
 

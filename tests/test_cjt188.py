@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -94,3 +95,123 @@ def test_round_trip(
     assert up.device == f"serial:{address}" and up.status == (
         int(Quality.LOW_BATTERY) if battery else 0
     )
+
+
+# --- the TCP listener, over a real socket into the real database ------------------------------
+LISTENER_REGISTRY = """
+[[dma]]
+id = "DMA-CN"
+
+[[vendor]]
+id = "cjt188-water"
+payload = "json"  # "cjt188" once aquameter/registry.py's PayloadFormat lists it
+  [[vendor.channel]]
+  name = "register"
+  quantity = "volume"
+  unit = "m3"
+  kind = "register"
+
+[[device]]
+id = "CN-0001"
+vendor = "cjt188-water"
+dma = "DMA-CN"
+serial = 12345678901234
+"""
+
+
+def test_split_stream_waits_for_cut_frames_and_quarantines_junk() -> None:
+    from protocols.cjt188_listener import split_stream
+
+    good = encode_cjt188(1, 1.0, 1767225600)
+    buf = bytearray(b"\x01\x02" + good[:9])
+    first = split_stream(buf, final=False)
+    assert [r for _, r in first] == [("MALFORMED", "bytes outside a CJ/T 188 frame")]
+    assert split_stream(buf, final=False) == []  # the frame is cut: wait for the rest
+    buf += good[9:]
+    (frame,) = split_stream(buf, final=False)
+    assert frame == (good.lstrip(b"\xfe"), None) and not buf
+
+
+def test_listener_stores_frames_and_quarantines_the_rest(empty_db_url: str, tmp_path: Path) -> None:
+    import time
+
+    import psycopg
+
+    from aquameter.registry import load_registry
+    from ingest.pipeline import IngestPipeline
+    from ingest.registry_sync import sync_registry
+    from protocols.cjt188_listener import Cjt188Listener, cjt188_addresses
+    from sql.migrate import migrate
+
+    path = tmp_path / "registry.toml"
+    path.write_text(LISTENER_REGISTRY)
+    registry = load_registry(path)
+    with psycopg.connect(empty_db_url) as conn:
+        migrate(conn, partitions_ahead=1)
+        sync_registry(conn, registry)
+        conn.commit()
+    addresses = {d.serial: d.id for d in registry.all_devices() if d.serial is not None}
+    assert cjt188_addresses(registry) == {}  # the vendor's payload is not "cjt188" (yet)
+    now = int(time.time()) - 120
+    good = [
+        encode_cjt188(12345678901234, 10.0 + i / 100, now + i, battery_low=i == 2) for i in range(3)
+    ]
+    bad_cs = bytearray(encode_cjt188(12345678901234, 11.0, now + 10))
+    bad_cs[-2] ^= 1
+    stranger = encode_cjt188(99, 1.0, now)
+    stream = b"".join(good) + bytes(bad_cs) + stranger + b"\x00garbage"
+
+    async def scenario() -> Cjt188Listener:
+        pipeline = IngestPipeline(empty_db_url, batch_seconds=0.05).start()
+        listener = Cjt188Listener(addresses, pipeline, port=0)
+        task = asyncio.create_task(listener.run())
+        try:
+            await asyncio.wait_for(listener.ready.wait(), 30)
+            _, writer = await asyncio.open_connection("127.0.0.1", listener.bound_port)
+            for i in range(0, len(stream), 7):  # cut anywhere, as TCP may deliver it
+                writer.write(stream[i : i + 7])
+                await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+            for _ in range(600):
+                if listener.frames == 6:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.to_thread(pipeline.close)
+        return listener
+
+    listener = asyncio.run(scenario())
+    assert (listener.frames, listener.rejected) == (6, 3)
+    with psycopg.connect(empty_db_url) as conn:
+        got = conn.execute(
+            "SELECT c.device_id, extract(epoch FROM r.ts)::float8, r.value, r.quality "
+            "FROM readings r JOIN channels c ON c.id = r.channel_id ORDER BY 2"
+        ).fetchall()
+        reasons = [r for (r,) in conn.execute("SELECT reason FROM quarantine ORDER BY id")]
+    assert [(d, int(t), float(v), q & 8) for d, t, v, q in got] == [
+        ("CN-0001", now, 10.0, 0),
+        ("CN-0001", now + 1, 10.01, 0),
+        ("CN-0001", now + 2, 10.02, 8),
+    ]
+    assert sorted(reasons) == ["BAD_CRC", "MALFORMED", "UNKNOWN_DEVICE"]
+
+
+def test_ingest_builds_the_listener_only_when_asked(tmp_path: Path) -> None:
+    from aquameter.registry import load_registry
+    from ingest.service import build_async_adapters
+    from protocols.cjt188_listener import Cjt188Listener
+
+    path = tmp_path / "registry.toml"
+    path.write_text(LISTENER_REGISTRY)
+    registry = load_registry(path)
+    sink = object()
+    assert "cjt188" not in build_async_adapters(registry, sink, options={})  # type: ignore[arg-type]
+    adapters = build_async_adapters(
+        registry,
+        sink,  # type: ignore[arg-type]
+        options={"cjt188": {"host": "127.0.0.1", "port": 0}},
+    )
+    assert isinstance(adapters["cjt188"], Cjt188Listener) and adapters["cjt188"].sink is sink
