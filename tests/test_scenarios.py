@@ -1,7 +1,7 @@
 """Scenario tests: the pure analytics chained as the flows chain them, judged against the fleet
 simulator's ground truth (issue 4, "Done when"). No database: simulator frames go straight into
 ``flows.meter_series.meter_series`` (VEE + estimation), ``pipelines.anomalies``, ``dma.daily``,
-``dma.leak_detection`` and ``dma.water_balance``.
+``dma.leak_detection``, ``dma.leak_events`` and ``dma.water_balance``.
 
 Run with ``-s`` to see the measured figures (NNF rise, NRW, the precision/recall table).
 """
@@ -21,6 +21,7 @@ from aquameter.registry import Channel, Device, Dma, MeterGroup, Registry, Vendo
 from dma.daily import dma_daily
 from dma.inflow import net_inflow
 from dma.leak_detection import ALERT_CODE, night_flow_rise_alerts
+from dma.leak_events import leak_event_alerts, leak_events
 from dma.water_balance import metered_consumption, system_input_volume, water_balance
 from flows.meter_series import MeterSeries, meter_series
 from pipelines.anomalies import detect_meter_anomalies
@@ -217,6 +218,30 @@ def test_dma_leak_raises_nnf_by_its_rate_and_is_alerted(
     assert abs((local_start - onset_night).days) <= 1
 
 
+def test_dma_leak_is_one_leak_event_of_its_size(
+    leak_case: tuple[Analysed, pl.DataFrame],
+) -> None:
+    """The flow's default detector on the same nights: one event in DMA-A only, dated at the
+    first leaky night, sized within 15 % of the injected rate, alarmed within 2 nights."""
+    _, daily = leak_case
+    onset_night = (LEAK_ONSET + timedelta(hours=8)).date() + timedelta(days=1)
+    nnf = nnf_series(daily)
+    events = leak_events(nnf)
+    [event] = events.rows(named=True)
+    print(
+        f"leak event onset {event['onset_night']}, alarm {event['alarm_night']}, size "
+        f"{event['size_m3h']:.3f} m³/h, {event['status']}, confidence {event['confidence']:.3f}"
+    )
+    assert event["dma_id"] == "DMA-A" and event["kind"] == "step"
+    assert abs((event["onset_night"] - onset_night).days) <= 1
+    assert (event["alarm_night"] - onset_night).days <= 2
+    assert event["size_m3h"] == pytest.approx(LEAK_RATE, rel=0.15)
+    assert event["status"] == "confirmed"
+    [alert] = leak_event_alerts(events, nnf).rows(named=True)
+    assert alert["code"] == ALERT_CODE and alert["status"] == "open"
+    assert json.loads(alert["evidence"])["event_id"] == f"DMA-A:{event['onset_night']}"
+
+
 def test_water_balance_nrw_matches_the_truth(leak_case: tuple[Analysed, pl.DataFrame]) -> None:
     a, _ = leak_case
     summary = balance(a)
@@ -331,6 +356,7 @@ def test_clean_fleet_raises_no_alert() -> None:
     assert a.series.failures.filter(pl.col("hard")).height == 0
     nnf = nnf_series(nightly(a))
     assert night_flow_rise_alerts(nnf).height == 0
+    assert leak_events(nnf).height == 0
     assert nnf["nnf_m3h"].null_count() <= 1  # only the window's last night may be incomplete
 
 
