@@ -34,13 +34,13 @@ from typing import Any
 import cbor2
 
 from protocols.payloads import (
-    _CBOR_OPTIONS,
     MALFORMED,
     MAX_CHANNEL,
     MAX_DEVICE_ID,
     MAX_UNIT,
     TOO_DEEP,
     _brief,
+    _cbor_options,
     _fail,
 )
 from protocols.uplink import Quality, Uplink
@@ -72,7 +72,7 @@ CBOR_LABELS: dict[int, str] = {
 }
 # protocols.payloads' cbor2 hardening (no shared values, regexes, MIME) but integer map keys,
 # which SenML's labels are (the size limit above bounds what colliding keys could cost).
-_CBOR_SENML_OPTIONS = {k: v for k, v in _CBOR_OPTIONS.items() if k != "strict_hashable_types"}
+_CBOR_SENML_OPTIONS = {k: v for k, v in _cbor_options()[0].items() if k != "strict_hashable_types"}
 _JSON_TO_CBOR = {v: k for k, v in CBOR_LABELS.items()}
 _KNOWN = frozenset(CBOR_LABELS.values())
 
