@@ -97,6 +97,7 @@ class LeakEventParams:
         ``ramp_next_nights`` of the open event's last alarm extends it (a ramp); within
         ``ramp_join_nights`` it does when one line beats two levels by the BIC (plus the margin).
     size_nights: nights before/after the onset used for the size.
+    final_sizes: once the walk is over, size each event again between its neighbouring changes.
     repair_match_rel: a drop closes the event whose size it matches within this fraction.
     holidays: dates whose nights behave like weekend nights.
     """
@@ -117,6 +118,7 @@ class LeakEventParams:
     ramp_next_nights: int = 2
     ramp_join_nights: int = 5
     ramp_margin: float = 0.0
+    final_sizes: bool = True
     size_nights: int = 28
     repair_match_rel: float = 0.35
     holidays: tuple[date, ...] = field(default_factory=tuple)
@@ -271,7 +273,43 @@ def detect_leak_events(
             seg.append((i, adj))
             pending = []
         _update_current(events, seg, pending, i, p)
+    if p.final_sizes:
+        _final_sizes(events, hist, p)
     return events
+
+
+def _final_sizes(
+    events: list[LeakEvent], hist: list[tuple[int, float]], p: LeakEventParams
+) -> None:
+    """Size every event again once the walk is over, between its neighbouring changes: the nights
+    from its onset (a ramp: after its last alarm, when it had about stopped growing) to the next
+    change (another onset or a repair), against the nights since the change before it. The walk
+    froze a size when the next event began, sometimes after only a few nights."""
+    if not events:
+        return
+    idx = np.asarray([j for j, _ in hist])
+    val = np.asarray([v for _, v in hist])
+    for e in events:
+        start = e.onset if e.kind == "step" else e.last_alarm + 1
+        cuts = [o.onset for o in events if o is not e] + [
+            o.end for o in events if o.end is not None
+        ]
+        after_end = min([c for c in cuts if c > e.onset] + [int(idx[-1]) + 1])
+        if e.end is not None:
+            after_end = min(after_end, e.end)
+        prior = [
+            o.last_alarm + 1 if o.kind == "ramp" else o.onset for o in events if o.onset < e.onset
+        ]
+        prior += [o.end for o in events if o.end is not None and o.end <= e.onset]
+        before_start = max(prior + [-1])
+        after = val[(idx >= start) & (idx < after_end)]
+        # A step's first nights after the onset; a ramp's latest ones (it may still have grown).
+        after = after[: p.size_nights] if e.kind == "step" else after[-p.window_nights :]
+        before = val[(idx >= before_start) & (idx < e.onset)][-p.size_nights :]
+        if len(after) and len(before):
+            e.level_before = float(np.median(before))
+            e.size = float(np.median(after)) - e.level_before
+            e.n_before, e.n_after = len(before), len(after)
 
 
 def _change_point(vals: list[float], level: float, sigma: float, upward: bool) -> int:
