@@ -176,7 +176,8 @@ class LeakScore:
     event already matched (a second alert for a real leak, e.g. a ramp split in two); delays:
     (kind, alarm night − onset night in calendar nights) per matched onset; data_delays: the same
     in nights with data; size_errors: (kind, |est − true| / true) per matched onset, the estimate
-    as reported at the end of the series.
+    as reported at the end of the series; matched: (kind, true size / base MNF, delay in nights
+    with data, size error) per matched onset; truth: (kind, size / base MNF) per onset.
     """
 
     onsets: int
@@ -188,6 +189,8 @@ class LeakScore:
     delays: list[tuple[str, int]]
     data_delays: list[tuple[str, int]]
     size_errors: list[tuple[str, float]]
+    matched: list[tuple[str, float, int, float]] = field(default_factory=list)
+    truth: list[tuple[str, float]] = field(default_factory=list)
 
 
 def score_events(
@@ -231,6 +234,7 @@ def score_events(
     data_delays: list[tuple[str, int]] = []
     observed = np.cumsum(year.series["nnf_m3h"].is_not_null().to_numpy())
     in_time = 0
+    matched: list[tuple[str, float, int, float]] = []
     for _, li, ei in sorted(pairs):
         if li in used_l or ei in used_e:
             continue
@@ -243,6 +247,8 @@ def score_events(
         seen = int(observed[alarm] - (observed[leak.onset - 1] if leak.onset > 0 else 0)) - 1
         data_delays.append((leak.kind, max(seen, 0) if alarm >= leak.onset else delay))
         errors.append((leak.kind, abs(ev[ei][2] - leak.size_m3h) / leak.size_m3h))
+        rel = leak.size_m3h / year.base_mnf_m3h
+        matched.append((leak.kind, rel, data_delays[-1][1], errors[-1][1]))
         if data_delays[-1][1] <= (ramp_delay if leak.kind == "ramp" else step_delay):
             in_time += 1
     return LeakScore(
@@ -255,4 +261,6 @@ def score_events(
         delays=delays,
         data_delays=data_delays,
         size_errors=errors,
+        matched=matched,
+        truth=[(leak.kind, leak.size_m3h / year.base_mnf_m3h) for leak in year.leaks],
     )
