@@ -222,3 +222,84 @@ def test_round_trip(meter: int, litres: int, acc: int, encrypted: bool, crc: boo
     (up,) = wmbus.decode_wmbus(tg, keys=ring)
     assert up.device == f"serial:{meter_id}" and up.channel == "register" and up.unit == "m3"
     assert up.values == [pytest.approx(litres / 1000, abs=1e-9)]
+
+
+WMBUS_REGISTRY = """
+[[dma]]
+id = "DMA-EU"
+
+[[vendor]]
+id = "wmbus-water"
+payload = "json"  # "wmbus-hex" once aquameter/registry.py's PayloadFormat lists it
+  [[vendor.channel]]
+  name = "register"
+  quantity = "volume"
+  unit = "m3"
+  kind = "register"
+
+[[device]]
+id = "WM-1"
+vendor = "wmbus-water"
+dma = "DMA-EU"
+serial = 12345678
+"""
+
+
+def test_gateway_message_into_the_database(
+    empty_db_url: str, tmp_path: Path, keyring: None
+) -> None:
+    """A gateway's message of three telegrams through the real pipeline: the keyed one is
+    stored, the one for a meter without a key is DECRYPT_FAILED, the unknown meter
+    UNKNOWN_DEVICE; the key is nowhere in the database."""
+    import threading
+
+    import psycopg
+
+    from aquameter.registry import load_registry
+    from ingest.pipeline import IngestPipeline
+    from ingest.registry_sync import sync_registry
+    from protocols.uplink import Frame, FrameOutcome
+    from sql.migrate import migrate
+
+    path = tmp_path / "registry.toml"
+    path.write_text(WMBUS_REGISTRY)
+    with psycopg.connect(empty_db_url) as conn:
+        migrate(conn, partitions_ahead=1)
+        sync_registry(conn, load_registry(path))
+        conn.commit()
+    key = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
+    wmbus.set_keyring(KeyRing({"12345678": key}, from_env=False))
+    message = b"\n".join(
+        t.hex().encode()
+        for t in (
+            encode_wmbus("12345678", 42.125, key=key, crc=True),
+            encode_wmbus("55555555", 1.0, key=bytes(16)),
+            encode_wmbus("77777777", 2.0),
+        )
+    )
+    pipeline = IngestPipeline(empty_db_url, batch_seconds=0.05).start()
+    done = threading.Event()
+    outcomes: list[FrameOutcome] = []
+
+    def on_durable(outcome: FrameOutcome) -> None:
+        outcomes.append(outcome)
+        done.set()
+
+    try:
+        for part in message.split(b"\n"):  # a gateway publishing one telegram per message
+            done.clear()
+            frame = Frame(source="mqtt", address="gw", payload=part, payload_format="wmbus-hex")
+            pipeline.submit(frame, on_durable)
+            assert done.wait(60)
+    finally:
+        pipeline.close()
+    with psycopg.connect(empty_db_url) as conn:
+        got = conn.execute(
+            "SELECT c.device_id, c.name, r.value FROM readings r JOIN channels c "
+            "ON c.id = r.channel_id"
+        ).fetchall()
+        rows = conn.execute("SELECT reason, detail FROM quarantine ORDER BY id").fetchall()
+    assert [(d, n, float(v)) for d, n, v in got] == [("WM-1", "register", 42.125)]
+    assert [r for r, _ in rows] == ["DECRYPT_FAILED", "UNKNOWN_DEVICE"]
+    assert all(key.hex() not in (d or "").lower() for _, d in rows)
+    assert [o.accepted for o in outcomes] == [1, 0, 0]
