@@ -13,24 +13,54 @@ on a noisier DMA). Asserts the row counts it scored (every seed, every onset).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dma.leak_events import LeakEventParams, leak_events  # noqa: E402
+from dma.leak_detection import night_flow_rise_alerts  # noqa: E402
+from dma.leak_events import LEAK_EVENTS, LeakEventParams, leak_events  # noqa: E402
 from simulators.dma_year import DmaYearParams, LeakScore, score_events, simulate_dma_year  # noqa: E402
 
 
-def run(seeds: list[int], sim: DmaYearParams) -> list[LeakScore]:
-    """Score every seed's year; the detector is told the year's holidays."""
+def single_episode_events(series: pl.DataFrame) -> pl.DataFrame:
+    """The earlier detector (``dma.leak_detection``, one alarm state per DMA) as events: each
+    episode's change-point night, alarm night and estimated rise, so both are scored alike."""
+    frame = series.with_columns(
+        pl.col("night_date")
+        .cast(pl.Datetime("us"))
+        .dt.replace_time_zone("UTC")
+        .alias("mnf_start_ts")
+    )
+    rows = []
+    for a in night_flow_rise_alerts(frame).iter_rows(named=True):
+        ev = json.loads(a["evidence"])
+        rows.append(
+            {
+                "onset_night": date.fromisoformat(ev["start_night"]),
+                "alarm_night": date.fromisoformat(ev["alarm_night"]),
+                "size_m3h": float(ev["estimated_rise_m3h"]),
+            }
+        )
+    schema = {k: LEAK_EVENTS[k] for k in ("onset_night", "alarm_night", "size_m3h")}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def run(seeds: list[int], sim: DmaYearParams, detector: str = "events") -> list[LeakScore]:
+    """Score every seed's year; the event detector is told the year's holidays."""
     scores = []
     for s in seeds:
         year = simulate_dma_year(s, sim)
-        events = leak_events(year.series, LeakEventParams(holidays=year.holidays))
+        if detector == "events":
+            events = leak_events(year.series, LeakEventParams(holidays=year.holidays))
+        else:
+            events = single_episode_events(year.series)
         scores.append(score_events(events, year))
     return scores
 
@@ -115,6 +145,9 @@ def main() -> None:
         assert sum(s.onsets for s in scores) == a.seeds * sim.leaks
         print(summary(label, scores))
         tables.append((label, scores))
+    baseline = run(seeds, base, detector="single-episode")
+    assert len(baseline) == a.seeds
+    print(summary("default, single-episode CUSUM (dma.leak_detection)", baseline))
     print()
     print(
         "| simulation | kind | size (of base MNF) | onsets | detected | in time"
