@@ -194,7 +194,7 @@ def test_targets_over_simulated_dma_years() -> None:
     abrupt ones within 2 nights and ramps within 7, ≤ 1 false alarm per DMA-year, size within
     15 %. Measured on these seeds (``bench/leak_events.py --first 0 --seeds 20``): 89.5 %
     detected, 80.2 % in time (nights with data), 0.85 false alarms and 1.05 duplicate events per
-    DMA-year, median size error 6.9 %, 74 % of sizes within 15 %. The asserts hold that level
+    DMA-year, median size error 5.4 %, 75 % of sizes within 15 %. The asserts hold that level
     with a small margin, so a change that loses ground fails; BENCHMARKS.md states the gaps."""
     scores = []
     for seed in SEEDS:
