@@ -122,6 +122,7 @@ def test_all_protocols_delivered_and_nothing_quarantined(
     assert summary["ingest"]["quarantined"] == {}
     assert summary["imported"]["quarantined"] == 0
     assert summary["live"]["coap_responses"] == {"2.04 Changed": summary["live"]["coap_uplinks"]}
+    assert summary["live"]["unacknowledged"] == 0  # every live MQTT message stored before flows
     with psycopg.connect(url) as conn:
         by_role: dict[str, int] = dict(
             conn.execute(
