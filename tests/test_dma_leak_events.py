@@ -263,3 +263,30 @@ def test_flow_writes_events_and_their_alerts_idempotently(leak_db: str) -> None:
     assert [(r[0], r[1]) for r in rows] == [(1, "confirmed"), (2, "closed")]
     assert rows[0][2] == pytest.approx(1.5, abs=0.15) and rows[1][3] == weekdays(71)[70]
     assert [(a[0], a[1]) for a in alerts] == [("open", "confirmed"), ("closed", "closed")]
+
+
+def test_the_analytics_role_rewrites_leak_events(leak_db: str) -> None:
+    """Migration 0010 grants the table to aquameter_analytics, the role flows run as."""
+    from flows.store import replace_keyed
+
+    events = leak_events(
+        pl.DataFrame(
+            {
+                "dma_id": ["DMA-LEAKS"] * 60,
+                "night_date": weekdays(60),
+                "nnf_m3h": series(60, (30, 2.0)),
+            }
+        )
+    )
+    with psycopg.connect(leak_db) as conn, conn.cursor() as cur:
+        cur.execute("SET ROLE aquameter_analytics")
+        for _ in range(2):
+            deleted, inserted = replace_keyed(
+                cur, "leak_events", {"dma_id": ["DMA-LEAKS"]}, {"dma_id": "text"}, events
+            )
+        assert (deleted, inserted) == (1, 1)
+        cur.execute("SELECT size_m3h FROM leak_events WHERE dma_id = 'DMA-LEAKS'")
+        assert cur.fetchone()[0] == pytest.approx(2.0, abs=0.1)  # type: ignore[index]
+        cur.execute("SET ROLE aquameter_ingest")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            cur.execute("DELETE FROM leak_events")
