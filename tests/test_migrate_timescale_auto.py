@@ -3,7 +3,7 @@
 ``timescale=auto`` migrates as plain PostgreSQL and warns once with the fix; ``timescale=on``
 fails with the fix. The decision itself is tested without a server; the server tests need a
 PostgreSQL that lists timescaledb in ``pg_available_extensions`` without preloading it (what
-``/work/shared/vendor/timescaledb/build.sh`` leaves on a machine whose server was not restarted
+the TimescaleDB build of ``.ci/run`` leaves on a machine whose server was not restarted
 with ``shared_preload_libraries=timescaledb``) and skip, saying why, anywhere else.
 """
 
@@ -15,6 +15,10 @@ import psycopg
 import pytest
 
 from sql import migrate as mig
+
+# Its server half needs the extension installed and *not* loaded: the plain server of the
+# tests, never the TimescaleDB one (conftest's ``backend`` param), which preloads it.
+pytestmark = pytest.mark.only_backend("plain")
 
 WARNING = (
     "TimescaleDB is installed but not loaded: add timescaledb to shared_preload_libraries and "
@@ -67,7 +71,7 @@ def installed_not_loaded(empty_db_url: str) -> str:
     if not available:
         pytest.skip(
             "timescaledb is not in this server's pg_available_extensions (not installed): "
-            "build it with /work/shared/vendor/timescaledb/build.sh to run this test"
+            "install it into this server's PostgreSQL (.ci/run builds it) to run this test"
         )
     if loaded:
         pytest.skip("this server preloads timescaledb; the test needs it installed, not loaded")

@@ -2,8 +2,8 @@
 it, named by ``AQUAMETER_TIMESCALE_URL``.
 
 ``.ci/timescale-cluster start`` makes one on this machine (its own data directory and port; it
-never touches the 5432 cluster) once TimescaleDB is installed (``.ci/run`` builds it from
-``../shared/vendor/timescaledb``). Without the variable, or when the server named does not load
+never touches the 5432 cluster) once TimescaleDB is installed into PostgreSQL 15 (``.ci/run``
+builds it from the vendored source). Without the variable, or when the server named does not load
 TimescaleDB, every TimescaleDB test skips with :data:`SKIP_REASON` or the reason found.
 """
 
@@ -22,7 +22,7 @@ from tests.servers import DatabaseFactory, with_database
 URL_ENV = "AQUAMETER_TIMESCALE_URL"
 SKIP_REASON = (
     f"no TimescaleDB server: set {URL_ENV} or run .ci/timescale-cluster start "
-    "(after ../shared/vendor/timescaledb/build.sh)"
+    "(with TimescaleDB installed into PostgreSQL 15, as .ci/run does)"
 )
 
 
