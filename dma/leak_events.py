@@ -188,7 +188,7 @@ class _Cusum:
 def detect_leak_events(
     values: np.ndarray, nights: Sequence[date], params: LeakEventParams | None = None
 ) -> list[LeakEvent]:
-    """Walk one DMA's nightly series (NaN = no value) and return its events in onset order.
+    """Walk one DMA's nightly series (NaN or ±inf = no value) and return its events in onset order.
 
     Why a walk and not a batch fit: each decision uses only nights up to that night, so the
     alarm night is what a daily run would have reported, and a rerun over the same history
@@ -212,7 +212,7 @@ def detect_leak_events(
     seen = 0
     for i in range(len(x)):
         xi = float(x[i])
-        if math.isnan(xi):
+        if not math.isfinite(xi):
             continue
         g = weekend[i]
         prev = last[g]
@@ -432,7 +432,7 @@ def _update_current(
 def leak_events(series: pl.DataFrame, params: LeakEventParams | None = None) -> pl.DataFrame:
     """The ``LEAK_EVENTS`` frame of every DMA in ``series`` (``dma_id, night_date, nnf_m3h``).
 
-    Nights with a null or NaN value are skipped, not read as zero; a DMA with fewer than
+    Nights with a null, NaN or infinite value are skipped, not read as zero; a DMA with fewer than
     ``min_nights`` values has no events. ``event_no`` counts a DMA's events from 1 in onset order,
     so (dma_id, onset_night) and (dma_id, event_no) both identify an event.
     """

@@ -147,6 +147,8 @@ def test_bad_input_never_crashes() -> None:
     values[10] = None
     values[11] = float("nan")
     values[26] = None
+    values[5] = float("inf")
+    values[6] = float("-inf")
     f = frame(values)
     ev = leak_events(pl.concat([f, f.reverse()]))  # duplicated and unsorted nights
     assert ev.height == 1 and index(ev.row(0, named=True), "onset_night") == 25
