@@ -13,8 +13,12 @@ Layers, in order:
   (id, manufacturer, version, type of the metering device, then the same), 0x78 none.
 * security mode 5 (AES-128-CBC, IV = manufacturer + address + 8 x ACC, of the long header when
   there is one): the decrypted part must start with 2F2F, else DECRYPT_FAILED (wrong key, or
-  none). Mode 7 (AES-CBC with a CMAC-derived key) and other modes are UNSUPPORTED_FORMAT: not
-  verified here against an independent decoder.
+  none).
+* security mode 7 (OMS): behind an AFL (CI 0x90) with message counter and AES-CMAC; keys
+  Kenc/Kmac derived from the meter key by AES-CMAC (KDF 1), IV zero. The AFL MAC is checked
+  before decrypting (mismatch: DECRYPT_FAILED), then 2F2F. Verified by having wmbusmeters read
+  telegrams made here (no published mode 7 telegram with its key was found). Other modes and
+  fragmented messages are UNSUPPORTED_FORMAT.
 * DIF/VIF data records: volume (every VIF scale 10^-6..10^1 m3, and 0xFB 10^2/10^3 m3), volume
   flow (m3/h, m3/min, m3/s), date (type G) and date/time (type F), error flags (0xFD 0x17).
 
@@ -397,8 +401,68 @@ def _decrypt_mode5(key: bytes, iv: bytes, blob: bytes, device: str) -> bytes:
     return plain
 
 
+@dataclass(slots=True)
+class _Afl:
+    """What an authentication and fragmentation layer (CI 90H) holds that mode 7 needs."""
+
+    mcl: int = 0
+    counter: bytes | None = None
+    mac: bytes = b""
+
+
+_MAC_LENGTHS = {3: 2, 4: 4, 5: 8, 6: 12, 7: 16}  # AFL.MCL authentication type -> AES-CMAC bytes
+
+
+def _afl(tg: bytes, device: str) -> tuple[_Afl, int]:
+    """The AFL at byte 10 and the offset of the CI field after it (no fragmented messages)."""
+    if len(tg) < 14:
+        raise _fail(MALFORMED, "wM-Bus AFL header cut", device)
+    end = 12 + tg[11]
+    if tg[11] < 2 or end >= len(tg):
+        raise _fail(MALFORMED, f"wM-Bus AFL length {tg[11]}", device)
+    (fc,) = struct.unpack_from("<H", tg, 12)
+    if fc & 0x4000 or fc & 0x00FF:
+        raise _fail(UNSUPPORTED_FORMAT, "fragmented wM-Bus message (AFL)", device)
+    afl, p = _Afl(), 14
+    if fc & 0x2000:
+        afl.mcl, p = tg[p], p + 1
+    if fc & 0x0200:
+        p += 2
+    if fc & 0x0800:
+        afl.counter, p = tg[p : p + 4], p + 4
+    if fc & 0x0400:
+        size = _MAC_LENGTHS.get(afl.mcl & 0x0F)
+        if size is None:
+            raise _fail(UNSUPPORTED_FORMAT, f"wM-Bus AFL authentication {afl.mcl & 15}", device)
+        afl.mac, p = tg[p : p + size], p + size
+    if p > end:
+        raise _fail(MALFORMED, f"wM-Bus AFL fields need {p - 12} bytes, length is {tg[11]}", device)
+    return afl, end
+
+
+def _kdf(key: bytes, constant: int, counter: bytes, ident: bytes) -> bytes:
+    """OMS mode 7 ephemeral key: AES-CMAC(K, DC || counter || id || 07 x 7); DC 00 encryption,
+    01 MAC, both from the meter."""
+    from cryptography.hazmat.primitives.ciphers import algorithms
+    from cryptography.hazmat.primitives.cmac import CMAC
+
+    mac = CMAC(algorithms.AES(key))
+    mac.update(bytes([constant]) + counter + ident + b"\x07" * 7)
+    return mac.finalize()
+
+
+def _afl_mac(kmac: bytes, afl: _Afl, rest: bytes) -> bytes:
+    """AFL.MAC = AES-CMAC(Kmac, MCL || MCR || next CI ... last byte), full 16 bytes."""
+    from cryptography.hazmat.primitives.ciphers import algorithms
+    from cryptography.hazmat.primitives.cmac import CMAC
+
+    mac = CMAC(algorithms.AES(kmac))
+    mac.update(bytes([afl.mcl]) + (afl.counter or b"") + rest)
+    return mac.finalize()
+
+
 def parse_telegram(tg: bytes, keys: KeyRing | None = None) -> Telegram:
-    """A telegram without CRCs, parsed and (mode 5) decrypted with its meter's key."""
+    """A telegram without CRCs, parsed and (modes 5 and 7) decrypted with its meter's key."""
     keys = keys or _default_keyring
     if len(tg) < 11 or tg[0] != len(tg) - 1:
         raise _fail(MALFORMED, f"wM-Bus L field {tg[0] if tg else 0} for {len(tg)} bytes")
@@ -410,23 +474,32 @@ def parse_telegram(tg: bytes, keys: KeyRing | None = None) -> Telegram:
         device_type=tg[9],
         ci=tg[10],
     )
-    iv_head = tg[2:10]
+    iv_head, ident = tg[2:10], tg[4:8]
+    afl: _Afl | None = None
+    o = 10
+    if t.ci == 0x90:
+        afl, o = _afl(tg, f"serial:{t.meter_id}")
+        t.ci = tg[o]
+    tpl_start = o
     if t.ci == 0x7A:
-        if len(tg) < 15:
+        if len(tg) < o + 5:
             raise _fail(MALFORMED, "wM-Bus short header cut", f"serial:{t.meter_id}")
-        t.access_number, t.status, cw = tg[11], tg[12], struct.unpack_from("<H", tg, 13)[0]
-        body = tg[15:]
+        t.access_number, t.status = tg[o + 1], tg[o + 2]
+        (cw,) = struct.unpack_from("<H", tg, o + 3)
+        o += 5
     elif t.ci == 0x72:
-        if len(tg) < 23:
+        if len(tg) < o + 13:
             raise _fail(MALFORMED, "wM-Bus long header cut", f"serial:{t.meter_id}")
-        t.meter_id = _bcd_id(tg[11:15])
-        (m2,) = struct.unpack_from("<H", tg, 15)
-        t.manufacturer, t.version, t.device_type = manufacturer_code(m2), tg[17], tg[18]
-        t.access_number, t.status, cw = tg[19], tg[20], struct.unpack_from("<H", tg, 21)[0]
-        iv_head = tg[15:17] + tg[11:15] + tg[17:19]
-        body = tg[23:]
+        ident = tg[o + 1 : o + 5]
+        t.meter_id = _bcd_id(ident)
+        (m2,) = struct.unpack_from("<H", tg, o + 5)
+        t.manufacturer, t.version, t.device_type = manufacturer_code(m2), tg[o + 7], tg[o + 8]
+        t.access_number, t.status = tg[o + 9], tg[o + 10]
+        (cw,) = struct.unpack_from("<H", tg, o + 11)
+        iv_head = tg[o + 5 : o + 7] + ident + tg[o + 7 : o + 9]
+        o += 13
     elif t.ci == 0x78:
-        cw, body = 0, tg[11:]
+        cw, o = 0, o + 1
     else:
         raise _fail(
             UNSUPPORTED_FORMAT,
@@ -437,18 +510,38 @@ def parse_telegram(tg: bytes, keys: KeyRing | None = None) -> Telegram:
     if not t.meter_id.isdigit():
         raise _fail(MALFORMED, f"wM-Bus id {t.meter_id} is not BCD", device)
     t.security_mode = (cw >> 8) & 0x1F
-    if t.security_mode == 5:
+    if t.security_mode == 7:  # configuration field extension byte (KDF selection)
+        if o >= len(tg) or (tg[o] >> 4) & 3 != 1 or afl is None or afl.counter is None:
+            raise _fail(
+                UNSUPPORTED_FORMAT, "wM-Bus mode 7 without KDF 1 or AFL message counter", device
+            )
+        if not afl.mac:
+            raise _fail(UNSUPPORTED_FORMAT, "wM-Bus mode 7 without an AFL MAC", device)
+        o += 1
+    body = tg[o:]
+    if t.security_mode in (5, 7):
         blocks = (cw >> 4) & 0x0F
         size = 16 * blocks if blocks else len(body) - len(body) % 16
         if size == 0 or size > len(body):
-            raise _fail(MALFORMED, f"wM-Bus mode 5: {blocks} blocks in {len(body)} bytes", device)
+            raise _fail(
+                MALFORMED,
+                f"wM-Bus mode {t.security_mode}: {blocks} blocks in {len(body)} bytes",
+                device,
+            )
         try:
             key = keys.key_for(t.meter_id)
         except SecretError as err:
             raise _fail(DECRYPT_FAILED, f"key of {t.meter_id}: {err}", device) from None
         if key is None:
             raise _fail(DECRYPT_FAILED, f"no key for encrypted meter {t.meter_id}", device)
-        iv = iv_head + bytes([t.access_number]) * 8
+        if t.security_mode == 5:
+            iv = iv_head + bytes([t.access_number]) * 8
+        else:
+            assert afl is not None and afl.counter is not None  # checked above
+            kmac = _kdf(key, 0x01, afl.counter, ident)
+            if _afl_mac(kmac, afl, tg[tpl_start:])[: len(afl.mac)] != afl.mac:
+                raise _fail(DECRYPT_FAILED, "AFL MAC does not match (wrong key?)", device)
+            key, iv = _kdf(key, 0x00, afl.counter, ident), bytes(16)
         body = _decrypt_mode5(key, iv, body[:size], device) + body[size:]
     elif t.security_mode != 0:
         raise _fail(
@@ -535,29 +628,45 @@ def encode_wmbus(
     access_number: int = 0,
     status: int = 0,
     key: bytes | None = None,
+    mode: int = 5,
+    counter: int = 0,
     crc: bool = False,
 ) -> bytes:
-    """A water meter telegram (CI 0x7A) with the volume in litres (VIF 0x13), mode 5 when a key
-    is given; for the fleet simulator and round-trip tests."""
+    """A water meter telegram (CI 0x7A) with the volume in litres (VIF 0x13); encrypted when a
+    key is given: mode 5, or mode 7 (behind an AFL with ``counter`` and an 8-byte CMAC, KDF 1).
+
+    Why: the fleet simulator and the round-trip tests need telegrams as meters send them, and
+    mode 7 can only be checked by having an independent decoder (wmbusmeters) read ours.
+    """
     m = 0
     for ch in manufacturer:
         m = (m << 5) | (ord(ch) - 64)
-    head = (
-        struct.pack("<BH", 0x44, m) + bytes.fromhex(meter_id)[::-1] + bytes([version, device_type])
-    )
+    ident = bytes.fromhex(meter_id)[::-1]
+    head = struct.pack("<BH", 0x44, m) + ident + bytes([version, device_type])
     records = b"\x04\x13" + struct.pack("<i", round(volume_m3 * 1000))
+    afl, ext = b"", b""
+    kmac = mcr = b""
     if key is not None:
-        plain = b"\x2f\x2f" + records
-        plain += b"\x2f" * (-len(plain) % 16)
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-        iv = head[1:9] + bytes([access_number]) * 8
+        plain = b"\x2f\x2f" + records
+        plain += b"\x2f" * (-len(plain) % 16)
+        if mode == 7:
+            mcr = struct.pack("<I", counter)
+            kmac, key = _kdf(key, 0x01, mcr, ident), _kdf(key, 0x00, mcr, ident)
+            iv, ext = bytes(16), b"\x10"
+        else:
+            iv = head[1:9] + bytes([access_number]) * 8
         enc = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
         body = enc.update(plain) + enc.finalize()
-        cw = (5 << 8) | ((len(plain) // 16) << 4)
+        cw = (mode << 8) | ((len(plain) // 16) << 4)
     else:
         body, cw = records, 0
-    tpl = bytes([0x7A, access_number, status]) + struct.pack("<H", cw)
-    tg = head + tpl + body
+    tpl = bytes([0x7A, access_number, status]) + struct.pack("<H", cw) + ext
+    if key is not None and mode == 7:
+        mcl = 0x25  # message counter present, AES-CMAC-128 truncated to 8 bytes
+        mac = _afl_mac(kmac, _Afl(mcl, mcr), tpl + body)[:8]
+        afl = bytes([0x90, 15]) + struct.pack("<H", 0x2C00) + bytes([mcl]) + mcr + mac
+    tg = head + afl + tpl + body
     tg = bytes([len(tg)]) + tg
     return add_crcs(tg) if crc else tg
