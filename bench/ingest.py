@@ -5,13 +5,25 @@
     and once with 2 worker processes on an MQTT v5 shared subscription (``ingest.workers``, what
     ``aquameter ingest --mqtt-workers 2`` runs);
 (b) the limit: a plain psycopg binary ``COPY`` of the same rows into the same table;
-(c) the baseline users would write: a paho callback doing one INSERT per reading (autocommit).
+(c) the baseline users would write: a paho callback doing one INSERT per reading (autocommit);
+(d) the backends side by side on one TimescaleDB server (``AQUAMETER_TIMESCALE_URL``, e.g. from
+    ``.ci/timescale-cluster start``): plain PostgreSQL's weekly partitions (``timescale=off``), the
+    hypertable, and the hypertable with its chunks compressed. A month of 15-minute register reads
+    of the estate's 2,400 simulated meters (``simulators.fleet``) is loaded through the ingest
+    writer (``BatchWriter``, 20,000-row batches in time order, as live traffic), then late reads
+    (1 % redelivered, 1 % new between stored ones) go into the month — into compressed chunks in
+    the third variant — and one month of daily consumption per meter is read through
+    ``aq_bucket``; the hourly and daily rollups of the month are refreshed once after the load
+    (``sql.rollups.refresh_rollups``: continuous aggregates, or plain's own tables). Reported:
+    rows/s and ratios against the partitions, bytes per reading, and the compression ratio. The
+    same server and settings hold all three databases, so only the schema differs.
 
 The broker is a private mosquitto (unlimited queue) and each variant starts from an empty readings
 table with the same indexes. Each (a) clock starts when the subscriber(s) begin to connect, their
 pipelines and channel index already loaded (the workers wait at a start gate for that, so process
 start-up is not counted), and stops when the committed count reaches the total (the workers
-report their counters every 10 ms). Run: ``.venv/bin/python bench/ingest.py [--quick]``.
+report their counters every 10 ms). Run: ``.venv/bin/python bench/ingest.py [--quick]
+[--backends-only]``.
 """
 
 from __future__ import annotations
@@ -33,24 +45,32 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
+import polars as pl
 import psycopg
 from rich.console import Console
 from rich.table import Table
 
 from aquameter.embedded import start_broker
-from aquameter.registry import Device, Meter, Registry
+from aquameter.registry import Device, Meter, Registry, load_registry
 from aquameter.settings import Settings
 from ingest.pipeline import IngestPipeline
 from ingest.registry_sync import sync_registry
 from ingest.workers import MqttWorkers, worker_client_id
+from ingest.writer import Batch, BatchWriter
 from protocols.mqtt import MqttIngest, uplink_topic
+from simulators.fleet import simulate_fleet
 from sql.migrate import migrate
+from sql.rollups import refresh_rollups
 from tests.mqtt_helpers import create_session
+from tests.servers import ROOT as REPO
 from tests.servers import DatabaseFactory, server_url
+from tests.timescale_server import TimescaleUnavailable, drop_database, fresh_database
+from tests.timescale_server import server_url as timescale_server_url
 
 ROOT = "aquameter/v1"
-console = Console()
+console = Console(width=150)
 
 
 def registry(n_meters: int) -> Registry:
@@ -202,7 +222,7 @@ def run_copy(db: str, msgs: list[tuple[str, bytes]], n: int) -> float:
     """psycopg's binary COPY of the same rows (prebuilt tuples) into the same table."""
     reset(db)
     with psycopg.connect(db) as conn:
-        ids = dict(conn.execute("SELECT device_id, id FROM channels").fetchall())
+        ids: dict[str, int] = dict(conn.execute("SELECT device_id, id FROM channels").fetchall())
         rows = []
         for _, payload in msgs:
             b = json.loads(payload)
@@ -231,7 +251,7 @@ def run_naive(broker_url: str, db: str, msgs: list[tuple[str, bytes]], n: int) -
     create_session(broker_url, cid, [f"{ROOT}/+/+/up"])
     preload(int(broker_url.rsplit(":", 1)[1]), msgs)
     conn = psycopg.connect(db, autocommit=True)
-    ids = dict(conn.execute("SELECT device_id, id FROM channels").fetchall())
+    ids: dict[str, int] = dict(conn.execute("SELECT device_id, id FROM channels").fetchall())
     stored = [0]
 
     def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
@@ -266,10 +286,190 @@ def run_naive(broker_url: str, db: str, msgs: list[tuple[str, bytes]], n: int) -
     return n / elapsed
 
 
+BACKENDS = (
+    ("weekly partitions (plain)", "off", False),
+    ("hypertable", "on", False),
+    ("hypertable, compressed", "on", True),
+)
+BATCH_ROWS = 20_000
+
+
+def month_of_reads(quick: bool) -> tuple[Registry, pl.DataFrame]:
+    """15-minute register reads: the estate's 2,400 meters for 30 days (quick: the example
+    registry's 100 meters for 7 days), sorted by time as live traffic arrives."""
+    registry = load_registry(REPO / "examples" / ("registry.toml" if quick else "estate.toml"))
+    fleet = simulate_fleet(registry, datetime(2026, 1, 5, tzinfo=UTC), 7 if quick else 30)
+    return registry, fleet.reads.sort("ts", "meter_id")
+
+
+def as_batches(reads: pl.DataFrame, ids: dict[str, int]) -> list[Batch]:
+    ch = reads["meter_id"].replace_strict(ids, return_dtype=pl.Int32).to_list()
+    ts = (reads["ts"].dt.epoch("us") / 1e6).to_list()
+    values = reads["register"].to_list()
+    quality = reads["quality"].to_list()
+    return [
+        Batch(
+            channel_ids=ch[i : i + BATCH_ROWS],
+            ts=ts[i : i + BATCH_ROWS],
+            values=values[i : i + BATCH_ROWS],
+            quality=quality[i : i + BATCH_ROWS],
+        )
+        for i in range(0, len(ch), BATCH_ROWS)
+    ]
+
+
+def late_reads(reads: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """1 % of the month redelivered unchanged and 1 % new reads 7.5 minutes after stored ones,
+    spread over the month: (the frame, how many of it are new)."""
+    rng = np.random.default_rng(12)
+    pick = rng.choice(reads.height, size=(2, max(1, reads.height // 100)), replace=False)
+    again = reads[pick[0]]
+    new = reads[pick[1]].with_columns(pl.col("ts") + pl.duration(seconds=450))
+    return pl.concat([again, new]).sort("ts", "meter_id"), new.height
+
+
+def write_all(url: str, batches: list[Batch]) -> tuple[float, int, int]:
+    """Write ``batches`` through the ingest writer, one commit each: (seconds, inserted, dups)."""
+    inserted = duplicates = 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        writer = BatchWriter(conn)
+        t = time.perf_counter()
+        for b in batches:
+            r = writer.write(b)
+            inserted += r.inserted
+            duplicates += r.duplicates
+        elapsed = time.perf_counter() - t
+    return elapsed, inserted, duplicates
+
+
+def readings_bytes(conn: psycopg.Connection, hypertable: bool) -> int:
+    query = (
+        "SELECT hypertable_size('readings')"
+        if hypertable
+        else "SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('readings')"
+    )
+    row = conn.execute(query).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def run_backend(
+    server: str, mode: str, compress: bool, registry: Registry, reads: pl.DataFrame
+) -> dict[str, float]:
+    """One variant of (d) in a database of its own on ``server``."""
+    url, name = fresh_database(server)
+    try:
+        with psycopg.connect(url) as conn:
+            result = migrate(conn, timescale=mode, partitions_ahead=1)
+            assert result.backend == ("timescale" if mode == "on" else "plain")
+            sync_registry(conn, registry)
+            conn.commit()
+            ids: dict[str, int] = dict(
+                conn.execute(
+                    "SELECT meter_id, id FROM channels WHERE kind = 'register' "
+                    "AND meter_id IS NOT NULL"
+                ).fetchall()
+            )
+        out: dict[str, float] = {}
+        load_s, inserted, _ = write_all(url, as_batches(reads, ids))
+        assert inserted == reads.height, (inserted, reads.height)
+        out["load"] = reads.height / load_s
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE readings")
+            out["bytes"] = readings_bytes(conn, mode == "on")
+            t = time.perf_counter()
+            refresh_rollups(conn)  # the whole month: hourly then daily rollups
+            out["refresh"] = reads.height / (time.perf_counter() - t)
+            hours = conn.execute("SELECT count(*) FROM readings_hourly").fetchone()
+            assert hours is not None and hours[0] >= reads.height // 4 * 0.9, hours
+            if compress:
+                (job,) = conn.execute(
+                    "SELECT job_id FROM timescaledb_information.jobs "
+                    "WHERE proc_name = 'policy_compression' AND hypertable_name = 'readings'"
+                ).fetchone() or (None,)
+                t = time.perf_counter()
+                conn.execute("CALL run_job(%s)", (job,))
+                out["compress"] = reads.height / (time.perf_counter() - t)
+                before, after = conn.execute(
+                    "SELECT sum(before_compression_total_bytes), "
+                    "sum(after_compression_total_bytes) FROM hypertable_compression_stats("
+                    "'readings')"
+                ).fetchone() or (0, 0)
+                out["ratio"] = float(before) / float(after)
+                out["bytes"] = readings_bytes(conn, True)
+                chunks = conn.execute(
+                    "SELECT count(*), count(*) FILTER (WHERE is_compressed) "
+                    "FROM timescaledb_information.chunks WHERE hypertable_name = 'readings'"
+                ).fetchone()
+                assert chunks is not None and chunks[0] == chunks[1] > 0, chunks
+        late, n_new = late_reads(reads)
+        late_s, inserted, duplicates = write_all(url, as_batches(late, ids))
+        assert (inserted, duplicates) == (n_new, late.height - n_new), (inserted, duplicates)
+        out["late"] = late.height / late_s
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert count(url) == reads.height + n_new
+            t = time.perf_counter()
+            rows = conn.execute(
+                "SELECT channel_id, aq_bucket('1 day', ts) AS day, max(value) - min(value) "
+                "FROM readings GROUP BY 1, 2"
+            ).fetchall()
+            out["query"] = reads.height / (time.perf_counter() - t)
+            assert len(rows) >= len(ids)
+        out["rows"] = reads.height
+        return out
+    finally:
+        drop_database(server, name)
+
+
+def run_backends(quick: bool) -> None:
+    """(d): the three variants side by side, printed as one table with ratios."""
+    try:
+        server = timescale_server_url()
+    except TimescaleUnavailable as err:
+        console.print(f"(d) backends skipped: {err}")
+        return
+    registry, reads = month_of_reads(quick)
+    console.print(
+        f"(d) backends: {reads.height:,} reads of {reads['meter_id'].n_unique():,} meters"
+    )
+    results = {}
+    for label, mode, compress in BACKENDS:
+        console.print(f"(d) {label}")
+        results[label] = run_backend(server, mode, compress, registry, reads)
+    base = results[BACKENDS[0][0]]
+    table = Table(
+        "backend",
+        "load rows/s",
+        "late rows/s",
+        "rollup refresh rows/s",
+        "aq_bucket daily query rows/s",
+        "bytes/reading",
+        title=f"(d) backends, {reads.height:,} 15-minute reads (ratios vs partitions)",
+    )
+    for label, r in results.items():
+        table.add_row(
+            label,
+            f"{r['load']:,.0f} ({r['load'] / base['load']:.2f}×)",
+            f"{r['late']:,.0f} ({r['late'] / base['late']:.2f}×)",
+            f"{r['refresh']:,.0f} ({r['refresh'] / base['refresh']:.2f}×)",
+            f"{r['query']:,.0f} ({r['query'] / base['query']:.2f}×)",
+            f"{r['bytes'] / r['rows']:.1f} ({r['bytes'] / base['bytes']:.2f}×)",
+        )
+    console.print(table)
+    compressed = results[BACKENDS[2][0]]
+    console.print(
+        f"compression: {compressed['ratio']:.1f}× (hypertable_compression_stats), "
+        f"compress job {compressed['compress']:,.0f} rows/s"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller volumes (CI smoke run)")
+    ap.add_argument("--backends-only", action="store_true", help="only (d), the backends")
     args = ap.parse_args()
+    if args.backends_only:
+        run_backends(args.quick)
+        return
     scale = 0.1 if args.quick else 1.0
     n_meters = 1000
     t0 = int(datetime(2026, 1, 5, tzinfo=UTC).timestamp())
@@ -330,6 +530,7 @@ def main() -> None:
     table.add_row("(b) raw binary COPY, same rows", f"{results['b']:,.0f}", "limit")
     table.add_row("(c) naive paho + INSERT per reading", f"{results['c']:,.0f}", "baseline")
     console.print(table)
+    run_backends(args.quick)
 
 
 if __name__ == "__main__":
