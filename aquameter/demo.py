@@ -495,14 +495,15 @@ def _live(
 
 
 def wq_fault_over_s(p: DemoParams) -> float:
-    """Seconds after the station starts until its excursion can have raised WQ_LIMIT: the
-    excursion's end plus the limit's minimum duration and 5 s for the last samples to be
-    stored. The live phase lasts at least this long: a demo that stopped the station earlier
-    (a short ``--duration`` with a quick import) would miss its own injected fault."""
+    """Seconds after the station starts until its excursion has run its course and raised
+    WQ_LIMIT: the excursion's end (its episode opened ``wq_limit_min_duration_s`` after its
+    start) plus 5 s for the last samples to be stored. The live phase lasts at least this long:
+    a demo that stopped the station earlier (a short ``--duration`` after a quick import) would
+    miss its own injected fault."""
     from simulators.wq_station import parse_fault
 
     fault = parse_fault(p.wq_excursion)
-    return fault.start_s + fault.duration_s + p.wq_limit_min_duration_s + 5.0
+    return max(fault.start_s + fault.duration_s, fault.start_s + p.wq_limit_min_duration_s) + 5.0
 
 
 def _sleep_ticking(bar: Progress, task: Any, started: float, seconds: float) -> None:
