@@ -32,9 +32,10 @@ disconnect, and a session's messages arrive in order, so everything published wh
 subscription existed reaches the sink before the window closes. What arrives twice in the window
 (also through the shared subscription) is harmless: readings are de-duplicated on their key. The
 cost: every message crosses the network to each worker once more (acknowledged unread), and a
-reconnect replays what the catch-up session queued while the worker was away. A broker ACL must let
-the ingest user publish and read ``{root}/_catchup/#`` (until the fence passes, the window stays
-open: duplicated work, nothing lost; a refused fence is logged).
+reconnect replays what the catch-up session queued while the worker was away. ``connected`` (ready)
+is set only once the window is closed. A broker ACL must let the ingest user write
+``{root}/_catchup/#`` (and read it, as all of ``{root}/#``): a refused fence is logged and disables
+the catch-up session's windows (a broker restart may then lose what it lost before).
 
 Poison messages: no message can stop the receive thread. paho runs ``on_message`` on its one
 network thread, and an exception escaping it ends that thread: nothing is read or acknowledged
@@ -319,7 +320,7 @@ class MqttIngest:
         self.client.on_message = self._on_message
         # The catch-up session (module docstring): only beside a shared subscription.
         self.catch_up: mqtt.Client | None = None
-        self.fence_topic = f"{self.topic_root}/_catchup/{client_id}"
+        self.fence_topic = f"{self.topic_root}/_catchup/{client_id.replace('/', '_')}"
         self._cu_lock = threading.Lock()
         self._cu_window = False  # hand messages to the sink until the fence comes back
         self._cu_fence: str | None = None  # the fence published for the current window
@@ -327,6 +328,8 @@ class MqttIngest:
         self._cu_disconnected_at = 0.0  # monotonic time of the catch-up session's last loss
         self._shared_subacked_at = -1.0  # monotonic time of the last shared SUBACK
         self._cu_thread: threading.Thread | None = None
+        self._shared_ok = False  # the shared subscription acknowledged on this connection
+        self._cu_disabled = False  # the broker refused the fence: no more windows
         if catch_up and self.shared_group:
             self.catch_up = new_client(f"{client_id}-catchup")
             self.catch_up.on_connect = self._cu_on_connect
@@ -445,10 +448,21 @@ class MqttIngest:
         if refused:
             log.error("MQTT subscription refused: %s", ", ".join(str(rc) for rc in refused))
             return
-        self.connected.set()
         with self._cu_lock:
             self._shared_subacked_at = time.monotonic()
+            self._shared_ok = True
         self._maybe_fence()
+        self._update_ready()
+
+    def _update_ready(self) -> None:
+        """Set ``connected`` (ready to receive) once the shared subscription is acknowledged
+        and no catch-up window is open: until the fence is back, a message could be handled
+        twice (through both sessions), which is harmless for readings but not what "ready"
+        promises."""
+        with self._cu_lock:
+            ready = self._shared_ok and (self.catch_up is None or not self._cu_window)
+        if ready:
+            self.connected.set()
 
     # --- the catch-up session (its own network thread; see the module docstring) -----------
     def _cu_on_connect(
@@ -463,7 +477,7 @@ class MqttIngest:
             log.error("MQTT catch-up connect to %s refused: %s", self.endpoint, reason_code)
             return
         with self._cu_lock:
-            self._cu_window = True
+            self._cu_window = not self._cu_disabled
             self._cu_fence = None
             self._cu_subscribed = False
         plain = [f.split("/", 2)[2] for f in self.subscriptions()]  # without $share/group/
@@ -521,12 +535,20 @@ class MqttIngest:
         properties: Properties | None,
     ) -> None:
         if reason_code.is_failure:
+            # Without a fence the window would stay open and every message be handled twice;
+            # give up catching up instead (what a broker restart loses is as before).
             log.error(
-                "MQTT catch-up fence on %s refused (%s): the broker's ACL must let ingest publish "
-                "and read it; until then every message is handled twice (nothing is lost)",
+                "MQTT catch-up fence on %s refused (%s): catch-up disabled, a broker restart may "
+                "lose what arrives before the shared subscription is back; the broker's ACL must "
+                "let the ingest user write %s",
                 self.fence_topic,
                 reason_code,
+                self.fence_topic,
             )
+            with self._cu_lock:
+                self._cu_window = False
+                self._cu_disabled = True
+            self._update_ready()
 
     def _cu_on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         """In the window: handle like a shared-subscription message; outside it, acknowledge
@@ -542,6 +564,7 @@ class MqttIngest:
                 if closed:
                     self.stats.bump("fences")
                     log.info("MQTT catch-up window closed (%d caught up)", self.stats.catch_up)
+                    self._update_ready()
                 client.ack(msg.mid, msg.qos)
                 return
             with self._cu_lock:
@@ -569,6 +592,8 @@ class MqttIngest:
         properties: Properties | None,
     ) -> None:
         self.connected.clear()
+        with self._cu_lock:
+            self._shared_ok = False
         self.stats.bump("disconnects")
         level = logging.WARNING if reason_code.is_failure else logging.INFO
         log.log(level, "MQTT disconnected: %s", reason_code)

@@ -250,10 +250,11 @@ def test_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(mqtt_
     # The killed incarnation committed nothing, so every reading was stored exactly once by a
     # worker that lived to report it: the redelivered ones by worker 0's second incarnation.
     assert sum(r.counters["stored"] for r in rows) == n
-    # Only what was published while worker 0 was down can arrive twice: its catch-up session
-    # (protocols/mqtt.py: mosquitto drops $share traffic after a broker restart) replays what
-    # it queued meanwhile, and the database keeps one copy.
-    assert sum(r.counters["duplicates"] for r in rows) <= n_second
+    # Readings may arrive twice, never more: worker 0's catch-up session (protocols/mqtt.py:
+    # mosquitto drops $share traffic after a broker restart) replays what it had not
+    # acknowledged when killed and what it queued while the worker was down; the database
+    # keeps one copy (stored == n above).
+    assert sum(r.counters["duplicates"] for r in rows) <= n
     assert rows[0].counters["stored"] > 0 and rows[1].counters["stored"] > 0
 
 
