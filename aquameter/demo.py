@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -63,6 +64,7 @@ class DemoParams:
     drain_timeout_s: how long to wait, after the last publish, for ingest to acknowledge every
         live MQTT message (it acknowledges only what it committed). Generous because it ends as
         soon as they are all in: on a loaded machine the broker may still hold a backlog.
+    coap_timeout_s: how long the live CoAP uplinks may take in all (each request has 30 s).
     """
 
     dma_leak_m3h_per_meter: float = 0.004
@@ -72,6 +74,7 @@ class DemoParams:
     wq_excursion: str = "excursion:Turbidity:start=8:duration=40:level=2.5"
     wq_limit_min_duration_s: float = 20.0
     drain_timeout_s: float = 180.0
+    coap_timeout_s: float = 300.0
     faults_extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -473,7 +476,12 @@ def _live(
                 # Spread the slices over the live phase: a head-end's day, compressed.
                 pause = (deadline - time.monotonic()) / max(1, n - i) * 0.5
                 _sleep_ticking(bar, t_live, started, min(max(0.0, pause), 10.0))
-            codes = coap_fut.result(120)
+            try:
+                codes = coap_fut.result(p.coap_timeout_s)
+            except FutureTimeout:  # a loaded machine: go on with what was stored, say so
+                coap_fut.cancel()
+                codes = {"error:demo timeout": len(coap)}
+                con.print(f"[yellow]CoAP uplinks unanswered after {p.coap_timeout_s:.0f} s[/]")
             bar.update(t_coap, completed=len(coap))
             summary["live"]["coap_responses"] = codes
             while time.monotonic() < deadline:
