@@ -638,8 +638,9 @@ def main() -> int:
     ap.add_argument(
         "--no-broker-restart",
         action="store_true",
-        help="leave out the broker restart: mosquitto 2.0.11 drops what arrives for shared "
-        "subscriptions restored from its database before ingest re-subscribes (~1 s)",
+        help="leave out the broker restart (mosquitto 2.0.11 drops what arrives for shared "
+        "subscriptions restored from its database before ingest re-subscribes, ~1 s; ingest's "
+        "catch-up sessions, protocols/mqtt.py, recover it since they exist)",
     )
     ap.add_argument("--settle-timeout-s", type=float, default=180.0)
     ap.add_argument("--json", type=Path, help="also write the result as JSON here")
