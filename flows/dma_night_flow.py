@@ -182,14 +182,15 @@ def compute_dma(
             )
             write_marks(cur, FLOW, units, as_of)
             nnf = load_dma_daily_nnf(conn, [work.dma_id])
-            events = 0
-            if settings.detector == "cusum":
+            cusum = settings.detector == "cusum"
+            found = leak_events(nnf.head(0) if cusum else nnf, settings.events)
+            # The DMA's events as a unit (none with the single-episode detector: no stale rows).
+            _, events = replace_keyed(
+                cur, "leak_events", {"dma_id": [work.dma_id]}, {"dma_id": "text"}, found
+            )
+            if cusum:
                 alerts = night_flow_rise_alerts(nnf, settings.rise)
             else:
-                found = leak_events(nnf, settings.events)
-                _, events = replace_keyed(
-                    cur, "leak_events", {"dma_id": [work.dma_id]}, {"dma_id": "text"}, found
-                )
                 alerts = leak_event_alerts(found, nnf, settings.medium_m3h, settings.high_m3h)
             added, changed = upsert_alerts(cur, alerts)
             removed = delete_alerts_except(cur, ALERT_CODE, [work.dma_id], alerts)

@@ -265,6 +265,17 @@ def test_flow_writes_events_and_their_alerts_idempotently(leak_db: str) -> None:
     assert [(r[0], r[1]) for r in rows] == [(1, "confirmed"), (2, "closed")]
     assert rows[0][2] == pytest.approx(1.5, abs=0.15) and rows[1][3] == weekdays(71)[70]
     assert [(a[0], a[1]) for a in alerts] == [("open", "confirmed"), ("closed", "closed")]
+    # The single-episode detector instead: no event rows left behind, its own alerts only.
+    legacy = compute_dma.fn(leak_db, work, now, DmaNightFlowSettings(detector="cusum"))
+    assert legacy["leak_events"] == 0
+    with psycopg.connect(leak_db) as conn:
+        assert conn.execute("SELECT count(*) FROM leak_events").fetchone() == (0,)
+        kinds = conn.execute(
+            "SELECT evidence ? 'estimated_rise_m3h', evidence ? 'event_id' FROM alerts"
+            " WHERE code = %s AND subject_id = 'DMA-LEAKS'",
+            (ALERT_CODE,),
+        ).fetchall()
+    assert kinds and set(kinds) == {(True, False)}
 
 
 def test_the_analytics_role_rewrites_leak_events(leak_db: str) -> None:
