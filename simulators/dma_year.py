@@ -90,7 +90,7 @@ def _onsets(rng: np.random.Generator, p: DmaYearParams) -> list[tuple[int, bool,
     """Onset nights (the first at ``first_onset``: a cold start), kind and growth nights, each
     onset at least ``min_gap`` nights after the previous one has finished growing."""
     while True:
-        kinds = rng.random(p.leaks) < p.ramp_share
+        kinds = [bool(r < p.ramp_share) for r in rng.random(p.leaks).tolist()]
         growth = [
             int(rng.integers(p.ramp_nights[0], p.ramp_nights[1] + 1)) if r else 0 for r in kinds
         ]
@@ -143,7 +143,7 @@ def simulate_dma_year(
             repair = r if r < n and not clash else None
         shape = np.zeros(n)
         if ramp:
-            shape[on:] = np.minimum((t[on:] - on + 1) / growth, 1.0)
+            shape[on:] = [min((k + 1) / growth, 1.0) for k in range(n - on)]
         else:
             shape[on:] = 1.0
         if repair is not None:
