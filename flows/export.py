@@ -61,6 +61,7 @@ EXPORT_COLUMNS: dict[str, object] = {
     "vee_rules": pl.String,
     "hold": pl.Boolean,
     "hold_codes": pl.String,
+    "hold_reason": pl.String,  # why the bill is held, in words (null: not held)
     "charge_lines": pl.String,
     "charge_total": pl.Float64,
     "changed_columns": pl.String,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -20,6 +21,7 @@ import pytest
 
 from aquameter.registry import MeterClass, load_registry
 from flows.billing_export import BillingChunk, BillingExportSettings, compute_billing_chunk
+from flows.export import export_billing
 from flows.load import load_meter_classes, load_meters
 from flows.store import upsert_alerts
 from ingest.pipeline import IngestPipeline
@@ -228,7 +230,7 @@ def test_class_overrides_are_checked_and_applied():
 # --- stored with the meter, and what billing does with it (real database) ---------------------
 
 
-def test_class_stored_and_bill_held_only_by_its_class_codes(db_url: str) -> None:
+def test_class_stored_and_bill_held_only_by_its_class_codes(db_url: str, tmp_path: Path) -> None:
     """The registry's class reaches meters.meter_class and load_meters; its hold codes reach the
     bill: a bulk meter's leak does not hold its bill, a residential one's does, with the reason
     on the bill line and in the billing_export view."""
@@ -300,3 +302,6 @@ def test_class_stored_and_bill_held_only_by_its_class_codes(db_url: str) -> None
             "LEAK_CONTINUOUS open since 2026-03-02 05:00Z (holds residential bills)",
         ),
     ]
+    exported = export_billing(db_url, f"{day}..{day}", "csv", tmp_path / "bills.csv")
+    lines = pl.read_csv(exported.path).sort("meter_id")
+    assert lines["hold_reason"].to_list() == [None, rows[1][3]]
