@@ -5,7 +5,14 @@ each, as a meter uplink carries), through :func:`protocols.payloads.decode` exac
 calls it. The codecs run interleaved, round after round, pinned to one CPU, so a busy machine
 slows all of them alike; the table gives each one's median frames/s and readings/s over the rounds
 and its ratio to ``binary-v1`` in the same rounds. Every round asserts its reading count.
-Run: ``.venv/bin/python bench/codecs.py [--frames N] [--rounds R]``.
+
+``--mqtt N``: end to end as well. N meters' messages (one telegram or frame each) are published
+live to a real broker on a gateway's batch topic and received by ``MqttIngest`` into the real
+pipeline and database (a fresh database per codec), ``wmbus-hex`` (mode 5) against
+``binary-v1``; messages/s from the first publish until every reading is committed, rows counted
+and asserted.
+
+Run: ``.venv/bin/python bench/codecs.py [--frames N] [--rounds R] [--mqtt N]``.
 """
 
 from __future__ import annotations
@@ -16,9 +23,12 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
+import contextlib
 import os
 import statistics
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 
 from rich.console import Console
@@ -73,10 +83,98 @@ def one_pass(fmt: str, frames: list[bytes]) -> tuple[float, int]:
     return time.perf_counter() - start, readings
 
 
+REGISTRY = """
+[[dma]]
+id = "D1"
+
+[[vendor]]
+id = "v"
+payload = "json"  # the codec is given to MqttIngest below (PayloadFormat lists only its own)
+  [[vendor.channel]]
+  name = "register"
+  quantity = "volume"
+  unit = "m3"
+  kind = "register"
+
+[[meter_group]]
+vendor = "v"
+dma = "D1"
+gateway = "GW1"
+id_format = "WM{{:06d}}"
+start = 0
+count = {n}
+serial_start = 10000000
+install_date = "2020-01-01"
+"""
+
+
+def end_to_end(fmt: str, n: int, url: str, factory: object) -> tuple[float, int]:
+    """(messages/s, rows in the database) of ``n`` one-reading messages through MQTT."""
+    import paho.mqtt.client as mqtt
+    import psycopg
+
+    from aquameter.registry import load_registry
+    from ingest.pipeline import IngestPipeline
+    from ingest.registry_sync import sync_registry
+    from protocols.mqtt import MqttIngest, batch_topic
+    from sql.migrate import migrate
+
+    db = factory.new(empty=True)  # type: ignore[attr-defined]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "registry.toml"
+        path.write_text(REGISTRY.format(n=n))
+        with psycopg.connect(db) as conn:
+            migrate(conn, partitions_ahead=1)
+            sync_registry(conn, load_registry(path))
+            conn.commit()
+    wmbus.set_keyring(KeyRing({f"{10_000_000 + i:08d}": KEY for i in range(n)}, from_env=False))
+    root = f"bench-{uuid.uuid4().hex[:6]}/v1"
+    now = int(time.time()) - 60
+    if fmt == "binary-v1":
+        msgs = [encode_binary_v1(10_000_000 + i, now, 900, [i]) for i in range(n)]
+    else:
+        msgs = [
+            encode_wmbus(f"{10_000_000 + i:08d}", i / 1000, key=KEY).hex().encode()
+            for i in range(n)
+        ]
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    pipeline = IngestPipeline(db).start()
+    # Live, not a preloaded backlog: the broker keeps only 1,000 queued messages per session.
+    cid = f"codecs-{uuid.uuid4().hex[:8]}"
+    client = MqttIngest(
+        url, pipeline, {"v": fmt}, topic_root=root, shared_group=None, client_id=cid
+    ).start()
+    pub = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+    pub.max_inflight_messages_set(100)
+    pub.connect(host, int(port))
+    pub.loop_start()
+    topic = batch_topic(root, "v", "GW1")
+    started = time.perf_counter()
+    for info in [pub.publish(topic, m, 1) for m in msgs]:
+        info.wait_for_publish(120)
+    counters = pipeline.counters
+    while counters.stored + counters.duplicates + sum(counters.quarantined.values()) < n:
+        if time.perf_counter() - started > 600:
+            break
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    pub.disconnect()
+    pub.loop_stop()
+    client.shutdown()
+    pipeline.close()
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT count(*) FROM readings").fetchone()
+    rows = int(row[0]) if row else 0
+    assert rows == n, (fmt, rows, n)
+    return n / elapsed, rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--mqtt", type=int, default=0, help="meters for the end-to-end run (0: none)")
+    ap.add_argument("--mqtt-rounds", type=int, default=3)
     args = ap.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
@@ -101,6 +199,28 @@ def main() -> None:
             name, f"{fps:,.0f}", f"{fps * per:,.0f}", f"{statistics.median(ratios[name]):.2f}x"
         )
     Console().print(table)
+    if args.mqtt:
+        os.sched_setaffinity(0, os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))
+        from tests.servers import DatabaseFactory, broker, server_url
+
+        tmp = Path(tempfile.mkdtemp(prefix="aq-bench-"))
+        factory = DatabaseFactory(server_url(tmp))
+        e2e = Table(title=f"MQTT -> database, {args.mqtt:,} messages of one reading, via GW1")
+        for col in ("codec", "messages/s", "rows", "vs binary-v1"):
+            e2e.add_column(col, justify="left" if col == "codec" else "right")
+        bases, rates = [], []
+        try:
+            with contextlib.contextmanager(broker)(tmp) as (url, _):
+                for _ in range(args.mqtt_rounds):  # interleaved, like the decode rounds
+                    bases.append(end_to_end("binary-v1", args.mqtt, url, factory)[0])
+                    rates.append(end_to_end("wmbus-hex", args.mqtt, url, factory)[0])
+        finally:
+            factory.drop_all()
+        base, rate = statistics.median(bases), statistics.median(rates)
+        rows = f"{args.mqtt:,} x {args.mqtt_rounds}"
+        e2e.add_row("binary-v1", f"{base:,.0f}", rows, "1.00x")
+        e2e.add_row("wmbus-hex (mode 5)", f"{rate:,.0f}", rows, f"{rate / base:.2f}x")
+        Console().print(e2e)
 
 
 if __name__ == "__main__":
