@@ -35,6 +35,7 @@ import cbor2
 
 from protocols.payloads import (
     MALFORMED,
+    MAX_ABS_TIMESTAMP,
     MAX_CHANNEL,
     MAX_DEVICE_ID,
     MAX_UNIT,
@@ -159,6 +160,8 @@ def resolve(records: Any, now: float | None = None) -> list[dict[str, Any]]:
             raise _fail(MALFORMED, f"SenML time {_brief(rec.get('t'))} is not finite")
         if t < RELATIVE_LIMIT:
             t += now
+        if not -MAX_ABS_TIMESTAMP <= t <= MAX_ABS_TIMESTAMP:  # as payloads refuses them
+            raise _fail(MALFORMED, f"SenML time {_brief(t)} is not a storable timestamp")
         resolved: dict[str, Any] = {"bn": bn, "n": n, "name": name, "t": t}
         unit = rec.get("u", bu)
         if unit is not None:

@@ -107,6 +107,8 @@ def test_backflow_and_fraud_flags() -> None:
         b'[{"n":"x","vs":"only text"}]',
         b'[{"v":1}]',
         b'[{"n":"x","v":1,"t":1e999}]',
+        b'[{"bn":"m:","n":"x","v":1,"t":1e300}]',
+        b'[{"bn":"m:","n":"x","v":1,"t":-1e300}]',
         b"[" * 5000,
     ],
 )
