@@ -24,6 +24,14 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# Tests of files this conftest's author does not own that hold plain PostgreSQL's rollup tables
+# to be tables (they INSERT into readings_hourly): plain only until their files carry
+# ``@pytest.mark.only_backend("plain")`` themselves.
+PLAIN_ONLY = {
+    "tests/test_report.py::test_report_is_built_from_the_database_with_worklist_and_banner",
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Deselect the backend params an ``only_backend`` marker rules out."""
     keep: list[pytest.Item] = []
@@ -32,7 +40,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         marker = item.get_closest_marker("only_backend")
         callspec = getattr(item, "callspec", None)
         backend = callspec.params.get("backend") if callspec is not None else None
-        if marker is not None and backend is not None and backend not in marker.args:
+        if item.nodeid.split("[", 1)[0] in PLAIN_ONLY and backend == "timescale":
+            dropped.append(item)
+        elif marker is not None and backend is not None and backend not in marker.args:
             dropped.append(item)
         else:
             keep.append(item)

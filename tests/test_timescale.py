@@ -552,7 +552,8 @@ def run_by_scheduler(conn: psycopg.Connection, job: int) -> tuple:
     row = before
     for _ in range(1200):
         row = conn.execute(query, (job,)).fetchone()
-        if row is not None and row[0] is not None and row[0] > runs and row[1] == "Scheduled":
+        # total_runs counts a run when it starts; last_run_status is NULL until it finishes
+        if row is not None and row[0] is not None and row[0] > runs and row[2] is not None:
             return row[2], row[3]
         time.sleep(0.1)
     pytest.fail(f"job {job} was not run by the scheduler: {row}")
