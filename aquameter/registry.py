@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from aquameter.secrets import SecretError, resolve_secret
 
 Protocol = Literal["mqtt", "coap", "modbus", "opcua", "import"]
-PayloadFormat = Literal["json", "binary-v1", "cbor"]
+PayloadFormat = Literal[
+    "json", "binary-v1", "cbor", "senml-json", "senml-cbor", "wmbus", "wmbus-hex", "cjt188"
+]
 # What a customer meter serves (pipelines.anomalies.METER_CLASSES): sets its anomaly rules and
 # which open alerts hold its bill.
 MeterClassName = Literal["residential", "multi_dwelling", "commercial", "industrial", "bulk"]

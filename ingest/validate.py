@@ -6,6 +6,7 @@ Reason codes (``quarantine.reason``):
 ==========================  ==========================================================
 MALFORMED                   payload does not parse or lacks required fields
 BAD_CRC                     binary frame checksum mismatch
+DECRYPT_FAILED              wM-Bus telegram without its key, or the key is wrong (2F2F / AFL MAC)
 UNSUPPORTED_FORMAT          unknown payload format or version
 UNKNOWN_DEVICE              device (or serial) not in the registry
 UNKNOWN_CHANNEL             device known, channel name not configured for it
@@ -65,6 +66,7 @@ PROCESSING_ERROR = "PROCESSING_ERROR"
 WRITE_FAILED = "WRITE_FAILED"
 CLOCK_SKEW = "CLOCK_SKEW"
 MALFORMED = "MALFORMED"
+DECRYPT_FAILED = "DECRYPT_FAILED"  # wM-Bus: no key or a wrong one (protocols/wmbus.py)
 
 # Sources whose frames are history by intent (the bulk importer): no live window, no skew flag.
 HISTORY_SOURCES = frozenset({"import"})

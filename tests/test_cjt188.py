@@ -104,7 +104,7 @@ id = "DMA-CN"
 
 [[vendor]]
 id = "cjt188-water"
-payload = "json"  # "cjt188" once aquameter/registry.py's PayloadFormat lists it
+payload = "cjt188"
   [[vendor.channel]]
   name = "register"
   quantity = "volume"
@@ -150,8 +150,8 @@ def test_listener_stores_frames_and_quarantines_the_rest(empty_db_url: str, tmp_
         migrate(conn, partitions_ahead=1)
         sync_registry(conn, registry)
         conn.commit()
-    addresses = {d.serial: d.id for d in registry.all_devices() if d.serial is not None}
-    assert cjt188_addresses(registry) == {}  # the vendor's payload is not "cjt188" (yet)
+    addresses = cjt188_addresses(registry)  # the devices whose vendor's payload is "cjt188"
+    assert addresses == {12345678901234: "CN-0001"}
     now = int(time.time()) - 120
     good = [
         encode_cjt188(12345678901234, 10.0 + i / 100, now + i, battery_low=i == 2) for i in range(3)

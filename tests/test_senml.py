@@ -145,18 +145,11 @@ def test_round_trip(values: list[float], t0: int, cbor: bool) -> None:
 
 @pytest.mark.parametrize("name", ["senml", "wmbus", "cjt188"])
 def test_sample_registry_fragment_loads(name: str, tmp_path: Path) -> None:
-    """The fragment beside each codec is a valid registry; until aquameter/registry.py's
-    PayloadFormat lists the new formats, it is checked with its payload read as ``json``."""
-    import typing
+    """The fragment beside each codec is a valid registry that selects its codec."""
+    from aquameter.registry import load_registry
 
-    from aquameter.registry import PayloadFormat, load_registry
-
-    text = (Path(__file__).parent.parent / "protocols" / f"{name}.sample.toml").read_text()
-    formats = {"senml": "senml-json", "wmbus": "wmbus-hex", "cjt188": "cjt188"}
-    fmt = formats[name]
-    if fmt not in typing.get_args(PayloadFormat):
-        text = text.replace(f'payload = "{fmt}"', 'payload = "json"')
-    path = tmp_path / "registry.toml"
-    path.write_text(text)
+    path = Path(__file__).parent.parent / "protocols" / f"{name}.sample.toml"
     reg = load_registry(path)
+    formats = {"senml": "senml-json", "wmbus": "wmbus-hex", "cjt188": "cjt188"}
     assert reg.vendors and reg.all_devices()
+    assert formats[name] in {v.payload for v in reg.vendors}

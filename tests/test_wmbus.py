@@ -235,7 +235,7 @@ id = "DMA-EU"
 
 [[vendor]]
 id = "wmbus-water"
-payload = "json"  # "wmbus-hex" once aquameter/registry.py's PayloadFormat lists it
+payload = "wmbus-hex"
   [[vendor.channel]]
   name = "register"
   quantity = "volume"
