@@ -14,7 +14,9 @@ who may speak for which meter:
   each *delivery* against the message's topic, so ``{root}/#`` is what lets a shared subscriber
   receive, and a client without a ``read`` line (every meter and gateway) receives nothing. The
   ``$share/+/{root}/#`` line is for brokers that check a SUBSCRIBE against the filter as sent,
-  ``$share/{group}/…`` included; on 2.0.11 it is harmless.
+  ``$share/{group}/…`` included; on 2.0.11 it is harmless. And ``topic write
+  {root}/_catchup/#``: each worker's catch-up fence (a broker that refuses it switches catch-up
+  off, and a broker restart can then lose what is published before the workers re-subscribe).
 
 Nothing else is granted: anonymous clients get no line (use ``allow_anonymous false``), and a
 device cannot read anything. The user names are the MQTT usernames (``password_file``) or the
@@ -107,6 +109,7 @@ def acl_plan(
         raise ValueError(f"ingest user {ingest_user!r} is also a device or gateway id")
     plan.add(ingest_user, "read", f"{root}/#")
     plan.add(ingest_user, "read", f"$share/+/{root}/#")
+    plan.add(ingest_user, "write", f"{root}/_catchup/#")  # the catch-up fence (protocols/mqtt.py)
     return plan
 
 

@@ -68,6 +68,9 @@ MQTT_FIELDS = (
     "unprocessable",
     "connects",
     "disconnects",
+    "catch_up",
+    "catch_up_skipped",
+    "fences",
 )
 
 WorkerState = Literal["held", "running", "stopping", "stopped", "failed"]

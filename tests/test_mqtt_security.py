@@ -238,7 +238,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "acl: 105 users, 106 topics" in result.output
+    assert "acl: 105 users, 107 topics" in result.output
     assert "passwords: 4 users" in result.output
     log_file = work / "mosquitto.log"
     ports = [free_port(), free_port()]
@@ -439,7 +439,11 @@ def test_acl_file_and_password_hashes(tmp_path):
     plan = acl_plan(load_registry(EXAMPLE_REGISTRY), "r/v1", INGEST)
     assert plan.users["AQN00001"] == [("write", "r/v1/aqualink/AQN00001/up")]
     assert plan.users["GW-SOUTH-1"] == [("write", "r/v1/+/gw/GW-SOUTH-1/batch")]
-    assert plan.users[INGEST] == [("read", "r/v1/#"), ("read", "$share/+/r/v1/#")]
+    assert plan.users[INGEST] == [
+        ("read", "r/v1/#"),
+        ("read", "$share/+/r/v1/#"),
+        ("write", "r/v1/_catchup/#"),  # each worker's catch-up fence
+    ]
     assert len(plan.users) == 105  # 102 MQTT devices, 2 gateways, ingest
     # mosquitto_passwd's format: verify one of our hashes the way the broker does
     h = password_hash("pw", salt=b"0123456789ab", iterations=101)
