@@ -300,7 +300,9 @@ def _spikes(iv: pd.DataFrame, p: VeeParams) -> pd.DataFrame:
     """
     v = (iv["volume"] * float(p.interval_s) / iv["interval_s"]).to_numpy(dtype="float64")
     window_us = int(pd.Timedelta(p.spike_window) / pd.Timedelta(microseconds=1))
-    us = iv["ts"].to_numpy().astype("datetime64[us]").astype(np.int64)
+    # Integer microseconds straight from the array (to_numpy() of a zone-aware column would
+    # make one Timestamp object per row).
+    us = np.asarray(iv["ts"].astype("datetime64[us, UTC]").array.asi8, dtype=np.int64)
     codes = iv["meter_id"].ne(iv["meter_id"].shift()).cumsum().to_numpy(dtype=np.int64)
     lo = int(us.min()) if us.size else 0
     block = (int(us.max()) - lo if us.size else 0) + window_us + 1
