@@ -487,13 +487,9 @@ def run_listen(
     index, labels = registry_index(registry)
     sink = PrintingSink(validator_for(index, settings), labels, out, refuse=("coap", "coaps"))
     # Our own subscription (no shared group) and a session that ends with the connection.
-    mine = settings.model_copy(update={"mqtt_shared_group": None, "mqtt_session_expiry_s": 0})
+    mine = settings.model_copy(update={"mqtt_shared_group": None})
     client_id = f"aquameter-check-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    mqtt = mqtt_client(mine, vendor_formats(registry), sink, url, v5, client_id)
-    if not v5:
-        # MqttIngest keeps a 3.1.1 session (clean_session=False) for ingest's redelivery; a
-        # one-off listener must leave none behind at the broker.
-        mqtt.client._clean_session = True  # type: ignore[attr-defined]
+    mqtt = mqtt_client(mine, vendor_formats(registry), sink, url, v5, client_id, persistent=False)
     coap_listener = CoapListener(registry, sink, settings)
     # The adapter logs every retry; here the one line below says it all, once.
     mqtt_log = logging.getLogger("aquameter.mqtt")
@@ -513,7 +509,7 @@ def run_listen(
             if mqtt.stats.refused:
                 why = ": the broker refused the connection (login or ACL: see AQUAMETER_MQTT_*)"
             else:
-                detail = mqtt._last_connect_error  # the one line names the cause
+                detail = mqtt.last_connect_error  # the one line names the cause
                 why = f": {detail}" if detail else ""
             print(
                 f"check --listen: cannot reach the MQTT broker {mqtt.host}:{mqtt.port} "

@@ -80,9 +80,12 @@ def mqtt_client(
     url: str,
     v5: bool,
     client_id: str | None = None,
+    *,
+    persistent: bool = True,
 ) -> MqttIngest:
     """The MQTT adapter as the settings describe it (not started): login and TLS from the
-    settings, never only from the URL (so the URL stays printable)."""
+    settings, never only from the URL (so the URL stays printable). ``persistent=False``: a
+    one-off listener's session, gone when it disconnects."""
     return MqttIngest(
         url,
         sink,
@@ -108,6 +111,7 @@ def mqtt_client(
         key_file=settings.mqtt_key_file,
         tls_version=settings.mqtt_tls_version,
         trust_topic=settings.mqtt_trust_topic,
+        persistent=persistent,
     )
 
 

@@ -251,9 +251,12 @@ class MqttIngest:
         tls_version: str | None = None,
         trust_topic: bool = True,
         catch_up: bool = True,
+        persistent: bool = True,
     ) -> None:
         """``catch_up`` (with a shared subscription on MQTT v5 only) adds the catch-up session
-        of the module docstring, so a broker restart loses nothing.
+        of the module docstring, so a broker restart loses nothing. ``persistent=False`` is for
+        one-off listeners (``aquameter check --listen``): a session that ends with the
+        connection (clean start, no expiry), so nothing is left queued at the broker.
 
         ``username``/``password`` (or ``password_file``) take precedence over the URL's;
         the TLS options need an ``mqtts://`` URL: configured certificates with a plain-text
@@ -291,8 +294,11 @@ class MqttIngest:
         self._thread: threading.Thread | None = None  # paho's network thread, once started
         protocol = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
         kwargs: dict[str, object] = {}
+        self.persistent = persistent
+        if not persistent:
+            self.session_expiry_s = 0
         if not v5:
-            kwargs["clean_session"] = False
+            kwargs["clean_session"] = not persistent
         tls_ctx = tls_context(ca_file, cert_file, key_file, tls_version) if tls else None
 
         def new_client(cid: str) -> mqtt.Client:
@@ -330,7 +336,7 @@ class MqttIngest:
         self._cu_thread: threading.Thread | None = None
         self._shared_ok = False  # the shared subscription acknowledged on this connection
         self._cu_disabled = False  # the broker refused the fence: no more windows
-        if catch_up and self.shared_group:
+        if catch_up and self.shared_group and persistent:
             self.catch_up = new_client(f"{client_id}-catchup")
             self.catch_up.on_connect = self._cu_on_connect
             self.catch_up.on_subscribe = self._cu_on_subscribe
@@ -358,6 +364,11 @@ class MqttIngest:
 
         self.client.reconnect = reconnect  # type: ignore[method-assign]
 
+    @property
+    def last_connect_error(self) -> str | None:
+        """Why the latest connection attempt failed (socket or TLS error), for one-line reports."""
+        return self._last_connect_error
+
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, wait_s: float = 10.0) -> MqttIngest:
         """Connect (in the background) and wait up to ``wait_s`` for the subscription."""
@@ -369,7 +380,11 @@ class MqttIngest:
                 props.SessionExpiryInterval = self.session_expiry_s
                 props.ReceiveMaximum = self.receive_maximum
                 c.connect_async(
-                    self.host, self.port, keepalive=60, clean_start=False, properties=props
+                    self.host,
+                    self.port,
+                    keepalive=60,
+                    clean_start=not self.persistent,
+                    properties=props,
                 )
             else:
                 c.connect_async(self.host, self.port, keepalive=60)
