@@ -116,8 +116,23 @@ from protocols.uplink import (
 log = logging.getLogger("aquameter.coap")
 
 # Content-Format numbers (IANA CoRE registry) -> payload format; None means "sniff".
-CONTENT_FORMATS: dict[int, str | None] = {0: None, 42: "binary-v1", 50: "json", 60: "cbor"}
-FORMAT_CONTENT: dict[str, int] = {"binary-v1": 42, "json": 50, "cbor": 60}
+# IANA CoAP Content-Formats; 110/112 are application/senml+json and senml+cbor (RFC 8428), what
+# LwM2M water meters send.
+CONTENT_FORMATS: dict[int, str | None] = {
+    0: None,
+    42: "binary-v1",
+    50: "json",
+    60: "cbor",
+    110: "senml-json",
+    112: "senml-cbor",
+}
+FORMAT_CONTENT: dict[str, int] = {
+    "binary-v1": 42,
+    "json": 50,
+    "cbor": 60,
+    "senml-json": 110,
+    "senml-cbor": 112,
+}
 
 # Quarantine reason codes (documented in ingest/validate.py; protocols/ does not import ingest).
 DECODE_REASONS = frozenset({MALFORMED, BAD_CRC, UNSUPPORTED_FORMAT})

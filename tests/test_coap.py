@@ -227,7 +227,9 @@ def test_content_formats_map_to_codecs():
     assert payload_format(50) == ("json", True)
     assert payload_format(60) == ("cbor", True)
     assert payload_format(42) == ("binary-v1", True)
-    assert payload_format(110)[1] is False
+    assert payload_format(110) == ("senml-json", True)
+    assert payload_format(112) == ("senml-cbor", True)
+    assert payload_format(111)[1] is False  # sensml+json: streams are not readings packs
     assert psk_bytes("hex:00ff") == b"\x00\xff" and psk_bytes("abc") == b"abc"
 
 
