@@ -18,6 +18,7 @@ BACKENDS = ("plain", "timescale")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Register ``only_backend`` here, beside the ``backend`` param it filters."""
     config.addinivalue_line(
         "markers",
         "only_backend(name): run this database test on one backend only (plain or timescale)",
@@ -65,6 +66,8 @@ class Factories:
         self.unavailable: str | None = None
 
     def get(self, backend: str) -> DatabaseFactory:
+        """The factory of ``backend``, made once; skips the test when TimescaleDB is missing
+        (and remembers why, so the probe runs once a session)."""
         if backend == "timescale" and self.unavailable is not None:
             pytest.skip(self.unavailable)
         if backend not in self.made:
@@ -79,12 +82,15 @@ class Factories:
         return self.made[backend]
 
     def drop_all(self) -> None:
+        """Drop every database the factories made (the end of the session)."""
         for factory in self.made.values():
             factory.drop_all()
 
 
 @pytest.fixture(scope="session")
 def db_factories(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Factories]:
+    """Both backends' factories for the session, made lazily: a run that selects only plain
+    tests never touches the TimescaleDB server."""
     factories = Factories(tmp_path_factory)
     yield factories
     factories.drop_all()
@@ -98,6 +104,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def db_factory(db_factories: Factories, backend: str) -> DatabaseFactory:
+    """The factory of the test's backend: what makes every database test run on both."""
     return db_factories.get(backend)
 
 
