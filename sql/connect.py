@@ -12,8 +12,7 @@ def connect(url: str, *, autocommit: bool = False, **kwargs: Any) -> psycopg.Con
     """Connect to PostgreSQL/TimescaleDB.
 
     ``AQUAMETER_DATABASE_PREPARE=false`` turns server-side prepared statements off, needed for
-    servers behind a transaction pooler or the PGlite test server where connections share one
-    backend session.
+    servers behind a transaction pooler, where connections share one backend session.
     """
     if os.environ.get("AQUAMETER_DATABASE_PREPARE", "true").lower() in ("0", "false", "no"):
         kwargs.setdefault("prepare_threshold", None)

@@ -79,7 +79,7 @@ def timescale_available(conn: psycopg.Connection) -> bool:
 
 def timescale_loaded(conn: psycopg.Connection) -> bool:
     """Whether the TimescaleDB loader runs in this session (``shared_preload_libraries``, or
-    ``LOAD`` as the PGlite test server does). Its settings exist only then: a placeholder for a
+    ``LOAD``). Its settings exist only then: a placeholder for a
     setting that postgresql.conf names without loading the library has type ``string``."""
     row = conn.execute(
         "SELECT count(*) FROM pg_settings "
