@@ -15,14 +15,16 @@ Two forms, the two a utility uses:
   machines); the workers must have Aquameter installed and reach the database and the Prefect API.
 
 Task runs report to the Prefect API from the worker processes, so its URL must be in their
-environment: :func:`export_api_url` copies it there from Prefect's active settings before a
-``LocalCluster`` starts (a remote cluster's workers must be started with it).
+environment: :func:`exported_api_url` puts it there from Prefect's active settings for the run
+(a remote cluster's workers must be started with it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 _LOCAL = re.compile(r"^local:(\d+)$")
@@ -56,15 +58,23 @@ def parse_dask_spec(spec: str) -> tuple[str, int | str]:
     )
 
 
-def export_api_url() -> None:
-    """Put the active ``PREFECT_API_URL`` into the environment, where worker processes read it."""
+@contextlib.contextmanager
+def exported_api_url() -> Iterator[None]:
+    """The active ``PREFECT_API_URL`` in the environment while a flow runs on a LocalCluster
+    (its worker processes read it there), and the environment as it was afterwards."""
     if os.environ.get("PREFECT_API_URL"):
+        yield
         return
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
     if url:
         os.environ["PREFECT_API_URL"] = str(url)
+    try:
+        yield
+    finally:
+        if url:
+            os.environ.pop("PREFECT_API_URL", None)
 
 
 def dask_task_runner(spec: str) -> Any:
@@ -80,7 +90,6 @@ def dask_task_runner(spec: str) -> Any:
         raise DaskSpecError(
             "--dask needs prefect-dask and distributed: pip install 'aquameter[flows]'"
         ) from exc
-    export_api_url()
     if kind == "local":
         return DaskTaskRunner(
             cluster_class="distributed.LocalCluster",

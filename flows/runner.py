@@ -149,6 +149,10 @@ def _state_outcome(state: Any) -> Any:
         return exc
 
 
+# Flows that send their units in waves of ``parallel_chunks`` (memory on one machine); on Dask
+# every unit is submitted and the cluster's worker slots bound what runs at once.
+CHUNKED_FLOWS = frozenset({"dma_night_flow", "meter_anomalies", "water_balance", "billing_export"})
+
 # Cron schedules (UTC). The hourly flows are cheap when nothing changed: only stale units run.
 # Billing runs on the 2nd of the month for the previous month, after late uplinks had a day.
 DEFAULT_SCHEDULES: dict[str, str] = {
@@ -227,12 +231,19 @@ def run_flow(
     window = {"since": _moment(since), "until": _moment(until)}
     started = datetime.now(UTC)
     try:
-        with prefect_api() as api, _heartbeats_off(api):  # re-entrant: reuses an outer API
+        with (
+            prefect_api() as api,  # re-entrant: reuses an outer API
+            _heartbeats_off(api),
+            contextlib.ExitStack() as stack,
+        ):
             flow = FLOWS[name]
             if dask:
-                from flows.dask_runner import dask_task_runner
+                from flows.dask_runner import dask_task_runner, exported_api_url
 
+                stack.enter_context(exported_api_url())
                 flow = flow.with_options(task_runner=dask_task_runner(dask))
+                if name in CHUNKED_FLOWS:  # the workers bound what runs at once, not waves
+                    overrides = {"parallel_chunks": 0, **(overrides or {})}
             result: dict[str, Any] = flow(
                 database_url=database_url,
                 since=window["since"],
@@ -394,5 +405,9 @@ def serve_all(
 
         parse_dask_spec(dask)  # a typo fails here, not in every served run
         os.environ[SERVE_DASK_ENV] = dask
+        given = dict(overrides or {})
+        overrides = given | {
+            n: {"parallel_chunks": 0, **(given.get(n) or {})} for n in CHUNKED_FLOWS
+        }
     with prefect_api(services=True):
         serve(*deployments(schedules, names=names, overrides=overrides), limit=limit)

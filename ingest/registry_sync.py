@@ -27,7 +27,6 @@ import psycopg
 
 from aquameter.registry import Device, Registry
 from ingest.units import CANONICAL, DEFAULT_RANGES
-from pipelines.anomalies import MeterAnomalyParams, with_class_overrides
 
 log = logging.getLogger("aquameter.registry_sync")
 
@@ -119,7 +118,10 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
         )
         for d in registry.dmas
     ]
-    # Refused here, not at the next flow run: a misspelt anomaly key must fail the sync.
+    # Refused here, not at the next flow run: a misspelt anomaly key must fail the sync. Imported
+    # here: ingest processes load this module (registry reloads) and need no polars/numpy.
+    from pipelines.anomalies import MeterAnomalyParams, with_class_overrides
+
     with_class_overrides(
         MeterAnomalyParams(), {c.id: dict(c.anomaly) for c in registry.meter_classes}
     )
