@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PACKAGES := aquameter protocols ingest sql pipelines dma flows simulators
 DEMO_ARGS ?=
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv test demo lint bench clean timescale
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python >= 3.11 is required"; exit 1; }
@@ -37,6 +37,11 @@ lint: venv
 
 bench: venv
 	$(PY) bench/ingest.py
+
+# A private PostgreSQL 15 cluster preloading TimescaleDB for the tests' TimescaleDB half:
+# eval "$$(make -s timescale)" && make test
+timescale:
+	@.ci/timescale-cluster start
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
