@@ -20,6 +20,9 @@ inlet; importing several would only be deduplicated), so balances are not meanin
 the work and memory of computing them.
 
 Run: ``.venv/bin/python bench/flows.py --meters 1000 --days 30`` (``--keep`` leaves the database).
+``--runners default,local:1,local:2`` runs each flow on Prefect's default runner and on Dask
+LocalClusters of 1 and 2 workers side by side (issue 12), with meter-days per second per worker;
+peak RSS is the flow process's own, not the Dask workers'.
 """
 
 from __future__ import annotations
@@ -138,7 +141,13 @@ def hourly_overrides(name: str) -> dict[str, Any]:
 
 
 def child_flow(
-    url: str, name: str, since: str, until: str, overrides: str | None, hourly: bool
+    url: str,
+    name: str,
+    since: str,
+    until: str,
+    overrides: str | None,
+    hourly: bool,
+    dask: str | None = None,
 ) -> None:
     """Run one flow over [since, until) through ``run_flow``; prints a JSON line."""
     from flows.runner import run_flow
@@ -158,7 +167,7 @@ def child_flow(
     if overrides:
         kw["overrides"] = {**kw.get("overrides", {}), **json.loads(overrides)}
     t0 = time.perf_counter()
-    run_flow(name, s, u, url, full=True, **kw)
+    run_flow(name, s, u, url, full=True, dask=dask, **kw)
     print(json.dumps({"wall_s": time.perf_counter() - t0, "rss_mb": rss_mb()}))
 
 
@@ -174,6 +183,13 @@ def run_child(args: list[str]) -> dict[str, Any]:
         console.print(out.stdout[-3000:], out.stderr[-6000:])
         raise SystemExit(f"child {args[:2]} failed with exit code {out.returncode}")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _set_rows(flows: dict[str, Any], name: str, rows: int) -> None:
+    """The rows a flow left (every runner recomputes the same rows: ``full=True``)."""
+    for key, run in flows.items():
+        if key.split(" (")[0] == name:
+            run["rows"] = rows
 
 
 def count(url: str, sql: str) -> int:
@@ -204,18 +220,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--url", default=None, help="use this (already imported) database")
     ap.add_argument("--keep", action="store_true", help="do not drop the database at the end")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--runners",
+        default="default",
+        help="task runners side by side, e.g. default,local:1,local:2 (Dask LocalClusters)",
+    )
     # Children (internal).
     ap.add_argument("--child", choices=["import", "flow"], default=None)
     ap.add_argument("--flow", default=None)
     ap.add_argument("--since", default=None)
     ap.add_argument("--until", default=None)
+    ap.add_argument("--dask", default=None)
     a = ap.parse_args(argv)
     dmas = a.dmas or max(1, -(-a.meters // 2500))
     if a.child == "import":
         child_import(a.url, a.meters, dmas, a.days, a.gen_meters, a.seed)
         return {}
     if a.child == "flow":
-        child_flow(a.url, a.flow, a.since, a.until, a.overrides, a.hourly)
+        child_flow(a.url, a.flow, a.since, a.until, a.overrides, a.hourly, a.dask)
         return {}
 
     from ingest.registry_sync import sync_registry
@@ -259,27 +281,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # Every meter read hourly: the window plus the read at its end, less nothing.
             assert stored >= a.meters * a.days * 24, (stored, a.meters * a.days * 24)
         assert url is not None
+        runners = [r for r in a.runners.split(",") if r]
         for flow in [f for f in a.flows.split(",") if f]:
-            console.print(f"running {flow} ...")
-            args = ["--child", "flow", "--url", url, "--flow", flow,
-                    "--since", start.isoformat(), "--until", end.isoformat()]  # fmt: skip
-            if a.overrides:
-                args += ["--overrides", a.overrides]
-            if a.hourly:
-                args.append("--hourly")
-            results["flows"][flow] = run_child(args)
-        if "billing_export" in results["flows"]:
+            for runner in runners:
+                console.print(f"running {flow} ({runner}) ...")
+                args = ["--child", "flow", "--url", url, "--flow", flow,
+                        "--since", start.isoformat(), "--until", end.isoformat()]  # fmt: skip
+                if a.overrides:
+                    args += ["--overrides", a.overrides]
+                if a.hourly:
+                    args.append("--hourly")
+                if runner != "default":
+                    args += ["--dask", runner]
+                run = run_child(args)
+                run["workers"] = int(runner.split(":")[1]) if runner.startswith("local:") else 1
+                run["runner"] = runner
+                key = flow if runners == ["default"] else f"{flow} ({runner})"
+                results["flows"][key] = run
+        ran = {key.split(" (")[0] for key in results["flows"]}
+        if "billing_export" in ran:
             bills = count(url, "SELECT count(DISTINCT meter_id) FROM billing_volumes")
-            results["flows"]["billing_export"]["rows"] = bills
+            _set_rows(results["flows"], "billing_export", bills)
             assert bills == a.meters, (bills, a.meters)
-        if "water_balance" in results["flows"]:
+        if "water_balance" in ran:
             balances = count(url, "SELECT count(*) FROM water_balance_summary")
-            results["flows"]["water_balance"]["rows"] = balances
+            _set_rows(results["flows"], "water_balance", balances)
             assert balances == dmas, (balances, dmas)
-        if "meter_anomalies" in results["flows"]:
-            results["flows"]["meter_anomalies"]["rows"] = count(
-                url, "SELECT count(*) FROM alerts WHERE subject_id NOT LIKE 'DMA%%'"
-            )
+        if "meter_anomalies" in ran:
+            alerts = count(url, "SELECT count(*) FROM alerts WHERE subject_id NOT LIKE 'DMA%%'")
+            _set_rows(results["flows"], "meter_anomalies", alerts)
     finally:
         if created and not a.keep:
             with psycopg.connect(a.admin_url, autocommit=True) as conn:
@@ -291,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = Table(
         title=f"{a.meters:,} meters x {a.days} days of hourly reads ({dmas} DMA(s)), {slots}"
     )
-    for col in ("step", "wall s", "peak RSS MiB", "rows"):
+    for col in ("step", "wall s", "peak RSS MiB", "rows", "meter-days/s per worker"):
         table.add_column(col, justify="right" if col != "step" else "left")
     if "import" in results:
         imp = results["import"]
@@ -300,9 +330,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{imp['wall_s']:.1f}",
             f"{imp['rss_mb']:.0f}",
             f"{results['readings']:,} readings",
+            "",
         )
     for flow, r in results["flows"].items():
-        table.add_row(flow, f"{r['wall_s']:.1f}", f"{r['rss_mb']:.0f}", f"{r.get('rows', '')}")
+        per_worker = a.meters * a.days / r["wall_s"] / r["workers"]
+        table.add_row(
+            flow,
+            f"{r['wall_s']:.1f}",
+            f"{r['rss_mb']:.0f}",
+            f"{r.get('rows', '')}",
+            f"{per_worker:,.0f}",
+        )
     console.print(table)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2, default=str))
