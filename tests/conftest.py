@@ -25,23 +25,50 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-# Tests of files this conftest's author does not own that hold plain PostgreSQL's rollup tables
-# to be tables (they INSERT into readings_hourly): plain only until their files carry
-# ``@pytest.mark.only_backend("plain")`` themselves.
-PLAIN_ONLY = {
-    "tests/test_report.py::test_report_is_built_from_the_database_with_worklist_and_banner",
-}
+# Where the backend changes what is tested: the storage layer (migrations, hypertables, COPY,
+# compression, retention, continuous aggregates, roles), what reads the rollups (flows, report,
+# dashboards) and what writes through the ingest writer in unusual ways (poison, import, reload).
+# The adapters' tests (MQTT, CoAP, Modbus, OPC-UA, the demo) store through the same writer, so
+# their TimescaleDB half adds CI minutes, not coverage: it runs with AQUAMETER_TEST_BACKENDS=all.
+TIMESCALE_FILES = frozenset(
+    {
+        "test_timescale.py",
+        "test_writer.py",
+        "test_migrations.py",
+        "test_migrate_timescale_auto.py",
+        "test_smoke_db.py",
+        "test_db_roles.py",
+        "test_ingest_poison.py",
+        "test_import.py",
+        "test_registry_reload.py",
+        "test_flows.py",
+        "test_flow_runs.py",
+        "test_report.py",
+        "test_deploy.py",
+        "test_secrets.py",
+        "test_meter_classes.py",
+        "test_dma_leak_events.py",
+        "test_pipelines_billing.py",
+    }
+)
+
+
+def _both_backends_everywhere() -> bool:
+    return os.environ.get("AQUAMETER_TEST_BACKENDS", "").strip().lower() == "all"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the backend params an ``only_backend`` marker rules out."""
+    """Deselect the backend params an ``only_backend`` marker rules out, and the TimescaleDB half
+    of files outside ``TIMESCALE_FILES`` (unless ``AQUAMETER_TEST_BACKENDS=all``)."""
+    everywhere = _both_backends_everywhere()
     keep: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
         marker = item.get_closest_marker("only_backend")
         callspec = getattr(item, "callspec", None)
         backend = callspec.params.get("backend") if callspec is not None else None
-        if item.nodeid.split("[", 1)[0] in PLAIN_ONLY and backend == "timescale":
+        in_storage_file = Path(str(item.fspath)).name in TIMESCALE_FILES
+        if backend == "timescale" and not (everywhere or in_storage_file):
             dropped.append(item)
         elif marker is not None and backend is not None and backend not in marker.args:
             dropped.append(item)

@@ -145,6 +145,7 @@ def _seed(url: str) -> int:
     return channel
 
 
+@pytest.mark.only_backend("plain")  # it INSERTs into readings_hourly, a view on TimescaleDB
 def test_report_is_built_from_the_database_with_worklist_and_banner(
     db_url: str, tmp_path: Path
 ) -> None:
