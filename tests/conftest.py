@@ -26,8 +26,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Where the backend changes what is tested: the storage layer (migrations, hypertables, COPY,
-# compression, retention, continuous aggregates, roles), what reads the rollups (flows, report,
-# dashboards) and what writes through the ingest writer in unusual ways (poison, import, reload).
+# compression, retention, continuous aggregates, roles), what reads the rollups (flows, report)
+# and what writes through the ingest writer in unusual ways (poison, import, reload).
 # The adapters' tests (MQTT, CoAP, Modbus, OPC-UA, the demo) store through the same writer, so
 # their TimescaleDB half adds CI minutes, not coverage: it runs with AQUAMETER_TEST_BACKENDS=all.
 TIMESCALE_FILES = frozenset(
@@ -44,7 +44,6 @@ TIMESCALE_FILES = frozenset(
         "test_flows.py",
         "test_flow_runs.py",
         "test_report.py",
-        "test_deploy.py",
         "test_secrets.py",
         "test_meter_classes.py",
         "test_dma_leak_events.py",

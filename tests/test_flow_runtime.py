@@ -27,9 +27,15 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _no_external_api(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
+def _no_external_api(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> Iterator[None]:
+    """No API from the environment nor from Prefect's active settings (another module's test
+    harness may have set one for the session): these tests are about the API we start."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("AQUAMETER_DATA_DIR", str(data_dir))
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        yield
 
 
 def _port(api: PrefectApi) -> int:
