@@ -89,7 +89,7 @@ id = "D1"
 
 [[vendor]]
 id = "v"
-payload = "json"  # the codec is given to MqttIngest below (PayloadFormat lists only its own)
+payload = "{fmt}"
   [[vendor.channel]]
   name = "register"
   quantity = "volume"
@@ -122,7 +122,7 @@ def end_to_end(fmt: str, n: int, url: str, factory: object) -> tuple[float, int]
     db = factory.new(empty=True)  # type: ignore[attr-defined]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "registry.toml"
-        path.write_text(REGISTRY.format(n=n))
+        path.write_text(REGISTRY.format(n=n, fmt=fmt))
         with psycopg.connect(db) as conn:
             migrate(conn, partitions_ahead=1)
             sync_registry(conn, load_registry(path))

@@ -224,6 +224,14 @@ def tls_context(
     return context
 
 
+def _refused(reason_codes: list[mqtt.ReasonCode], what: str) -> bool:
+    """Log a SUBACK's refused filters (one line) and say whether there were any."""
+    refused = [rc for rc in reason_codes if rc.is_failure]
+    if refused:
+        log.error("MQTT %s refused: %s", what, ", ".join(map(str, refused)))
+    return bool(refused)
+
+
 class MqttIngest:
     """Subscribes to meter traffic and feeds a :class:`FrameSink`, acknowledging when durable."""
 
@@ -459,9 +467,7 @@ class MqttIngest:
         reason_codes: list[mqtt.ReasonCode],
         properties: Properties | None,
     ) -> None:
-        refused = [rc for rc in reason_codes if rc.is_failure]
-        if refused:
-            log.error("MQTT subscription refused: %s", ", ".join(str(rc) for rc in refused))
+        if _refused(reason_codes, "subscription"):
             return
         with self._cu_lock:
             self._shared_subacked_at = time.monotonic()
@@ -506,9 +512,7 @@ class MqttIngest:
         reason_codes: list[mqtt.ReasonCode],
         properties: Properties | None,
     ) -> None:
-        refused = [rc for rc in reason_codes if rc.is_failure]
-        if refused:
-            log.error("MQTT catch-up subscription refused: %s", ", ".join(map(str, refused)))
+        if _refused(reason_codes, "catch-up subscription"):
             return
         with self._cu_lock:
             self._cu_subscribed = True

@@ -91,21 +91,11 @@ def test_api_started_once_reused_by_two_flow_runs_then_closed(data_dir: Path) ->
 def test_failed_flow_exits_non_zero_with_one_line(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from prefect import flow
-
     import flows.runner
     from aquameter.cli import app
+    from tests.test_flow_runs import _broken_flow
 
-    @flow(name="ingest_health", validate_parameters=False)
-    def broken(
-        database_url: str | None = None,
-        since: Any = None,
-        until: Any = None,
-        overrides: Any = None,
-        full: bool = False,
-    ) -> dict[str, Any]:
-        raise RuntimeError("injected failure")
-
+    broken = _broken_flow("ingest_health")
     monkeypatch.setitem(flows.runner.FLOWS, "ingest_health", broken)
     monkeypatch.setenv("AQUAMETER_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
     result = CliRunner().invoke(app, ["flow", "run", "ingest_health"])
