@@ -134,6 +134,7 @@ class IngestPipeline:
         self._thread: threading.Thread | None = None
         self._acker: threading.Thread = threading.Thread()
         self._acks: queue.SimpleQueue[list[_Item] | None] = queue.SimpleQueue()
+        self._ack_flushes: list[Callable[[], None]] = []
         self._conn: psycopg.Connection | None = None
 
     # --- channel index ---------------------------------------------------------------------
@@ -510,19 +511,34 @@ class IngestPipeline:
         self._release(items)
         self._acks.put(items)
 
+    def add_ack_flush(self, flush: Callable[[], None]) -> None:
+        """Have ``flush`` called on the ack thread after each batch's ``on_durable`` callbacks.
+
+        Why: a transport can then send a batch's acknowledgements upstream in one go
+        (``MqttIngest.flush_acks``: one write of all its PUBACKs) instead of one by one."""
+        self._ack_flushes.append(flush)
+
     def _run_acks(self) -> None:
         while (items := self._acks.get()) is not None:
-            for it in items:
-                p = it.prepared
-                outcome = FrameOutcome(
-                    accepted=len(p),
-                    quarantined=sum(r.readings for r in p.rejections),
-                    reasons=[r.reason for r in p.rejections],
-                )
+            self._durable(items)
+            for flush in self._ack_flushes:
                 try:
-                    it.on_durable(outcome)
-                except Exception:  # a transport's callback must not stop the acknowledgements
-                    log.exception("on_durable callback failed")
+                    flush()
+                except Exception:  # a transport's flush must not stop the acknowledgements
+                    log.exception("acknowledgement flush failed")
+
+    def _durable(self, items: list[_Item]) -> None:
+        for it in items:
+            p = it.prepared
+            outcome = FrameOutcome(
+                accepted=len(p),
+                quarantined=sum(r.readings for r in p.rejections),
+                reasons=[r.reason for r in p.rejections],
+            )
+            try:
+                it.on_durable(outcome)
+            except Exception:  # a transport's callback must not stop the acknowledgements
+                log.exception("on_durable callback failed")
 
     def _quarantine_instead(self, item: _Item, error: BaseException) -> Batch:
         """The frame's rows could not be stored: one WRITE_FAILED row keeps all of it instead

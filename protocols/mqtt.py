@@ -73,12 +73,14 @@ URL's password for printing).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 import uuid
@@ -310,7 +312,7 @@ class MqttIngest:
         tls_ctx = tls_context(ca_file, cert_file, key_file, tls_version) if tls else None
 
         def new_client(cid: str) -> mqtt.Client:
-            c = mqtt.Client(
+            c = _BufferedClient(
                 callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                 client_id=cid,
                 protocol=protocol,
@@ -325,6 +327,14 @@ class MqttIngest:
             return c
 
         self.client = new_client(client_id)
+        # PUBACKs in batches (see flush_acks): with a sink that says when a batch of its
+        # callbacks is done, a QoS 1 acknowledgement only records the packet id here.
+        self._acks_main: collections.deque[int] = collections.deque()
+        self._acks_cu: collections.deque[int] = collections.deque()
+        register = getattr(sink, "add_ack_flush", None)
+        self._batch_acks = callable(register)
+        if callable(register):
+            register(self.flush_acks)
         self._last_connect_error: str | None = None
         self._wrap_reconnect()
         self.client.on_connect = self._on_connect
@@ -699,10 +709,36 @@ class MqttIngest:
                 log.error("MQTT acknowledgement failed: %s", _error_text(err))
 
     def _ack(self, mid: int, qos: int, client: mqtt.Client | None = None) -> None:
+        main = client is None or client is self.client
+        if qos == 1 and self._batch_acks:
+            (self._acks_main if main else self._acks_cu).append(mid)
+            return  # sent by flush_acks, which counts them
         if qos > 0:
             (client or self.client).ack(mid, qos)
-        if client is None or client is self.client:
+        if main:
             self.stats.bump("acked")
+
+    def flush_acks(self) -> None:
+        """Send the PUBACKs recorded since the last call, in order, as one write per session.
+
+        Why: paho's ``ack()`` queues one 4-byte packet and writes a byte to its socket pair to
+        wake the network thread, per message; from another thread that is a wake-up, a
+        ``select`` and a ``send`` each. The sink calls this once per committed batch (its
+        callbacks ran, in arrival order), so the PUBACKs of the batch go to paho as one packet
+        of back-to-back PUBACKs (MQTT allows several control packets per write; the order is
+        the arrival order, as MQTT requires). Called from the sink's acknowledgement thread;
+        appends come from the same thread, so the ids taken here are exactly those queued."""
+        for client, pending in ((self.client, self._acks_main), (self.catch_up, self._acks_cu)):
+            n = len(pending)
+            if not n or client is None:
+                continue
+            mids = [pending.popleft() for _ in range(n)]
+            try:
+                _send_pubacks(client, mids)
+            except Exception as err:  # a closed socket: the broker redelivers, we ack again
+                log.error("MQTT acknowledgement failed: %s", _error_text(err))
+            if client is self.client:
+                self.stats.bump("acked", n)
 
     # --- health ------------------------------------------------------------------------------
     def alive(self) -> bool:
@@ -733,6 +769,62 @@ class MqttIngest:
         return None
 
 
+class _BufferedClient(mqtt.Client):
+    """paho's client, reading its socket in 64 KiB chunks and many packets per wake-up.
+
+    Why: paho 2.x reads a packet with three ``recv`` calls (command byte, length byte, body)
+    and handles one packet per ``select``: at one reading per message that is five system
+    calls (each giving up the GIL) and a pass through the loop per message, most of paho's
+    cost. Here ``_sock_recv`` serves paho's small reads from a buffer filled by one large
+    ``recv``, and ``loop_read`` handles every complete packet the buffer holds (at least
+    ``_READ_BATCH`` packets, more while the buffer still has bytes, since ``select`` cannot
+    see them). paho's own parsing and callbacks are unchanged; this uses two of its private
+    methods (``_sock_recv``, ``_packet_read``), pinned by tests/test_mqtt_buffered.py."""
+
+    _READ_BATCH = 256
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._rbuf = b""
+        self._rpos = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        pos = self._rpos
+        buf = self._rbuf
+        if pos >= len(buf):
+            buf = super()._sock_recv(65536)  # raises BlockingIOError when nothing is there
+            if len(buf) <= bufsize:
+                self._rbuf, self._rpos = b"", 0
+                return buf  # b"" (EOF) included: paho sees the lost connection
+            self._rbuf, pos = buf, 0
+        end = pos + bufsize
+        self._rpos = end
+        return buf[pos:end]
+
+    def _buffered(self) -> int:
+        return len(self._rbuf) - self._rpos
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        if self._sock is None:
+            return mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
+        n = 0
+        while True:
+            if self._sock is None:
+                return mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == mqtt.MQTTErrorCode.MQTT_ERR_AGAIN:
+                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+            n += 1
+            if n >= self._READ_BATCH and not self._buffered():
+                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        self._rbuf, self._rpos = b"", 0  # bytes of the old connection are not the new one's
+        return super().reconnect()
+
+
 class _AckOnce:
     """The ``on_durable`` of one message: sends its PUBACK once, however often it is called."""
 
@@ -750,6 +842,23 @@ class _AckOnce:
     def __call__(self, outcome: FrameOutcome | None) -> None:
         if next(self._calls) == 0:  # atomic under the GIL: one caller wins
             self._ingest._ack(self._mid, self._qos, self._client)
+
+
+_PUBACK_HEAD = 0x4002 << 16  # PUBACK, remaining length 2, then the packet id
+
+
+def _send_pubacks(client: mqtt.Client, mids: list[int]) -> None:
+    """Queue the PUBACKs of ``mids`` with paho as one outgoing packet (one wake-up, one send).
+
+    paho 2.x writes its outgoing queue in order whatever a packet holds; a paho without the
+    ``_packet_queue`` this relies on gets one ``ack()`` per message instead."""
+    queue_packet = getattr(client, "_packet_queue", None)
+    if queue_packet is None:
+        for mid in mids:
+            client.ack(mid, 1)
+        return
+    blob = struct.pack(f"!{len(mids)}I", *[_PUBACK_HEAD | mid for mid in mids])
+    queue_packet(mqtt.PUBACK, blob, 0, 1)
 
 
 def _topic_text(msg: mqtt.MQTTMessage) -> str:
