@@ -168,6 +168,12 @@ class Validator:
             except PayloadError as err:
                 out.rejections.append(Rejection(err.reason, err.detail, err.device, frame.payload))
                 return out
+            # Parts the codec refused on their own (a wM-Bus telegram with a wrong key among good
+            # ones): each its own row with its own bytes, the rest of the message goes on.
+            for err, raw in getattr(uplinks, "rejected", ()):
+                out.rejections.append(Rejection(err.reason, err.detail, err.device, raw))
+            if not uplinks:
+                return out
         n = sum(len(u.ts) for u in uplinks)
         if n > self.max_readings_per_frame:
             out.rejections.append(
