@@ -24,6 +24,12 @@ class IngestCounters:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
 
+    def received(self, readings: int) -> None:
+        """One frame of ``readings`` submitted: ``add`` without its keyword loop (per frame)."""
+        with self._lock:
+            self.frames += 1
+            self.readings_received += readings
+
     def add_quarantined(self, reasons: dict[str, int]) -> None:
         with self._lock:
             self.quarantined.update(reasons)

@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,6 +67,85 @@ class _Item:
 
 _STOP = object()
 
+# How often the writer looks at the queue while a batch is open (instead of being woken by
+# every submit: a wake-up per frame costs a thread switch per message at 1 reading/message).
+_POLL_S = 0.002
+
+
+class _FrameQueue:
+    """The queue between submitters and the writer, bounded in frames and in bytes.
+
+    One lock and one condition for both bounds (``queue.Queue`` plus a byte condition took two
+    locks, a notify and a writer wake-up per frame). A frame's bytes count from its submit until
+    it is acknowledged (:meth:`release`), its place until the writer takes it. Submitters are
+    woken only when some are blocked; the writer only when it sleeps on an empty queue: while a
+    batch is open it polls (:meth:`take`), so a burst does not switch threads per frame."""
+
+    def __init__(self, max_frames: int, max_bytes: int) -> None:
+        self.items: deque[_Item | object] = deque()
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.blocked = 0  # submitters waiting for room
+        self._idle = False  # the writer waits for the first frame of a batch
+        self._cv = threading.Condition(threading.Lock())
+
+    def _full(self, size: int) -> bool:
+        # Bounded in bytes as well as frames: six 11 MB messages once took RSS to 742 MB.
+        # A frame larger than the whole bound still goes through once nothing else is held.
+        return len(self.items) >= self.max_frames or (
+            self.bytes > 0 and self.bytes + size > self.max_bytes
+        )
+
+    def put(self, item: _Item | object, size: int, timeout: float | None = None) -> bool:
+        """Queue ``item`` holding ``size`` bytes; block while full (False when ``timeout``
+        passed first)."""
+        cv = self._cv
+        with cv:
+            if self._full(size):
+                deadline = None if timeout is None else time.monotonic() + timeout
+                self.blocked += 1
+                try:
+                    while self._full(size):
+                        wait = 1.0 if deadline is None else deadline - time.monotonic()
+                        if wait <= 0:
+                            return False
+                        cv.wait(min(wait, 1.0))
+                finally:
+                    self.blocked -= 1
+            self.bytes += size
+            self.items.append(item)
+            if self._idle:
+                cv.notify_all()
+        return True
+
+    def take(self, wait_s: float | None) -> _Item | object | None:
+        """The oldest item; waits up to ``wait_s`` (None: for ever) when there is none, and
+        returns None if still none."""
+        cv = self._cv
+        with cv:
+            if not self.items:
+                if wait_s is not None and wait_s <= 0:
+                    return None
+                self._idle = True
+                try:
+                    cv.wait_for(lambda: self.items, wait_s)
+                finally:
+                    self._idle = False
+                if not self.items:
+                    return None
+            item = self.items.popleft()
+            if self.blocked:
+                cv.notify_all()
+            return item
+
+    def release(self, size: int) -> None:
+        """``size`` bytes are acknowledged: room for blocked submitters."""
+        with self._cv:
+            self.bytes -= size
+            if self.blocked:
+                self._cv.notify_all()
+
 
 class IngestPipeline:
     def __init__(
@@ -100,11 +180,8 @@ class IngestPipeline:
         self.batch_seconds = batch_seconds
         self.retry_max_s = retry_max_s
         self.counters = IngestCounters()
-        self._queue: queue.Queue[_Item | object] = queue.Queue(maxsize=queue_frames)
+        self._queue = _FrameQueue(queue_frames, queue_bytes)
         self.queue_bytes = queue_bytes
-        self._bytes = 0  # held by frames submitted and not yet acknowledged
-        self._bytes_cv = threading.Condition()
-        self._blocked = 0  # submits waiting for bytes to be freed
         self.max_quarantine_rows_per_frame = max_quarantine_rows_per_frame
         self.frame_write_attempts = frame_write_attempts
         self.failure: str | None = None
@@ -188,16 +265,17 @@ class IngestPipeline:
 
     def saturated(self) -> bool:
         """A submit now would block: the queue is full in frames or in bytes."""
-        return self._queue.full() or self._blocked > 0 or self._bytes >= self.queue_bytes
+        q = self._queue
+        return len(q.items) >= q.max_frames or q.blocked > 0 or q.bytes >= self.queue_bytes
 
     @property
     def queued_bytes(self) -> int:
-        return self._bytes
+        return self._queue.bytes
 
     @property
     def queued_frames(self) -> int:
         """Frames waiting for the writer."""
-        return self._queue.qsize()
+        return len(self._queue.items)
 
     def close(self, timeout: float | None = 60.0) -> None:
         """Drain what was submitted, commit it, and stop the writer."""
@@ -206,9 +284,8 @@ class IngestPipeline:
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
-        try:  # a writer that died for good leaves a full queue nobody empties
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
+        # A writer that died for good leaves a full queue nobody empties.
+        if not self._queue.put(_STOP, 0, timeout=timeout):
             log.error("ingest writer is not draining; closing without it")
         self._thread.join(timeout)
         self._thread = None
@@ -263,26 +340,12 @@ class IngestPipeline:
         if prepared is None:
             prepared = self.prepare(frame)
         received = len(prepared) + sum(r.readings for r in prepared.rejections)
-        self.counters.add(frames=1, readings_received=received)
+        self.counters.received(received)
         size = frame.size + _READING_BYTES * len(prepared)
-        with self._bytes_cv:
-            # Bounded in bytes as well as frames: six 11 MB messages once took RSS to 742 MB.
-            # A frame larger than the whole bound still goes through once the queue is empty.
-            if self._bytes > 0 and self._bytes + size > self.queue_bytes:
-                self._blocked += 1
-                try:
-                    while self._bytes > 0 and self._bytes + size > self.queue_bytes:
-                        self._bytes_cv.wait(1.0)
-                finally:
-                    self._blocked -= 1
-            self._bytes += size
-        self._queue.put(_Item(frame, prepared, on_durable, size))
+        self._queue.put(_Item(frame, prepared, on_durable, size), size)
 
     def _release(self, items: list[_Item]) -> None:
-        freed = sum(it.size for it in items)
-        with self._bytes_cv:
-            self._bytes -= freed
-            self._bytes_cv.notify_all()
+        self._queue.release(sum(it.size for it in items))
 
     def submit_many(
         self, frames: list[Frame], prepared: list[Prepared | None] | None = None
@@ -342,35 +405,39 @@ class IngestPipeline:
 
     def _run(self) -> None:
         stopping = False
+        take = self._queue.take
         while not stopping:
-            first = self._queue.get()
+            first = take(None)
             if first is _STOP:
                 break
             assert isinstance(first, _Item)
             self._stream = self._open_stream()
             items = [first]
             rows = self._feed(first)
-            deadline = time.monotonic() + self.batch_seconds
+            now = time.monotonic()
+            deadline = now + self.batch_seconds
+            linger_until = now + self.batch_linger_s
             while rows < self.batch_rows:
                 # Group commit: take what is queued; when nothing is, wait only a short linger
                 # for more, never past the batch's deadline. Under load batches fill up by
                 # themselves while the previous one commits; when traffic stops, the last
                 # frames are committed (and acknowledged) at once instead of at the deadline.
-                remaining = min(self.batch_linger_s, deadline - time.monotonic())
-                try:
-                    item = (
-                        self._queue.get(timeout=remaining)
-                        if remaining > 0
-                        else (self._queue.get_nowait())
-                    )
-                except queue.Empty:
-                    break
+                # An empty queue is looked at again every _POLL_S rather than waited on.
+                item = take(0)
+                if item is None:
+                    now = time.monotonic()
+                    end = min(linger_until, deadline)
+                    if now >= end:
+                        break
+                    time.sleep(min(_POLL_S, end - now))
+                    continue
                 if item is _STOP:
                     stopping = True
                     break
                 assert isinstance(item, _Item)
                 items.append(item)
                 rows += self._feed(item)
+                linger_until = time.monotonic() + self.batch_linger_s
             closed = time.monotonic()
             try:
                 self._finish(items)

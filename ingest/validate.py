@@ -194,7 +194,9 @@ class Validator:
         for uplink in uplinks:
             if decoded:  # a device's own status never sets the system's quality bits
                 uplink.status &= VENDOR_STATUS_MASK
-            self._check_uplink(frame, uplink, horizon, out, whole, skew_before, window_lo)
+            self._check_uplink(
+                frame, uplink, horizon, out, whole, skew_before, window_lo, finite=decoded
+            )
         return out
 
     def _kept(self, raw: bytes) -> bytes | None:
@@ -221,9 +223,13 @@ class Validator:
         whole: bytes | None,
         skew_before: float = float("-inf"),
         window_lo: float = float("-inf"),
+        *,
+        finite: bool = False,
     ) -> None:
+        """``finite``: non-finite values are set aside already (``decode`` does it)."""
         dev, info, index = self._resolve(up.device, up.channel)
-        up = up.set_aside_non_finite()  # decoded uplinks already are; transports' may not be
+        if not finite:  # transports' uplinks may hold NaN or inf values
+            up = up.set_aside_non_finite()
         n_all = len(up.ts) + len(up.not_finite)
 
         def reject_all(reason: str, detail: str) -> None:
@@ -294,7 +300,21 @@ class Validator:
         # NaN unless it comes first, so finiteness is checked apart: a sum is NaN or inf as soon
         # as one term is (a sum that overflows only sends valid data down the slow path). The
         # values are finite already (set aside above); only a unit conversion can overflow.
-        if (
+        if n == 1 and len(conv) == 1:  # one reading per message, common in live traffic
+            t, c = ts[0], conv[0]
+            if (
+                lo_ts <= t <= horizon
+                and t >= skew_before
+                and info.min_value <= c <= info.max_value
+                and math.isfinite(t)
+                and math.isfinite(c)
+            ):
+                out.channel_ids.append(info.id)
+                out.ts.append(t)
+                out.values.append(c)
+                out.quality.append(up.status)
+                return
+        elif (  # anything else, lists of unequal length included, takes the general checks
             n
             and math.isfinite(sum(ts))
             and (conv is values or math.isfinite(sum(conv)))

@@ -103,6 +103,9 @@ log = logging.getLogger("aquameter.mqtt")
 UNKNOWN_TOPIC = "UNKNOWN_TOPIC"
 PROCESSING_ERROR = "PROCESSING_ERROR"
 
+# Topics whose route is remembered (a meter's topic repeats with each of its messages).
+_ROUTE_CACHE = 16_384
+
 # Longest exception text carried in a PROCESSING_ERROR detail or log line.
 MAX_ERROR_TEXT = 500
 
@@ -329,8 +332,10 @@ class MqttIngest:
         self.client = new_client(client_id)
         # PUBACKs in batches (see flush_acks): with a sink that says when a batch of its
         # callbacks is done, a QoS 1 acknowledgement only records the packet id here.
+        self._routes: dict[str, TopicRoute] = {}  # parse_topic's answers, by topic
         self._acks_main: collections.deque[int] = collections.deque()
         self._acks_cu: collections.deque[int] = collections.deque()
+        self._flush_lock = threading.Lock()
         register = getattr(sink, "add_ack_flush", None)
         self._batch_acks = callable(register)
         if callable(register):
@@ -630,7 +635,8 @@ class MqttIngest:
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         """paho's message callback: hand the message to the sink; never raise (see the module
         docstring: an exception here would end paho's network thread)."""
-        self.stats.bump("messages")
+        # Only this thread writes ``messages``: no lock needed (it costs one per message).
+        self.stats.messages += 1
         ack = _AckOnce(self, msg.mid, msg.qos)
         try:
             # Blocks while ingest is full: the network thread stops reading, the broker holds
@@ -642,7 +648,13 @@ class MqttIngest:
     def _frame(self, msg: mqtt.MQTTMessage) -> Frame:
         """The frame for ``msg``: a routed uplink, or a refused UNKNOWN_TOPIC frame."""
         topic = _topic_text(msg)
-        route = parse_topic(topic, self.topic_root)
+        route = self._routes.get(topic)
+        if route is None:
+            route = parse_topic(topic, self.topic_root)
+            if route is not None:
+                if len(self._routes) >= _ROUTE_CACHE:  # topics are chosen by the sender
+                    self._routes.clear()
+                self._routes[topic] = route
         if route is None:
             self.stats.bump("ignored_topics")
             root = self.topic_root
@@ -705,6 +717,7 @@ class MqttIngest:
             )
             try:
                 ack(None)
+                self.flush_acks()  # no batch of the sink's will carry this one
             except Exception as err:  # a closed socket: the broker redelivers, we try again
                 log.error("MQTT acknowledgement failed: %s", _error_text(err))
 
@@ -728,17 +741,21 @@ class MqttIngest:
         of back-to-back PUBACKs (MQTT allows several control packets per write; the order is
         the arrival order, as MQTT requires). Called from the sink's acknowledgement thread;
         appends come from the same thread, so the ids taken here are exactly those queued."""
-        for client, pending in ((self.client, self._acks_main), (self.catch_up, self._acks_cu)):
-            n = len(pending)
-            if not n or client is None:
-                continue
-            mids = [pending.popleft() for _ in range(n)]
-            try:
-                _send_pubacks(client, mids)
-            except Exception as err:  # a closed socket: the broker redelivers, we ack again
-                log.error("MQTT acknowledgement failed: %s", _error_text(err))
-            if client is self.client:
-                self.stats.bump("acked", n)
+        with self._flush_lock:
+            for client, pending in (
+                (self.client, self._acks_main),
+                (self.catch_up, self._acks_cu),
+            ):
+                n = len(pending)
+                if not n or client is None:
+                    continue
+                mids = [pending.popleft() for _ in range(n)]
+                try:
+                    _send_pubacks(client, mids)
+                except Exception as err:  # a closed socket: the broker redelivers, we ack again
+                    log.error("MQTT acknowledgement failed: %s", _error_text(err))
+                if client is self.client:
+                    self.stats.bump("acked", n)
 
     # --- health ------------------------------------------------------------------------------
     def alive(self) -> bool:
