@@ -23,7 +23,7 @@ A unit is recomputed when
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -111,16 +111,20 @@ def local_days(subjects: pl.DataFrame, since: datetime, until: datetime) -> pl.D
         first, last = since.astimezone(tz).date(), last_instant.astimezone(tz).date()
         if last < first:
             continue
-        days = pl.date_range(first, last, "1d", eager=True).alias("local_date")
-        parts.append(subj.filter(pl.col("timezone") == zone).join(days.to_frame(), how="cross"))
+        # A zone's day ends are the same for all its subjects: computed once per zone and day,
+        # then crossed with the subjects (a year of 10,000 meters is 3.65 M units).
+        days = pl.date_range(first, last, "1d", eager=True).alias("day").to_frame()
+        ends = local_day_bounds(days.with_columns(pl.lit(zone).alias("timezone")), "day").select(
+            "day", pl.col("day_end_ts").alias("complete_at")
+        )
+        parts.append(
+            subj.filter(pl.col("timezone") == zone).select("subject_id").join(ends, how="cross")
+        )
     if not parts:
         return pl.DataFrame(
             schema={"subject_id": pl.String, "day": pl.Date, "complete_at": UNITS["complete_at"]}
         )
-    framed = local_day_bounds(pl.concat(parts), "local_date")
-    return framed.select(
-        "subject_id", pl.col("local_date").alias("day"), pl.col("day_end_ts").alias("complete_at")
-    ).sort("subject_id", "day")
+    return pl.concat(parts).sort("subject_id", "day")
 
 
 def day_units(days: pl.DataFrame, before: int = 1, after: int = 1) -> pl.DataFrame:
@@ -172,7 +176,8 @@ def fingerprints(
                 {edits})
             SELECT u.subject_id, {days_since_1970("u.day")},
                    coalesce(sum(st.n), 0)::text || ':' || coalesce(sum(st.t), 0)::text
-            FROM u LEFT JOIN st ON st.subject_id = u.subject_id AND st.day BETWEEN u.lo AND u.hi
+            FROM u CROSS JOIN LATERAL generate_series(u.lo, u.hi, interval '1 day') AS g(d)
+            LEFT JOIN st ON st.subject_id = u.subject_id AND st.day = g.d::date
             GROUP BY u.subject_id, u.day""",
         {
             "subjects": list(subject_ids) if subject_ids is not None else None,
@@ -265,5 +270,43 @@ def plan_days(
                 pl.col("day_end_ts").alias("complete_at"),
             )
             window = pl.concat([old, window]).unique(["subject_id", "day"], keep="last")
-    units = with_salt(fingerprints(conn, kind, day_units(window)), salt)
-    return stale_units(conn, flow, units, as_of, full=full).sort("subject_id", "day")
+    units = day_units(window)
+    parts = [
+        stale_units(
+            conn,
+            flow,
+            with_salt(
+                fingerprints(conn, kind, batch, batch["subject_id"].unique().to_list()), salt
+            ),
+            as_of,
+            full=full,
+        )
+        for batch in subject_batches(units, PLAN_BATCH_UNITS)
+    ]
+    if not parts:  # no days in the window: the empty frame, with its columns
+        return with_salt(fingerprints(conn, kind, units), salt)
+    return pl.concat(parts).sort("subject_id", "day")
+
+
+# Units fingerprinted per query. Why: the units travel to the server as arrays built from Python
+# lists, and a year of 10,000 meters (3.65 M meter-days) in one query cost ~2 GB in the flow's
+# process; in batches of whole subjects the cost is bounded whatever the window and the estate.
+PLAN_BATCH_UNITS = 100_000
+
+
+def subject_batches(units: pl.DataFrame, most: int) -> Iterator[pl.DataFrame]:
+    """``units`` split into frames of whole subjects, each of about ``most`` rows or fewer (a
+    subject with more units than ``most`` is a batch of its own), one at a time."""
+    if units.height == 0:
+        return
+    per_subject = units.group_by("subject_id", maintain_order=True).len().sort("subject_id")
+    batches: list[list[str]] = [[]]
+    rows = 0
+    for subject, n in per_subject.iter_rows():
+        if batches[-1] and rows + n > most:
+            batches.append([])
+            rows = 0
+        batches[-1].append(subject)
+        rows += n
+    for ids in batches:
+        yield units.filter(pl.col("subject_id").is_in(ids))

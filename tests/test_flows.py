@@ -552,3 +552,30 @@ def test_meter_anomalies_in_slices_find_the_episodes_of_one_pass(
             )
     assert {r[0] for r in found[0]} >= {"LEAK_CONTINUOUS", "TAMPER", "BURST"}
     assert found[1] == found[0]
+
+
+def test_plan_in_batches_of_subjects_equals_one_query(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The planner fingerprints units in batches of whole subjects (bounded memory): any batch
+    size gives the same stale units as one query for the whole estate."""
+    import flows.late_data as late_data
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        subjects = load_meters(conn).select(pl.col("meter_id").alias("subject_id"), "timezone")
+
+        def plan(batch: int) -> pl.DataFrame:
+            monkeypatch.setattr(late_data, "PLAN_BATCH_UNITS", batch)
+            return late_data.plan_days(
+                conn, "batch_probe", "meter", subjects, START, UNTIL, UNTIL,
+                late_horizon_days=3, salt="s",
+            )  # fmt: skip
+
+        whole = plan(10**9)
+        # A flow that never ran: every local day of every meter is stale.
+        assert whole.height == local_days(subjects, START, UNTIL).height > 0
+        assert whole["inputs"].null_count() == 0
+        assert whole["inputs"].str.ends_with("|ss").all()
+        assert len(list(late_data.subject_batches(whole, 7))) > 10
+        for batch in (1, 7, 250):
+            assert plan(batch).equals(whole), batch
