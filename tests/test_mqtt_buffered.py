@@ -92,7 +92,8 @@ def _redelivered(url: str, client_id: str, wait_s: float = 1.5) -> int:
 
 def test_paho_internals_relied_on_are_there():
     """paho 2.x private methods the buffered client and the batched PUBACKs use."""
-    for name in ("_sock_recv", "_packet_read", "_loop_rc_handle", "_packet_queue"):
+    names = ("_sock_recv", "_packet_read", "_loop_rc_handle", "_packet_queue", "_handle_on_message")
+    for name in names:
         assert callable(getattr(mqtt.Client, name, None)), name
     params = list(inspect.signature(mqtt.Client._packet_queue).parameters)
     assert params[:5] == ["self", "command", "packet", "mid", "qos"]
