@@ -170,8 +170,10 @@ class Validator:
                 return out
             # Parts the codec refused on their own (a wM-Bus telegram with a wrong key among good
             # ones): each its own row with its own bytes, the rest of the message goes on.
-            for err, raw in getattr(uplinks, "rejected", ()):
-                out.rejections.append(Rejection(err.reason, err.detail, err.device, raw))
+            for refused, raw in getattr(uplinks, "rejected", ()):
+                out.rejections.append(
+                    Rejection(refused.reason, refused.detail, refused.device, raw)
+                )
             if not uplinks:
                 return out
         n = sum(len(u.ts) for u in uplinks)
