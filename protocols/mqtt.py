@@ -337,9 +337,13 @@ class MqttIngest:
         self._acks_cu: collections.deque[int] = collections.deque()
         self._flush_lock = threading.Lock()
         register = getattr(sink, "add_ack_flush", None)
-        self._batch_acks = callable(register)
+        self._batch_acks = False
         if callable(register):
-            register(self.flush_acks)
+            try:
+                register(self.flush_acks)
+                self._batch_acks = True
+            except AttributeError:  # a sink not set up for it (never started): ack one by one
+                pass
         self._last_connect_error: str | None = None
         self._wrap_reconnect()
         self.client.on_connect = self._on_connect
