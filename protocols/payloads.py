@@ -44,7 +44,7 @@ import json
 import logging
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from decimal import Decimal
 from fractions import Fraction
@@ -94,6 +94,26 @@ def _fail(reason: str, detail: str, device: str | None = None) -> PayloadError:
     if len(detail) > MAX_DETAIL:
         detail = detail[: MAX_DETAIL - len(_CUT)] + _CUT
     return PayloadError(reason, detail, device)
+
+
+class Decoded(list[Uplink]):
+    """The uplinks of one message, plus the parts of it a codec refused on their own.
+
+    Why: a wM-Bus gateway forwards many meters' telegrams in one message; one telegram under a
+    wrong key must cost that telegram only, not its neighbours. ``rejected`` holds each refused
+    part's error and its raw bytes, so ingest can quarantine it as its own row. A codec raises
+    PayloadError (as before) only when nothing in the message decodes.
+    """
+
+    __slots__ = ("rejected",)
+
+    def __init__(
+        self,
+        uplinks: Iterable[Uplink] = (),
+        rejected: Iterable[tuple[PayloadError, bytes]] = (),
+    ) -> None:
+        super().__init__(uplinks)
+        self.rejected: list[tuple[PayloadError, bytes]] = list(rejected)
 
 
 def _brief(value: Any) -> str:
@@ -719,8 +739,11 @@ def decode(
     default_device: str | None = None,
     *,
     max_depth: int = DEFAULT_MAX_DEPTH,
-) -> list[Uplink]:
+) -> Decoded:
     """Decode a payload in ``fmt`` (sniffed when None) into uplinks, or raise PayloadError.
+
+    The result's ``rejected`` lists the parts a codec refused one by one (a wM-Bus telegram of
+    many under a wrong key); PayloadError means nothing in the payload decoded.
 
     Nothing else escapes, whatever the bytes: transports call this on their network thread,
     where any other exception would stop reading for every device. An exception the codecs did
@@ -739,7 +762,9 @@ def decode(
         else:
             uplinks = None
         if uplinks is not None:
-            return [u.set_aside_non_finite() for u in uplinks]
+            return Decoded(
+                [u.set_aside_non_finite() for u in uplinks], getattr(uplinks, "rejected", ())
+            )
     except PayloadError:
         raise
     except RecursionError:

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from aquameter.secrets import SecretError, resolve_secret
-from protocols.payloads import BAD_CRC, MALFORMED, UNSUPPORTED_FORMAT, _fail
+from protocols.payloads import BAD_CRC, MALFORMED, UNSUPPORTED_FORMAT, Decoded, _fail
 from protocols.uplink import PayloadError, Quality, Uplink
 
 DECRYPT_FAILED = "DECRYPT_FAILED"
@@ -120,13 +120,33 @@ def split_telegrams(data: bytes) -> list[bytes]:
     """Telegrams (CRCs removed) of a buffer holding one or many, back to back, each with or
     without format A CRC blocks: a telegram whose first block CRC is right keeps CRCs."""
     out: list[bytes] = []
+    for tg, raw in _frames(data):
+        if isinstance(tg, PayloadError):
+            raise tg
+        out.append(tg)
+    return out
+
+
+def _frames(data: bytes) -> list[tuple[bytes | PayloadError, bytes]]:
+    """Each telegram framed in ``data`` as (telegram without CRCs, or its error; bytes as
+    received). Framing that breaks off ends the list with the error and the remaining bytes.
+
+    Why errors are items, not raised: a gateway message holds many meters' telegrams; one with
+    a bad block CRC (its length is still known from L) or a broken tail must not cost the
+    telegrams framed whole around it.
+    """
+    out: list[tuple[bytes | PayloadError, bytes]] = []
     pos = 0
     while pos < len(data):
         if len(out) >= MAX_TELEGRAMS:
-            raise _fail(MALFORMED, f"more than {MAX_TELEGRAMS} wM-Bus telegrams in one message")
+            err = _fail(MALFORMED, f"more than {MAX_TELEGRAMS} wM-Bus telegrams in one message")
+            out.append((err, data[pos:]))
+            return out
         l_field = data[pos]
         if l_field < 10:
-            raise _fail(MALFORMED, f"wM-Bus L field {l_field} at byte {pos} is too small")
+            err = _fail(MALFORMED, f"wM-Bus L field {l_field} at byte {pos} is too small")
+            out.append((err, data[pos:]))
+            return out
         with_crc = _crc_length(l_field)
         head = data[pos : pos + 12]
         if (
@@ -134,19 +154,25 @@ def split_telegrams(data: bytes) -> list[bytes]:
             and len(head) == 12
             and struct.unpack_from(">H", head, 10)[0] == crc16_en13757(head[:10])
         ):
-            out.append(strip_crcs(data[pos : pos + with_crc]))
+            raw = data[pos : pos + with_crc]
             pos += with_crc
+            try:
+                out.append((strip_crcs(raw), raw))
+            except PayloadError as err:  # a later block's CRC: this telegram only
+                out.append((err, raw))
             continue
         end = pos + l_field + 1
         if end > len(data):
-            raise _fail(
+            err = _fail(
                 MALFORMED,
                 f"wM-Bus telegram at byte {pos} needs {l_field + 1} bytes, has {len(data) - pos}",
             )
-        out.append(data[pos:end])
+            out.append((err, data[pos:]))
+            return out
+        out.append((data[pos:end], data[pos:end]))
         pos = end
     if not out:
-        raise _fail(MALFORMED, "no wM-Bus telegram")
+        out.append((_fail(MALFORMED, "no wM-Bus telegram"), bytes(data)))
     return out
 
 
@@ -580,15 +606,24 @@ def _uplinks(t: Telegram, now: float) -> list[Uplink]:
 
 def decode_wmbus(
     payload: bytes, default_device: str | None = None, *, keys: KeyRing | None = None
-) -> list[Uplink]:
+) -> Decoded:
     """Uplinks of one or many binary telegrams (with or without CRC blocks), or PayloadError.
 
+    A telegram that fails on its own (wrong key, bad CRC, no reading) lands in the result's
+    ``rejected`` with its bytes while the others decode; PayloadError only when none does.
     Why ``default_device`` is unused: a telegram names its meter; a gateway's topic does not.
     """
     now = float(int(time.time()))
-    out: list[Uplink] = []
-    for tg in split_telegrams(bytes(payload)):
-        out.extend(_uplinks(parse_telegram(tg, keys), now))
+    out = Decoded()
+    for tg, raw in _frames(bytes(payload)):
+        try:
+            if isinstance(tg, PayloadError):
+                raise tg
+            out.extend(_uplinks(parse_telegram(tg, keys), now))
+        except PayloadError as err:
+            out.rejected.append((err, raw))
+    if not out:
+        raise out.rejected[0][0]
     return out
 
 
@@ -597,8 +632,10 @@ _HEX_SEP = re.compile(r"[\s,;]+")
 
 def decode_wmbus_hex(
     payload: bytes, default_device: str | None = None, *, keys: KeyRing | None = None
-) -> list[Uplink]:
-    """Uplinks of hex telegrams separated by whitespace, commas or semicolons (``0x`` allowed)."""
+) -> Decoded:
+    """Uplinks of hex telegrams separated by whitespace, commas or semicolons (``0x`` allowed);
+    a word that is not hex or does not decode is refused on its own, as in :func:`decode_wmbus`.
+    """
     try:
         text = bytes(payload).decode("ascii")
     except UnicodeDecodeError:
@@ -608,13 +645,22 @@ def decode_wmbus_hex(
         raise _fail(MALFORMED, "empty wM-Bus hex payload")
     if len(words) > MAX_TELEGRAMS:
         raise _fail(MALFORMED, f"more than {MAX_TELEGRAMS} wM-Bus telegrams in one message")
-    out: list[Uplink] = []
+    out = Decoded()
     for w in words:
         try:
             raw = bytes.fromhex(w)
         except ValueError:
-            raise _fail(MALFORMED, f"not hex: {w[:40]!r}") from None
-        out.extend(decode_wmbus(raw, default_device, keys=keys))
+            out.rejected.append((_fail(MALFORMED, f"not hex: {w[:40]!r}"), w.encode()))
+            continue
+        try:
+            part = decode_wmbus(raw, default_device, keys=keys)
+        except PayloadError as err:
+            out.rejected.append((err, w.encode()))
+            continue
+        out.extend(part)
+        out.rejected.extend((err, w.encode()) for err, _ in part.rejected)
+    if not out:
+        raise out.rejected[0][0]
     return out
 
 
