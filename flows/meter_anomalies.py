@@ -69,11 +69,22 @@ class MeterAnomaliesSettings:
 
 @dataclass(frozen=True)
 class MeterChunk:
+    """One task's meters and their stale (meter, day) units with the inputs fingerprint.
+
+    The units stay a polars frame (``subject_id``, ``day``, ``inputs``): as Python lists a year
+    of 10,000 meters (3.65 M units) held ~1 GB in the flow's process for the whole run."""
+
     meter_ids: list[str]
-    unit_meters: list[str]
-    unit_days: list[date]
-    unit_inputs: list[str]
+    units: pl.DataFrame
     first_day: date
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, MeterChunk)
+            and self.meter_ids == other.meter_ids
+            and self.first_day == other.first_day
+            and self.units.equals(other.units)
+        )
 
 
 def window_slices(start: datetime, end: datetime, days: int) -> list[tuple[datetime, datetime]]:
@@ -123,14 +134,9 @@ def plan_meter_days(
         first = part["day"].min()
         assert isinstance(first, date)
         chunks.append(
-            MeterChunk(
-                ids[i : i + chunk_meters],
-                part["subject_id"].to_list(),
-                part["day"].to_list(),
-                part["inputs"].to_list(),
-                first,
-            )
+            MeterChunk(ids[i : i + chunk_meters], part.select("subject_id", "day", "inputs"), first)
         )
+    del stale
     return chunks
 
 
@@ -176,9 +182,10 @@ def compute_meter_chunk(
             )
             n_reads += reads.height
             del reads, series
-        units = pl.DataFrame(
-            {"subject_id": chunk.unit_meters, "day": chunk.unit_days, "inputs": chunk.unit_inputs},
-            schema={"subject_id": pl.String, "day": pl.Date, "inputs": pl.String},
+        units = chunk.units.select(
+            pl.col("subject_id").cast(pl.String),
+            pl.col("day").cast(pl.Date),
+            pl.col("inputs").cast(pl.String),
         )
         with conn.transaction(), conn.cursor() as cur:
             lock(cur, FLOW)

@@ -446,7 +446,11 @@ def test_task_inputs_survive_pickling() -> None:
         BillingExportSettings(),
         IngestHealthSettings(),
         DmaWork("D", [date(2026, 1, 1)], ["1:2"]),
-        MeterChunk(["M"], ["M"], [date(2026, 1, 1)], ["1:2"], date(2026, 1, 1)),
+        MeterChunk(
+            ["M"],
+            pl.DataFrame({"subject_id": ["M"], "day": [date(2026, 1, 1)], "inputs": ["1:2"]}),
+            date(2026, 1, 1),
+        ),
         BillingChunk(["M"], ["1:2"]),
         DmaPeriods("D", [Period("2026-01", date(2026, 1, 1), date(2026, 2, 1))], ["1:2"]),
     ]
@@ -537,7 +541,8 @@ def test_meter_anomalies_in_slices_find_the_episodes_of_one_pass(
     from flows.meter_anomalies import MeterAnomaliesSettings, MeterChunk, compute_meter_chunk
 
     ids = sorted(fleet.meters["meter_id"].to_list())
-    chunk = MeterChunk(ids, ids, [START.date()] * len(ids), ["t"] * len(ids), START.date())
+    units = pl.DataFrame({"subject_id": ids, "day": [START.date()] * len(ids), "inputs": "t"})
+    chunk = MeterChunk(ids, units, START.date())
     found = []
     for days in (31, 4):
         url = db_factory.new()
