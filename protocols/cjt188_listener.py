@@ -23,7 +23,7 @@ from typing import Any
 
 from protocols.cjt188 import END, FORMAT, PREAMBLE, START, frame_uplink, parse_frames
 from protocols.payloads import MALFORMED
-from protocols.uplink import Frame, FrameSink, PayloadError, submit_and_wait
+from protocols.uplink import Frame, FrameOutcome, FrameSink, PayloadError
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,14 @@ class Cjt188Listener:
         host: str = "127.0.0.1",
         port: int = 9188,
         idle_timeout_s: float = 600.0,
+        in_flight: int = 256,
     ) -> None:
         self.addresses = dict(addresses)
         self.sink = sink
         self.host = host
         self.port = port
         self.idle_timeout_s = idle_timeout_s
+        self.in_flight = in_flight
         self.bound_port: int | None = None
         self.ready = asyncio.Event()
         self.frames = 0
@@ -81,6 +83,7 @@ class Cjt188Listener:
         peer = writer.get_extra_info("peername")
         where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         buf = bytearray()
+        window = _Window(self.in_flight)
         try:
             while True:
                 try:
@@ -92,19 +95,22 @@ class Cjt188Listener:
                     break
                 buf += data
                 for raw, rejection in split_stream(buf, final=False):
-                    await self._submit(where, raw, rejection)
+                    await self._submit(where, raw, rejection, window)
             for raw, rejection in split_stream(buf, final=True):
-                await self._submit(where, raw, rejection)
+                await self._submit(where, raw, rejection, window)
         except (ConnectionError, OSError) as exc:
             log.info("CJ/T 188 %s: %s", where, exc)
         finally:
+            await window.drain()
             writer.close()
             try:
                 await writer.wait_closed()
             except (ConnectionError, OSError):
                 pass
 
-    async def _submit(self, where: str, raw: bytes, rejection: tuple[str, str] | None) -> None:
+    async def _submit(
+        self, where: str, raw: bytes, rejection: tuple[str, str] | None, window: _Window
+    ) -> None:
         frame = Frame(source=SOURCE, address=where, payload=raw, payload_format=FORMAT)
         if rejection is None:
             try:
@@ -125,7 +131,47 @@ class Cjt188Listener:
         frame.rejection = rejection
         self.frames += 1
         self.rejected += rejection is not None
-        await submit_and_wait(self.sink, frame)
+        await window.submit(self.sink, frame)
+
+
+class _Window:
+    """At most ``size`` frames of one connection submitted and not yet durable.
+
+    Why not one frame at a time: a DTU pushes a day of its meters' frames in one session, and
+    waiting for each frame's commit (a batch interval) would cap a connection at a few frames a
+    second; why bounded: a DTU must not queue more than ingest has taken on.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._slots = asyncio.Semaphore(max(1, size))
+        self._pending: set[asyncio.Future[FrameOutcome]] = set()
+
+    async def submit(self, sink: FrameSink, frame: Frame) -> None:
+        await self._slots.acquire()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[FrameOutcome] = loop.create_future()
+        self._pending.add(future)
+
+        def resolve(outcome: FrameOutcome) -> None:
+            if not future.done():
+                future.set_result(outcome)
+            self._pending.discard(future)
+            self._slots.release()
+
+        def done(outcome: FrameOutcome) -> None:
+            loop.call_soon_threadsafe(resolve, outcome)
+
+        try:
+            await loop.run_in_executor(None, sink.submit, frame, done)
+        except BaseException:
+            self._pending.discard(future)
+            self._slots.release()
+            raise
+
+    async def drain(self) -> None:
+        """Wait until every frame of the connection is durable (the session's end)."""
+        if self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
 
 
 def split_stream(buf: bytearray, *, final: bool) -> list[tuple[bytes, tuple[str, str] | None]]:

@@ -581,7 +581,21 @@ def parse_telegram(tg: bytes, keys: KeyRing | None = None) -> Telegram:
 
 
 def _uplinks(t: Telegram, now: float) -> list[Uplink]:
+    """The current readings of a telegram, stamped with its own date/time record when it has
+    one (type F, read as UTC like every time here), else with the time it was decoded.
+
+    Why the meter's time first: a gateway that forwards a backlog (or a replayed day) would
+    otherwise stamp hours of readings with one instant, and all but one become duplicates.
+    """
     device = f"serial:{t.meter_id}"
+    for r in t.records:
+        if (
+            r.quantity == "datetime"
+            and r.value is not None
+            and not (r.storage or r.tariff or r.subunit or r.function)
+        ):
+            now = r.value
+            break
     status = int(Quality.LOW_BATTERY) if t.status & STS_POWER_LOW else 0
     out: list[Uplink] = []
     seen: set[str] = set()
@@ -677,9 +691,13 @@ def encode_wmbus(
     mode: int = 5,
     counter: int = 0,
     crc: bool = False,
+    meter_time: float | None = None,
 ) -> bytes:
     """A water meter telegram (CI 0x7A) with the volume in litres (VIF 0x13); encrypted when a
     key is given: mode 5, or mode 7 (behind an AFL with ``counter`` and an 8-byte CMAC, KDF 1).
+
+    ``meter_time`` adds the meter's current date/time record (VIF 6DH, type F), which the
+    decoder then uses as the reading's time.
 
     Why: the fleet simulator and the round-trip tests need telegrams as meters send them, and
     mode 7 can only be checked by having an independent decoder (wmbusmeters) read ours.
@@ -690,6 +708,12 @@ def encode_wmbus(
     ident = bytes.fromhex(meter_id)[::-1]
     head = struct.pack("<BH", 0x44, m) + ident + bytes([version, device_type])
     records = b"\x04\x13" + struct.pack("<i", round(volume_m3 * 1000))
+    if meter_time is not None:  # current date and time, type F (whole minutes, UTC)
+        d = datetime.fromtimestamp(int(meter_time) // 60 * 60, UTC)
+        y = d.year - 2000
+        records += b"\x04\x6d" + bytes(
+            [d.minute, d.hour, d.day | ((y & 0x07) << 5), d.month | ((y & 0x78) << 1)]
+        )
     afl, ext = b"", b""
     kmac = mcr = b""
     if key is not None:

@@ -13,7 +13,17 @@ The vendor segment names the registry vendor, whose ``payload`` format says how 
 * ``cbor``  the same object in CBOR;
 * ``binary-v1``  ``protocols.payloads.encode_binary_v1(serial, t0, step, litres, status)``: the
   frame names the meter by serial only (``serial:N``), so ``device.serial`` must be set;
-* concentrator batches are always JSON: ``{"gw": id, "readings": [<json objects as above>]}``;
+* ``senml-json`` / ``senml-cbor``  an LwM2M water meter's SenML pack (RFC 8428) on its device
+  topic: base time ``bt`` = first read, ``t`` offsets, resource ``/3424/0/1`` (the register, m3),
+  status flags as the object's boolean resources (10 leak, 11 reverse flow, 13 tamper);
+* ``wmbus`` / ``wmbus-hex``  wireless M-Bus/OMS meters heard by a gateway: one encrypted mode 5
+  telegram per read (``protocols.wmbus.encode_wmbus``, volume in litres, the read's time as the
+  date/time record, low battery as the power-low status bit), several meters' telegrams per
+  message on the gateway's batch topic, binary back to back or hex one per line. Each meter's
+  AES key is :func:`wmbus_key` (seeded, never in the registry): :func:`write_wmbus_keys` writes
+  the key file ingest reads (``AQUAMETER_WMBUS_KEYS_FILE``);
+* ``cjt188`` meters are not on MQTT: their DTUs push frames over TCP (``simulators.dtu``);
+* concentrator batches of JSON/CBOR meters are JSON: ``{"gw": id, "readings": [<json objects>]}``;
 * DMA instruments: ``{"dev": id, "ch": "flow", "t0": …, "step": …, "v": [...], "unit": "L/s"}``,
   values in the channel's configured unit (``unit`` of the registry channel).
 
@@ -32,10 +42,12 @@ exact duplicate publishes, out-of-order delivery (shuffles within a window) and 
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -45,6 +57,8 @@ import polars as pl
 
 from aquameter.registry import Device, Registry
 from protocols.payloads import BAD_CRC, MALFORMED, encode_binary_v1
+from protocols.uplink import Quality
+from protocols.wmbus import KEYS_FILE_ENV, encode_wmbus
 from simulators.fleet import FleetData, customer_meters, meter_id_of
 
 DEFAULT_ROOT = "aquameter/v1"
@@ -84,6 +98,8 @@ class TrafficParams:
     inlet_reads_per_message: int = 4  # DMA loggers send hourly at 15-minute logging
     concentrators: bool = True
     max_batch_readings: int = 5000  # split big concentrator batches (MQTT packet size)
+    max_telegrams: int = 50  # wM-Bus telegrams per gateway message
+    key_seed: int = 0  # per-meter wM-Bus keys: wmbus_key(meter_id, key_seed)
     uplink_jitter_s: float = 600.0  # meters do not all send at the same second
     seed: int = 0
     malformed: int = 0
@@ -114,6 +130,7 @@ class TrafficCounts:
     late_readings: int = 0
     bytes: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
+    by_format: dict[str, int] = field(default_factory=dict)  # meter readings per payload format
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,17 +168,56 @@ class _Route:
     gateway_topic: str | None
 
 
+WMBUS_FORMATS = ("wmbus", "wmbus-hex")
+SENML_FORMATS = ("senml-json", "senml-cbor")
+
+
+def wmbus_key(meter_id: str, seed: int = 0) -> bytes:
+    """The simulated AES-128 key of a wM-Bus meter: derived from its id and a seed, so the
+    simulator and the key file agree without the key ever entering the registry."""
+    return hashlib.sha256(f"aquameter-sim-wmbus:{seed}:{meter_id}".encode()).digest()[:16]
+
+
+def wmbus_meters(registry: Registry) -> list[Device]:
+    """Customer meters whose vendor speaks wireless M-Bus."""
+    return [
+        d
+        for d, _ in customer_meters(registry)
+        if registry.vendor(d.vendor).payload in WMBUS_FORMATS
+    ]
+
+
+def write_wmbus_keys(path: Path, registry: Registry, seed: int = 0) -> Path:
+    """Write the key file of every wM-Bus meter (``<8-digit id> <32 hex>`` a line, mode 0600)
+    for ingest's ``AQUAMETER_WMBUS_KEYS_FILE``: keys come from a file, never the database."""
+    lines = [
+        f"{d.serial:08d} {wmbus_key(f'{d.serial:08d}', seed).hex()}"
+        for d in wmbus_meters(registry)
+        if d.serial is not None
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+WMBUS_KEYS_FILE_ENV = KEYS_FILE_ENV
+
+
 def _routes(registry: Registry, params: TrafficParams) -> dict[str, _Route]:
     routes: dict[str, _Route] = {}
     for dev, _ in customer_meters(registry):
         if dev.protocol != "mqtt":
             continue
         fmt = registry.vendor(dev.vendor).payload
-        if fmt == "binary-v1" and dev.serial is None:
-            raise ValueError(f"{dev.id}: binary-v1 meters need a serial")
+        if fmt == "cjt188":  # DTUs push these over TCP (simulators.dtu)
+            continue
+        if fmt in ("binary-v1", *WMBUS_FORMATS) and dev.serial is None:
+            raise ValueError(f"{dev.id}: {fmt} meters need a serial")
         gw = None
         if params.concentrators and dev.gateway and fmt in ("json", "cbor"):
             gw = batch_topic(params.root, dev.vendor, dev.gateway)
+        elif fmt in WMBUS_FORMATS:  # radio meters reach MQTT only through a gateway
+            gw = batch_topic(params.root, dev.vendor, dev.gateway or f"WMB-{dev.dma}")
         routes[meter_id_of(dev)] = _Route(
             dev, fmt, device_topic(params.root, dev.vendor, dev.id), gw
         )
@@ -170,6 +226,28 @@ def _routes(registry: Registry, params: TrafficParams) -> dict[str, _Route]:
 
 def _encode(fmt: str, obj: dict[str, Any]) -> bytes:
     return cbor2.dumps(obj) if fmt == "cbor" else _json.encode(obj)
+
+
+# SenML labels as CBOR keys (RFC 8428 table 4) and LwM2M object 3424's status resources.
+_SENML_CBOR = {"bn": -2, "bt": -3, "n": 0, "u": 1, "v": 2, "vb": 4, "t": 6}
+_SENML_FLAGS = ((Quality.LEAK, "10"), (Quality.REVERSE_FLOW, "11"), (Quality.TAMPER, "13"))
+
+
+def encode_senml_uplink(
+    t_first: int, step: int, reg_m3: Sequence[float], status: int, *, cbor: bool = False
+) -> bytes:
+    """One LwM2M water meter uplink as a SenML pack: the register reads under ``/3424/0/1``
+    (base time + offsets), set status flags as boolean resources at the first read's time."""
+    pack: list[dict[str, Any]] = []
+    for i, v in enumerate(reg_m3):
+        rec: dict[str, Any] = {"n": "1", "t": i * step, "v": v, "u": "m3"}
+        if i == 0:
+            rec = {"bn": "/3424/0/", "bt": t_first} | rec
+        pack.append(rec)
+    pack += [{"n": res, "vb": True} for flag, res in _SENML_FLAGS if status & int(flag)]
+    if cbor:
+        return cbor2.dumps([{_SENML_CBOR[k]: v for k, v in r.items()} for r in pack])
+    return _json.encode(pack)
 
 
 def build_traffic(
@@ -266,7 +344,11 @@ def _meter_messages(
     batch_late: dict[tuple[str, float], bool] = {}
     seq = len(timed)
     reg_m3 = reg / 1000.0
+    keys: dict[str, bytes] = {}
+    telegrams: dict[tuple[str, float], list[bytes]] = {}
+    by_format: Counter[str] = Counter()
     route_list = [routes[i] for i in ids]
+    hex_vendors = {r.device.vendor for r in route_list if r.fmt == "wmbus-hex"}
     t0i = int(t0)
     qos = params.qos
     for a, b, mi, ka, kl, qa, da, sa in zip(
@@ -288,7 +370,33 @@ def _meter_messages(
         counts.meter_readings += n
         if is_late:
             counts.late_readings += n
-        if route.fmt == "binary-v1" and route.gateway_topic is None:
+        if route.fmt in WMBUS_FORMATS:
+            assert route.device.serial is not None and route.gateway_topic is not None
+            ident = f"{route.device.serial:08d}"
+            key = keys.get(ident)
+            if key is None:
+                key = keys[ident] = wmbus_key(ident, params.key_seed)
+            low = 0x04 if status & int(Quality.LOW_BATTERY) else 0
+            when = da if is_late else float(t0i + (sa + 1) * rpm * step)
+            key2 = (route.gateway_topic, when)
+            tgs = telegrams.setdefault(key2, [])
+            for j in range(a, b):
+                t_read = t0i + int(k[j]) * step
+                tgs.append(
+                    encode_wmbus(
+                        ident, float(reg_m3[j]), key=key, meter_time=t_read,
+                        access_number=int(k[j]) & 0xFF, status=low, crc=j % 2 == 0,
+                    )
+                )  # fmt: skip
+            batch_late[key2] = batch_late.get(key2, False) or is_late
+            by_format[route.fmt] += n
+            continue
+        by_format[route.fmt] += n
+        if route.fmt in SENML_FORMATS:
+            payload = encode_senml_uplink(
+                t_first, step, reg_m3[a:b].tolist(), status, cbor=route.fmt == "senml-cbor"
+            )
+        elif route.fmt == "binary-v1" and route.gateway_topic is None:
             assert route.device.serial is not None
             try:
                 payload = encode_binary_v1(
@@ -323,6 +431,21 @@ def _meter_messages(
             (send, seq, Publish(route.topic, payload, qos, n, "late" if is_late else "data"))
         )
         seq += 1
+    for (topic, when), tgs in telegrams.items():
+        hex_text = topic.split("/")[-4] in hex_vendors
+        gw = topic.rsplit("/", 2)[-2]
+        if gw not in gw_jitter:
+            gw_jitter[gw] = float(rng.uniform(0.0, params.uplink_jitter_s))
+        kind = "late" if batch_late[(topic, when)] else "data"
+        for i in range(0, len(tgs), max(1, params.max_telegrams)):
+            part = tgs[i : i + max(1, params.max_telegrams)]
+            payload = b"\n".join(t.hex().encode() for t in part) if hex_text else b"".join(part)
+            counts.late_messages += int(kind == "late")
+            timed.append(
+                (when + gw_jitter[gw], seq, Publish(topic, payload, params.qos, len(part), kind))
+            )
+            seq += 1
+    counts.by_format = dict(sorted(by_format.items()))
     for (topic, when), objs in batches.items():
         gw = topic.rsplit("/", 2)[-2]
         if gw not in gw_jitter:
