@@ -44,6 +44,7 @@ from aquameter.settings import Settings
 log = logging.getLogger("aquameter.demo")
 
 ESTATE = Path(__file__).resolve().parent.parent / "examples" / "estate.toml"
+SENML = ("senml-json", "senml-cbor")
 WQ_DEVICE = "WQ-HILL-RESERVOIR"
 T = TypeVar("T")
 
@@ -109,7 +110,9 @@ def demo_registry(
 
 def demo_faults(registry: Registry, start: datetime, days: int, params: DemoParams) -> list[Any]:
     """The injected faults: one DMA leak late enough for a night-flow baseline, two customer
-    leaks, a stuck meter, a reverse flow and a comms outage, on MQTT meters of the estate."""
+    leaks, a stuck meter, a reverse flow and a comms outage, on MQTT meters of the estate; and
+    one fault on a meter of each standard's kind the estate has (a leak on a wM-Bus meter, a
+    stuck CJ/T 188 meter, a leak on a SenML meter)."""
     from simulators.faults import Fault
     from simulators.fleet import customer_meters, meter_id_of
 
@@ -119,6 +122,16 @@ def demo_faults(registry: Registry, start: datetime, days: int, params: DemoPara
     for mid in mqtt:
         by_prefix.setdefault(mid[:2], []).append(mid)
     pick = iter(sorted(by_prefix.get("HJ", []))[3::7] + sorted(by_prefix.get("VB", []))[5::7])
+
+    def kind(fmt: tuple[str, ...]) -> list[str]:
+        return sorted(
+            meter_id_of(d)
+            for d, m in customer_meters(registry)
+            if registry.vendor(d.vendor).payload in fmt and m.customer_type == "household"
+        )
+
+    # One fault on a meter of each standard's kind: the encoders must carry what detects it.
+    wmb, cjt, senml = kind(("wmbus", "wmbus-hex")), kind(("cjt188",)), kind(SENML)
     leak_dma = registry.dmas[1]
     n_leak_dma = sum(1 for d, _ in customer_meters(registry) if d.dma == leak_dma.id)
     onset_day = max(min(12, days - 4), days - 10)
@@ -134,6 +147,15 @@ def demo_faults(registry: Registry, start: datetime, days: int, params: DemoPara
         Fault("REVERSE_FLOW", next(pick), start + 5 * d + timedelta(hours=20),
               start + 6 * d + timedelta(hours=2)),
         Fault("COMMS_LOSS", next(pick), start + 6 * d, start + 8 * d + timedelta(hours=6)),
+    ] + [
+        f for f in (
+            Fault("LEAK_CONTINUOUS", wmb[1], start + 3 * d + timedelta(hours=7), None,
+                  {"rate_lph": 30.0}) if wmb else None,
+            Fault("STUCK_METER", cjt[1], start + 2 * d + timedelta(hours=11), None)
+            if cjt else None,
+            Fault("LEAK_CONTINUOUS", senml[1], start + 4 * d + timedelta(hours=4), None)
+            if senml else None,
+        ) if f is not None
     ]  # fmt: skip
 
 
@@ -331,6 +353,7 @@ def _run(
     from sql.migrate import migrate
 
     opcua_port, coap_port, modbus_port = free_port(), free_port(), free_port()
+    cjt188_port = free_port()
     registry = demo_registry(meters, opcua_port, modbus_port)
     url = database_url(settings)
     con.rule("[bold cyan]Aquameter demo")
@@ -354,7 +377,8 @@ def _run(
     pumps: PumpStation | None = None
     adapter_tasks: list[asyncio.Task[Any]] = []
     interrupted = False
-    with broker(settings) as (mqtt_url, v5):
+    keys = wmbus_keys(registry, settings.data_path("demo"), seed)
+    with broker(settings) as (mqtt_url, v5), keys:
         pipeline = make_pipeline(settings, url)
         mqtt = None
         try:
@@ -370,12 +394,14 @@ def _run(
             pumps = PumpStation(PumpStationConfig(name="PS-HILL", port=modbus_port, seed=seed))
             loop.run(pumps.start())
             adapters = build_async_adapters(
-                registry, pipeline, {"coap", "opcua", "modbus"}, {"coap": {"port": coap_port}}
-            )
+                registry, pipeline, {"coap", "opcua", "modbus", "cjt188"},
+                {"coap": {"port": coap_port}, "cjt188": {"port": cjt188_port}},
+            )  # fmt: skip
             adapter_tasks = loop.run(_create_tasks([a.run() for a in adapters.values()]))
             con.print(
                 f"servers: PostgreSQL, MQTT {mqtt_url}, CoAP :{coap_port}, "
-                f"OPC-UA station :{opcua_port}, Modbus pump station :{modbus_port}"
+                f"OPC-UA station :{opcua_port}, Modbus pump station :{modbus_port}, "
+                f"CJ/T 188 listener :{cjt188_port}"
             )
             with con.status(f"simulating {n_meters:,} meters x {days} days with faults"):
                 fleet = simulate_fleet(registry, start, days, seed=seed, faults=faults)
@@ -395,7 +421,7 @@ def _run(
             summary["imported"] = dataclasses.asdict(result)
             interrupted = _live(
                 con, p, registry, fleet, live_reads, live_inlets, mqtt_url, coap_port,
-                loop, settings, live_end, pipeline, mqtt, summary,
+                loop, settings, live_end, pipeline, mqtt, summary, cjt188_port, seed,
             )  # fmt: skip
         except KeyboardInterrupt:
             interrupted = True
@@ -416,11 +442,59 @@ def _run(
                 loop.close()
         summary["ingest"] = pipeline.counters.snapshot()
     summary["interrupted"] = interrupted
+    summary["by_format"] = stored_by_format(url, registry, end - timedelta(days=p.live_days))
     _analyse(con, settings, p, url, registry, fleet, start, end, report_dir, summary)
     summary["elapsed_s"] = round(time.monotonic() - t0, 1)
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(con, summary, report_dir)
     return summary
+
+
+@contextlib.contextmanager
+def wmbus_keys(registry: Registry, folder: Path, seed: int) -> Iterator[Path]:
+    """The estate's wM-Bus keys in a key file ingest reads (``AQUAMETER_WMBUS_KEYS_FILE``) for
+    the demo's length: keys come from a file, as a utility's do, never from the database."""
+    from protocols import wmbus
+    from simulators.traffic import write_wmbus_keys
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_wmbus_keys(folder / "wmbus.keys", registry, seed)
+    before = os.environ.get(wmbus.KEYS_FILE_ENV)
+    os.environ[wmbus.KEYS_FILE_ENV] = str(path)
+    wmbus.set_keyring(wmbus.KeyRing())
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop(wmbus.KEYS_FILE_ENV, None)
+        else:
+            os.environ[wmbus.KEYS_FILE_ENV] = before
+        wmbus.set_keyring(wmbus.KeyRing())
+
+
+def stored_by_format(url: str, registry: Registry, live_from: datetime) -> dict[str, Any]:
+    """Customer meters, readings stored, and readings stored in the live phase (through the
+    protocols, not the importer), per vendor payload format: the mixed estate, in numbers."""
+    from simulators.fleet import customer_meters
+    from sql.connect import connect
+
+    fmt_of = {d.id: registry.vendor(d.vendor).payload for d, _ in customer_meters(registry)}
+    out: dict[str, dict[str, int]] = {}
+    for fmt in fmt_of.values():
+        out.setdefault(fmt, {"meters": 0, "stored": 0, "stored_live": 0})["meters"] += 1
+    with connect(url) as conn:
+        rows = conn.execute(
+            "SELECT c.device_id, count(*), count(*) FILTER (WHERE r.ts > %s) "
+            "FROM readings r JOIN channels c ON c.id = r.channel_id "
+            "WHERE c.name = 'register' GROUP BY c.device_id",
+            (live_from,),
+        ).fetchall()
+    for device, n, live in rows:
+        fmt = fmt_of.get(device)
+        if fmt is not None:
+            out[fmt]["stored"] += int(n)
+            out[fmt]["stored_live"] += int(live)
+    return dict(sorted(out.items()))
 
 
 def _safe(url: str) -> str:
@@ -442,9 +516,12 @@ def _live(
     pipeline: Any,
     mqtt: Any,
     summary: dict[str, Any],
+    cjt188_port: int,
+    seed: int,
 ) -> bool:
-    """The live phase, until ``deadline`` (monotonic): the last day over MQTT (in slices) and
-    CoAP while the station streams."""
+    """The live phase, until ``deadline`` (monotonic): the last day over MQTT (in slices),
+    CoAP and the CJ/T 188 DTUs' TCP pushes while the station streams."""
+    from simulators.dtu import cjt188_frames, push_all
     from simulators.publish import publish
     from simulators.traffic import TrafficParams, build_traffic
 
@@ -454,20 +531,31 @@ def _live(
     live = dataclasses.replace(
         fleet, reads=mqtt_reads, inlet_values=live_inlets, late=fleet.late.clear()
     )
-    traffic = build_traffic(live, registry, TrafficParams(root=settings.mqtt_topic_root))
+    traffic = build_traffic(
+        live, registry, TrafficParams(root=settings.mqtt_topic_root, key_seed=seed)
+    )
     pubs = traffic.publishes
     coap = coap_payloads(coap_reads, fleet.interval_s)
+    dtus = cjt188_frames(live, registry)
+    n_cjt = sum(len(f) for f in dtus.values())
     n = max(1, p.publish_slices)
     slices = [pubs[i * len(pubs) // n : (i + 1) * len(pubs) // n] for i in range(n)]
     stored0 = pipeline.counters.stored
     acked0 = mqtt.stats.acked
-    summary["live"] = {"mqtt_publishes": len(pubs), "coap_uplinks": len(coap)}
+    summary["live"] = {
+        "mqtt_publishes": len(pubs),
+        "coap_uplinks": len(coap),
+        "cjt188_frames": n_cjt,
+        "sent_by_format": traffic.counts.by_format | ({"cjt188": n_cjt} if n_cjt else {}),
+    }
     try:
         with _progress(con) as bar:
             t_pub = bar.add_task("live MQTT publishes", total=len(pubs))
             t_coap = bar.add_task("live CoAP uplinks", total=len(coap))
             t_live = bar.add_task("live phase (s)", total=max(1.0, deadline - time.monotonic()))
+            t_cjt = bar.add_task("live CJ/T 188 frames (DTU TCP push)", total=n_cjt)
             coap_fut = loop.spawn(_post_coap(coap_port, coap))
+            cjt_fut = loop.spawn(push_all("127.0.0.1", cjt188_port, dtus))
             started = time.monotonic()
             for i, chunk in enumerate(slices):
                 if chunk:
@@ -483,6 +571,12 @@ def _live(
                 codes = {"error:demo timeout": len(coap)}
                 con.print(f"[yellow]CoAP uplinks unanswered after {p.coap_timeout_s:.0f} s[/]")
             bar.update(t_coap, completed=len(coap))
+            try:
+                cjt_fut.result(p.coap_timeout_s)
+            except FutureTimeout:
+                cjt_fut.cancel()
+                con.print(f"[yellow]CJ/T 188 push unfinished after {p.coap_timeout_s:.0f} s[/]")
+            bar.update(t_cjt, completed=n_cjt)
             summary["live"]["coap_responses"] = codes
             while time.monotonic() < deadline:
                 _sleep_ticking(bar, t_live, started, min(1.0, deadline - time.monotonic()))
@@ -653,7 +747,14 @@ def _print_summary(con: Console, s: dict[str, Any], report_dir: Path) -> None:
     t.add_row("duplicates ignored", f"{ing.get('duplicates', 0):,}")
     q = ing.get("quarantined", {})
     t.add_row("quarantined", f"{sum(q.values()):,} {q or ''}")
-    t.add_row("live readings (MQTT/CoAP/OPC-UA)", f"{s.get('live', {}).get('stored', 0):,}")
+    t.add_row(
+        "live readings (MQTT/CoAP/OPC-UA/CJ/T 188)", f"{s.get('live', {}).get('stored', 0):,}"
+    )
+    for fmt, c in (s.get("by_format") or {}).items():
+        t.add_row(
+            f"{fmt} meters: readings stored (live)",
+            f"{c['meters']:,} meters: {c['stored']:,} ({c['stored_live']:,})",
+        )
     for code, n in s.get("alerts_by_code", {}).items():
         t.add_row(f"alerts {code}", str(n))
     con.print(t)

@@ -120,7 +120,7 @@ def split_telegrams(data: bytes) -> list[bytes]:
     """Telegrams (CRCs removed) of a buffer holding one or many, back to back, each with or
     without format A CRC blocks: a telegram whose first block CRC is right keeps CRCs."""
     out: list[bytes] = []
-    for tg, raw in _frames(data):
+    for tg, _ in _frames(data):
         if isinstance(tg, PayloadError):
             raise tg
         out.append(tg)
@@ -155,11 +155,18 @@ def _frames(data: bytes) -> list[tuple[bytes | PayloadError, bytes]]:
             and struct.unpack_from(">H", head, 10)[0] == crc16_en13757(head[:10])
         ):
             raw = data[pos : pos + with_crc]
-            pos += with_crc
             try:
                 out.append((strip_crcs(raw), raw))
-            except PayloadError as err:  # a later block's CRC: this telegram only
+            except PayloadError as err:
+                # The first block's CRC matched by chance (1 in 65536) in a telegram sent
+                # without CRCs, or a later block is corrupt: this telegram only, either way.
+                plain = data[pos : pos + l_field + 1]
+                if len(plain) == l_field + 1 and _next_fits(data, pos + l_field + 1):
+                    out.append((plain, plain))
+                    pos += l_field + 1
+                    continue
                 out.append((err, raw))
+            pos += with_crc
             continue
         end = pos + l_field + 1
         if end > len(data):
@@ -174,6 +181,12 @@ def _frames(data: bytes) -> list[tuple[bytes | PayloadError, bytes]]:
     if not out:
         out.append((_fail(MALFORMED, "no wM-Bus telegram"), bytes(data)))
     return out
+
+
+def _next_fits(data: bytes, pos: int) -> bool:
+    """Whether a telegram may start at ``pos``: the buffer ends there, or an L field of a
+    telegram that fits does (the check that tells a CRC-less telegram from a corrupt one)."""
+    return pos == len(data) or (data[pos] >= 10 and pos + data[pos] + 1 <= len(data))
 
 
 def manufacturer_code(m: int) -> str:

@@ -372,6 +372,9 @@ def _meter_messages(
             counts.late_readings += n
         if route.fmt in WMBUS_FORMATS:
             assert route.device.serial is not None and route.gateway_topic is not None
+            # A binary gateway forwards what the radio received (format A CRC blocks kept),
+            # a hex gateway has checked and stripped them: never both in one message.
+            with_crc = route.fmt == "wmbus"
             ident = f"{route.device.serial:08d}"
             key = keys.get(ident)
             if key is None:
@@ -385,7 +388,7 @@ def _meter_messages(
                 tgs.append(
                     encode_wmbus(
                         ident, float(reg_m3[j]), key=key, meter_time=t_read,
-                        access_number=int(k[j]) & 0xFF, status=low, crc=j % 2 == 0,
+                        access_number=int(k[j]) & 0xFF, status=low, crc=with_crc,
                     )
                 )  # fmt: skip
             batch_late[key2] = batch_late.get(key2, False) or is_late
@@ -619,5 +622,5 @@ def decode_publish(pub: Publish, registry: Registry, root: str = DEFAULT_ROOT) -
     parts = pub.topic[len(root) + 1 :].split("/")
     vendor = registry.vendor(parts[0])
     if parts[1] == "gw":
-        return decode(pub.payload, "json")
+        return decode(pub.payload, vendor.payload if vendor.payload in WMBUS_FORMATS else "json")
     return decode(pub.payload, vendor.payload, default_device=parts[1])

@@ -67,6 +67,41 @@ def test_every_injected_fault_is_detected_with_its_code(
     assert not summary["interrupted"]
 
 
+STANDARD_KINDS = ("senml-json", "senml-cbor", "wmbus", "wmbus-hex", "cjt188")
+
+
+def test_a_mixed_estate_every_kind_stored_and_its_faults_found(
+    demo: tuple[dict[str, Any], Path, str],
+) -> None:
+    """Meters of every payload format sent their live day through their own protocol (SenML and
+    wM-Bus gateways over MQTT, CJ/T 188 DTUs over TCP) and every reading of it was stored; the
+    faults injected on the standards' meters were found like the others."""
+    summary, report, url = demo
+    by = summary["by_format"]
+    sent = summary["live"]["sent_by_format"]
+    assert set(by) >= {"json", "binary-v1", *STANDARD_KINDS}
+    for fmt in STANDARD_KINDS:
+        assert by[fmt]["meters"] > 0 and by[fmt]["stored"] > 0, (fmt, by[fmt])
+        assert sent[fmt] > 0 and by[fmt]["stored_live"] == sent[fmt], (fmt, by[fmt], sent[fmt])
+    with psycopg.connect(url) as conn:
+        reasons = dict(
+            conn.execute("SELECT reason, count(*) FROM quarantine GROUP BY reason").fetchall()
+        )
+        vendor_of = dict(conn.execute("SELECT id, vendor_id FROM devices").fetchall())
+    assert "DECRYPT_FAILED" not in reasons and "UNKNOWN_DEVICE" not in reasons, reasons
+    manifest = json.loads((report / "manifest.json").read_text())
+    family = {
+        "oms-wmbus": "wM-Bus", "oms-wmbus-hex": "wM-Bus", "cjt188-dtu": "CJ/T 188",
+        "lwm2m-senml": "SenML", "lwm2m-senml-cbor": "SenML",
+    }  # fmt: skip
+    on = {f["subject"]: family.get(vendor_of.get(f["subject"]) or "") for f in manifest["faults"]}
+    assert {"wM-Bus", "CJ/T 188", "SenML"} <= set(on.values()), on
+    outcomes = {r["subject"]: r["outcome"] for r in summary["faults"]}
+    for subject, kind in on.items():
+        if kind:
+            assert outcomes[subject] == "detected", (kind, subject)
+
+
 def test_every_flow_completed_and_the_report_says_so(
     demo: tuple[dict[str, Any], Path, str],
 ) -> None:
