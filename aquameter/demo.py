@@ -490,10 +490,10 @@ def stored_by_format(url: str, registry: Registry, live_from: datetime) -> dict[
             (live_from,),
         ).fetchall()
     for device, n, live in rows:
-        fmt = fmt_of.get(device)
-        if fmt is not None:
-            out[fmt]["stored"] += int(n)
-            out[fmt]["stored_live"] += int(live)
+        kind = fmt_of.get(device)
+        if kind is not None:
+            out[kind]["stored"] += int(n)
+            out[kind]["stored_live"] += int(live)
     return dict(sorted(out.items()))
 
 

@@ -157,7 +157,7 @@ def _frames(data: bytes) -> list[tuple[bytes | PayloadError, bytes]]:
             raw = data[pos : pos + with_crc]
             try:
                 out.append((strip_crcs(raw), raw))
-            except PayloadError as err:
+            except PayloadError as crc_err:
                 # The first block's CRC matched by chance (1 in 65536) in a telegram sent
                 # without CRCs, or a later block is corrupt: this telegram only, either way.
                 plain = data[pos : pos + l_field + 1]
@@ -165,7 +165,7 @@ def _frames(data: bytes) -> list[tuple[bytes | PayloadError, bytes]]:
                     out.append((plain, plain))
                     pos += l_field + 1
                     continue
-                out.append((err, raw))
+                out.append((crc_err, raw))
             pos += with_crc
             continue
         end = pos + l_field + 1
