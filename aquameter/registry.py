@@ -47,6 +47,12 @@ class Dma(_Model):
     unauthorized_pct_of_siv: float | None = Field(default=None, ge=0, lt=100)
     meter_under_registration_pct: float | None = Field(default=None, ge=0, lt=100)
     data_handling_pct_of_billed_metered: float | None = Field(default=None, ge=0, lt=100)
+    # Public holidays (issue 11): their nights are judged with weekend nights by the leak-event
+    # detector. ``calendar`` names a [[calendar]] shared by the DMAs of one region (None: the
+    # calendar with id "default", if declared); ``holidays`` adds this DMA's own dates (a local
+    # festival, a regional holiday the shared calendar lacks).
+    calendar: str | None = None
+    holidays: list[date] = Field(default_factory=list)
 
 
 class Channel(_Model):
@@ -265,12 +271,30 @@ class MeterClass(_Model):
     hold_codes: list[str] | None = None
 
 
+class Calendar(_Model):
+    """A named holiday calendar: the dates whose nights behave like weekend nights.
+
+    Dates are listed, not computed from a rule set: a utility's holidays are set by government
+    notice (moved and one-off days included), and a list in the registry is reviewable and stored
+    as it was judged. DMAs share a calendar by name (one per region); the calendar with id
+    ``"default"`` applies to every DMA that names none.
+    """
+
+    id: str
+    name: str = ""
+    holidays: list[date] = Field(default_factory=list)
+
+
+DEFAULT_CALENDAR = "default"
+
+
 class Registry(_Model):
     dmas: list[Dma] = Field(default_factory=list, alias="dma")
     vendors: list[Vendor] = Field(default_factory=list, alias="vendor")
     devices: list[Device] = Field(default_factory=list, alias="device")
     meter_groups: list[MeterGroup] = Field(default_factory=list, alias="meter_group")
     meter_classes: list[MeterClass] = Field(default_factory=list, alias="meter_class")
+    calendars: list[Calendar] = Field(default_factory=list, alias="calendar")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -298,7 +322,22 @@ class Registry(_Model):
         classes = [c.id for c in self.meter_classes]
         if len(classes) != len(set(classes)):
             raise ValueError("a meter_class is declared twice")
+        calendars = [c.id for c in self.calendars]
+        if len(calendars) != len(set(calendars)):
+            raise ValueError("a calendar is declared twice")
+        for dma in self.dmas:
+            if dma.calendar is not None and dma.calendar not in calendars:
+                raise ValueError(f"dma {dma.id}: unknown calendar {dma.calendar!r}")
         return self
+
+    def holidays_of(self, dma: Dma) -> list[date]:
+        """The DMA's holidays: its calendar's (or the default calendar's) and its own, sorted."""
+        name = dma.calendar or DEFAULT_CALENDAR
+        days = set(dma.holidays)
+        for cal in self.calendars:
+            if cal.id == name:
+                days.update(cal.holidays)
+        return sorted(days)
 
     def all_devices(self) -> list[Device]:
         devices = list(self.devices)

@@ -154,12 +154,20 @@ def plan_billing(
 def _hold_inputs(
     conn: psycopg.Connection, settings: BillingExportSettings, period_end: date
 ) -> pl.DataFrame:
-    """Per meter, a fingerprint of the alerts that can hold its bill: an alert opened or closed by
-    ``meter_anomalies`` after billing ran must refresh the bill's hold."""
+    """Per meter, a fingerprint of what decides its bill's hold: its class and that class's hold
+    codes (a class change in the registry must refresh the hold without ``--full``) and the
+    alerts that can hold it (an alert opened or closed by ``meter_anomalies`` after billing ran)."""
     return copy_frame(
         conn,
-        """SELECT subject_id, count(*)::text || ':' || sum(extract(epoch FROM updated_at))::text
-           FROM alerts WHERE code = ANY(%s) AND start_ts < %s GROUP BY subject_id""",
+        """SELECT m.id, m.meter_class || ':' || coalesce(c.hold_codes::text, '') || ':'
+                   || coalesce(a.holds, '-')
+           FROM meters m
+           LEFT JOIN meter_classes c ON c.id = m.meter_class
+           LEFT JOIN (SELECT subject_id,
+                             count(*)::text || ':' || sum(extract(epoch FROM updated_at))::text
+                                 AS holds
+                      FROM alerts WHERE code = ANY(%s) AND start_ts < %s
+                      GROUP BY subject_id) a ON a.subject_id = m.id""",
         (all_hold_codes(_class_billing(conn, settings)), utc(period_end + timedelta(days=2))),
         {"subject_id": pl.String, "holds": pl.String},
     )

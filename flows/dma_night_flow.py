@@ -12,7 +12,7 @@ days × 747 hourly meters peaked at 2.4 GB when a DMA's stale days were one span
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -28,6 +28,7 @@ from flows.late_data import plan_days
 from flows.load import (
     load_dma_boundary,
     load_dma_daily_nnf,
+    load_dma_holidays,
     load_dmas,
     load_edits,
     load_exchanges,
@@ -183,7 +184,15 @@ def compute_dma(
             write_marks(cur, FLOW, units, as_of)
             nnf = load_dma_daily_nnf(conn, [work.dma_id])
             cusum = settings.detector == "cusum"
-            found = leak_events(nnf.head(0) if cusum else nnf, settings.events)
+            # The DMA's public holidays (registry [[calendar]] / [[dma]] holidays) are judged
+            # with weekend nights; without them a holiday's low-use night reads as a weekday
+            # baseline and the next weekday as a rise.
+            holidays = load_dma_holidays(conn, [work.dma_id]).get(work.dma_id, ())
+            events_params = replace(
+                settings.events,
+                holidays=tuple(sorted({*settings.events.holidays, *holidays})),
+            )
+            found = leak_events(nnf.head(0) if cusum else nnf, events_params)
             # The DMA's events as a unit (none with the single-episode detector: no stale rows).
             _, events = replace_keyed(
                 cur, "leak_events", {"dma_id": [work.dma_id]}, {"dma_id": "text"}, found

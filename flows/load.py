@@ -9,7 +9,7 @@ nothing on the client parses a date string or guesses a time zone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, cast
 
 import numpy as np
@@ -411,3 +411,23 @@ def load_dma_daily_nnf(conn: psycopg.Connection, dma_ids: Sequence[str]) -> pl.D
             "mnf_start_ts": UTC_TS,
         },
     )
+
+
+def load_dma_holidays(
+    conn: psycopg.Connection, dma_ids: Sequence[str] | None = None
+) -> dict[str, tuple[date, ...]]:
+    """Per DMA, its holidays (migration 0012): its calendar's (``dmas.calendar``, else the
+    calendar ``default``) and its own dates, sorted. A DMA without any maps to ``()``. The
+    leak-event detector judges these nights with weekend nights."""
+    where = "" if dma_ids is None else "WHERE d.id = ANY(%s)"
+    with conn.cursor() as cur:
+        cur.execute(
+            f"""SELECT d.id, ARRAY(SELECT DISTINCT h
+                                   FROM unnest(d.holidays || coalesce(c.holidays, '{{}}')) h
+                                   ORDER BY h)
+                FROM dmas d LEFT JOIN holiday_calendars c
+                  ON c.id = coalesce(d.calendar, 'default')
+                {where}""",
+            () if dma_ids is None else (list(dma_ids),),
+        )
+        return {str(r[0]): tuple(r[1] or ()) for r in cur.fetchall()}

@@ -44,6 +44,9 @@ class SyncResult:
     channels: int
     deactivated: int
     version: int | None = None  # registry_version after this sync; None before migration 0005
+    # Marks made stale because what a flow judges them by changed (meter class or its
+    # parameters; a DMA's holidays): {"meter_anomalies": meters, "dma_night_flow": DMAs}.
+    invalidated: dict[str, int] | None = None
 
 
 REGISTRY_CHANNEL = "aquameter_registry"
@@ -94,6 +97,64 @@ def device_params(dev: Device) -> dict[str, Any]:
     return params
 
 
+# What a meter's alerts and a DMA's leak events are judged by, beyond their readings: the meter's
+# class with that class's registry settings; the DMA's effective holidays. One row per subject.
+_METER_JUDGED_BY = """
+    SELECT m.id, m.meter_class || ':' || coalesce(c.anomaly::text, '') || ':'
+                 || coalesce(c.hold_codes::text, '')
+    FROM meters m LEFT JOIN meter_classes c ON c.id = m.meter_class"""
+_DMA_JUDGED_BY = """
+    SELECT d.id, array_to_string(ARRAY(
+        SELECT DISTINCT h FROM unnest(d.holidays || coalesce(c.holidays, '{}')) h ORDER BY h), ',')
+    FROM dmas d LEFT JOIN holiday_calendars c ON c.id = coalesce(d.calendar, 'default')"""
+
+
+def _analysis_inputs(cur: psycopg.Cursor[Any]) -> dict[str, dict[str, str]]:
+    """Per flow, per subject, what its analysis is judged by besides its readings."""
+    return {
+        "meter_anomalies": dict(cur.execute(_METER_JUDGED_BY).fetchall()),
+        "dma_night_flow": dict(cur.execute(_DMA_JUDGED_BY).fetchall()),
+    }
+
+
+def _invalidate_changed(
+    cur: psycopg.Cursor[Any],
+    before: dict[str, dict[str, str]],
+    after: dict[str, dict[str, str]],
+) -> dict[str, int]:
+    """Make the next incremental run recompute the subjects whose judging inputs this sync
+    changed, in the same transaction as the change.
+
+    Why here: the flows' fingerprints cover readings, edits and the run's settings, not a
+    meter's class or a DMA's holidays, so without this a class change took effect only at the
+    next ``--full``. The marks are kept (their days stay within the late horizon of the next
+    plan) but their inputs no longer match: a meter's every marked day is recomputed, so its
+    alerts (and then its bill's hold, whose fingerprint includes its alerts and class) follow
+    the new class; for a DMA its latest marked day is enough, since its leak events are
+    recomputed from its whole stored night series whenever any of its days is."""
+    counts: dict[str, int] = {}
+    for flow, now in after.items():
+        changed = [s for s, v in now.items() if s in before[flow] and before[flow][s] != v]
+        counts[flow] = len(changed)
+        if not changed:
+            continue
+        if flow == "dma_night_flow":
+            cur.execute(
+                """UPDATE analysis_marks m SET inputs = m.inputs || '|judged-by-changed'
+                   WHERE m.flow = %s AND m.subject_id = ANY(%s)
+                     AND m.day = (SELECT max(day) FROM analysis_marks x
+                                  WHERE x.flow = m.flow AND x.subject_id = m.subject_id)""",
+                (flow, changed),
+            )
+        else:
+            cur.execute(
+                "UPDATE analysis_marks SET inputs = inputs || '|judged-by-changed' "
+                "WHERE flow = %s AND subject_id = ANY(%s)",
+                (flow, changed),
+            )
+    return counts
+
+
 def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
     """Upsert ``registry`` and deactivate devices no longer in it, in one transaction that also
     bumps the registry version (see :func:`bump_registry_version`)."""
@@ -115,9 +176,12 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
             d.unauthorized_pct_of_siv,
             d.meter_under_registration_pct,
             d.data_handling_pct_of_billed_metered,
+            d.calendar,
+            d.holidays,
         )
         for d in registry.dmas
     ]
+    calendar_rows = [(c.id, c.name, c.holidays) for c in registry.calendars]
     # Refused here, not at the next flow run: a misspelt anomaly key must fail the sync. Imported
     # here: ingest processes load this module (registry reloads) and need no polars/numpy.
     from pipelines.anomalies import MeterAnomalyParams, with_class_overrides
@@ -189,12 +253,13 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
             )
 
     with conn.transaction(), conn.cursor() as cur:
+        before = _analysis_inputs(cur)
         cur.executemany(
             """INSERT INTO dmas (id, name, timezone, mains_km, service_connections, private_pipe_km,
                    avg_pressure_m, unmetered_households, unmetered_non_households,
                    unauthorized_pct_of_siv, meter_under_registration_pct,
-                   data_handling_pct_of_billed_metered)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   data_handling_pct_of_billed_metered, calendar, holidays)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::date[])
                ON CONFLICT (id) DO UPDATE SET name = excluded.name, timezone = excluded.timezone,
                    mains_km = excluded.mains_km, service_connections = excluded.service_connections,
                    private_pipe_km = excluded.private_pipe_km,
@@ -205,8 +270,14 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
                    meter_under_registration_pct = excluded.meter_under_registration_pct,
                    data_handling_pct_of_billed_metered =
                        excluded.data_handling_pct_of_billed_metered,
+                   calendar = excluded.calendar, holidays = excluded.holidays,
                    updated_at = now()""",
             dma_rows,
+        )
+        cur.execute("DELETE FROM holiday_calendars")
+        cur.executemany(
+            "INSERT INTO holiday_calendars (id, name, holidays) VALUES (%s, %s, %s::date[])",
+            calendar_rows,
         )
         # The registry is the whole truth about classes: a class removed from it is default.
         cur.execute("DELETE FROM meter_classes")
@@ -266,6 +337,7 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
                    max_value = excluded.max_value, params = excluded.params""",
             channel_rows,
         )
+        invalidated = _invalidate_changed(cur, before, _analysis_inputs(cur))
         ids = [r[0] for r in device_rows]
         cur.execute(
             "UPDATE devices SET active = false, updated_at = now() "
@@ -283,4 +355,5 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
         len(channel_rows),
         deactivated,
         version,
+        invalidated,
     )

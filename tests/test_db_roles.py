@@ -184,6 +184,7 @@ EXPECTED = {
         **{t: "r" for t in "readings_backend schema_backend schema_migrations".split()},
         **{t: "r" for t in "billing_export readings_partitioning rollup_state".split()},
         "meter_classes": "r",  # migration 0011: the registry's classes, read by the flows
+        "holiday_calendars": "r",  # migration 0012: the registry's holiday calendars
         "flow_runs": "ra",  # migration 0009: each flow run records itself, never rewrites
         **{t: "rawd" for t in ANALYTICS_TABLES},
     },
