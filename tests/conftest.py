@@ -48,6 +48,8 @@ TIMESCALE_FILES = frozenset(
         "test_meter_classes.py",
         "test_dma_leak_events.py",
         "test_pipelines_billing.py",
+        "test_holidays.py",
+        "test_class_change.py",
     }
 )
 
