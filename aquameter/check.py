@@ -21,7 +21,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ValidationError
 
-from aquameter.registry import Channel, Device, Dma, MeterGroup, Registry, Vendor
+from aquameter.registry import (
+    Calendar,
+    Channel,
+    Device,
+    Dma,
+    MeterClass,
+    MeterGroup,
+    Registry,
+    Vendor,
+)
 from ingest.units import UnknownUnit, conversion
 from protocols.params import (
     CHANNEL_PARAMS,
@@ -39,6 +48,8 @@ SECTIONS: dict[str, tuple[type[BaseModel], str]] = {
     "vendor": (Vendor, "id"),
     "device": (Device, "id"),
     "meter_group": (MeterGroup, "id_format"),
+    "meter_class": (MeterClass, "id"),
+    "calendar": (Calendar, "id"),
 }
 
 
@@ -356,7 +367,14 @@ def check_registry_text(path: Path, text: str) -> tuple[list[Problem], Summary |
         for detail in exc.errors():
             msg = str(detail.get("msg", "")).removeprefix("Value error, ")
             m = re.match(r"device (\S+)", msg)
-            line = c.loc.device_line(m.group(1), ("vendor", "dma")) if m else 1
+            d = re.match(r"dma (\S+): unknown calendar", msg)
+            dma_ids = [x.id for x in dmas]
+            if m:
+                line = c.loc.device_line(m.group(1), ("vendor", "dma"))
+            elif d and d.group(1) in dma_ids:
+                line = c.loc.line("dma", dma_ids.index(d.group(1)), ("calendar",))
+            else:
+                line = 1
             c.add(line, msg)
         return c.problems, None
     registry._source_dir = path.resolve().parent

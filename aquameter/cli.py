@@ -198,7 +198,9 @@ def devices_sync(
         r = sync_registry(conn, reg)
     console.print(
         f"dmas={r.dmas} vendors={r.vendors} devices={r.devices} meters={r.meters} "
-        f"sensors={r.sensors} channels={r.channels} deactivated={r.deactivated}"
+        f"sensors={r.sensors} channels={r.channels} deactivated={r.deactivated} "
+        f"stale: meters={(r.invalidated or {}).get('meter_anomalies', 0)} "
+        f"dmas={(r.invalidated or {}).get('dma_night_flow', 0)}"
     )
 
 

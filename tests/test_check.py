@@ -165,3 +165,25 @@ def test_load_time_refuses_the_same_keys() -> None:
     cfg, errors = device_config(fixed, registry)
     assert [c.channel for c in cfg.channels] == []
     assert "did you mean 'node_id'?" in errors[0] and "does not parse" in errors[1]
+
+
+def test_meter_classes_and_holiday_calendars_are_checked_not_refused(tmp_path: Path) -> None:
+    """`devices check` / `devices sync` accept [[meter_class]] and [[calendar]] tables and put a
+    mistake in them, or an unknown calendar on a DMA, on its line."""
+    base = (Path(__file__).parent.parent / "examples" / "registry.toml").read_text()
+    good = base + (
+        '\n[[meter_class]]\nid = "bulk"\nhold_codes = ["TAMPER"]\n'
+        '\n[[calendar]]\nid = "default"\nholidays = ["2026-12-25", 2026-12-26]\n'
+    )
+    reg = tmp_path / "r.toml"
+    problems, summary = check_registry_text(reg, good)
+    assert problems == [] and summary is not None
+    bad = good.replace('"2026-12-25"', '"2026-13-25"')
+    problems, _ = check_registry_text(reg, bad)
+    line = bad.splitlines().index('holidays = ["2026-13-25", 2026-12-26]') + 1
+    assert len(problems) == 1 and str(problems[0]).startswith(f"{reg}:{line}:"), problems
+    unknown = good.replace('id = "DMA-NORTH"', 'id = "DMA-NORTH"\ncalendar = "nowhere"', 1)
+    problems, _ = check_registry_text(reg, unknown)
+    dma_line = unknown.splitlines().index('calendar = "nowhere"') + 1
+    assert len(problems) == 1 and "nowhere" in str(problems[0]), problems
+    assert str(problems[0]).startswith(f"{reg}:{dma_line}:"), problems
