@@ -118,7 +118,23 @@ class LeakEventParams:
     ramp_next_nights: int = 2
     ramp_join_nights: int = 5
     ramp_margin: float = 0.0
+    ramp_jump_z: float = float("inf")
+    split_nights: int = 5
+    split_pre: int = 14
+    split_chi2: float = 25.0
+    merge_chi2: float = 9.0
+    merge_nights: int = 30
     final_sizes: bool = True
+    refit: bool = True
+    refit_knot_nights: float = 120.0
+    refit_huber: float = 1.345
+    refit_rounds: int = 3
+    refit_onset_back: int = 8
+    refit_onset_fwd: int = 3
+    refit_max_growth: int = 30
+    refit_couple: bool = False
+    refit_nuisance: int = 0
+    refit_nuisance_chi2: float = 30.0
     size_nights: int = 28
     repair_match_rel: float = 0.35
     holidays: tuple[date, ...] = field(default_factory=tuple)
@@ -141,6 +157,8 @@ class LeakEvent:
     end: int | None = None
     last_alarm: int = 0
     seg_start: int = 0
+    size_se: float = 0.0
+    growth_nights: int = 1
 
     @property
     def status(self) -> str:
@@ -152,9 +170,12 @@ class LeakEvent:
     @property
     def confidence(self) -> float:
         """erf(z/√2), z = size over its standard error (Gaussian noise assumed)."""
-        if self.sigma <= 0 or self.n_after == 0:
+        if self.size_se > 0:
+            se = self.size_se
+        elif self.sigma <= 0 or self.n_after == 0:
             return 0.0
-        se = self.sigma * math.sqrt(1.0 / max(self.n_before, 1) + 1.0 / self.n_after)
+        else:
+            se = self.sigma * math.sqrt(1.0 / max(self.n_before, 1) + 1.0 / self.n_after)
         return math.erf(max(self.size, 0.0) / se / math.sqrt(2.0))
 
 
@@ -208,6 +229,9 @@ def detect_leak_events(
     downs = [_Cusum(p.fast_k, p.fast_h, p.fast_cap), _Cusum(p.slow_k, p.slow_h, p.slow_cap)]
     names = ["fast", "slow"]
     events: list[LeakEvent] = []
+    drops: list[int] = []
+    splits: list[tuple[LeakEvent, int, int]] = []  # ramp extensions still to be tested
+    sigma = 0.0
     hist: list[tuple[int, float]] = []  # every night's value, weekend offset removed
     seen = 0
     for i in range(len(x)):
@@ -259,8 +283,13 @@ def detect_leak_events(
             new_level = float(np.median([v for _, v in run]))
             before = [v for _, v in seg[-p.size_nights :]]
             if upward:
-                _on_rise(events, run, seg, hist, before, level, sigma, names[which], i, p, day_no)
+                joined = _on_rise(
+                    events, run, seg, hist, before, level, sigma, names[which], i, p, day_no
+                )
+                if joined and p.split_nights > 0:
+                    splits.append((events[-1], run[0][0], i))
             else:
+                drops.append(run[0][0])
                 _on_drop(events, level - new_level, sigma, len(before), run, i, p)
             seg = run
             pending = []
@@ -273,9 +302,143 @@ def detect_leak_events(
             seg.append((i, adj))
             pending = []
         _update_current(events, seg, pending, i, p)
-    if p.final_sizes:
+        splits = _check_splits(splits, events, hist, i, sigma, day_no, p)
+    if p.final_sizes and p.refit:
+        sigmas = {g: _mad_sigma(diffs[g]) for g in (False, True)}
+        _refit(events, drops, x, weekend, day_no, sigmas, p)
+    elif p.final_sizes:
         _final_sizes(events, hist, p)
     return events
+
+
+def _refit(
+    events: list[LeakEvent],
+    drops: list[int],
+    x: np.ndarray,
+    weekend: list[bool],
+    day_no: np.ndarray,
+    sigmas: dict[bool, float],
+    p: LeakEventParams,
+) -> None:
+    """Size every event again once the walk is over, all at once, by a robust joint regression.
+
+    Why: the walk sizes an event from the nights between its onset and the next change, against
+    a running median, so a leak followed soon by another, a ramp still growing when the next one
+    began, or a season drifting under it all bias the size. Here the whole series is one
+    least-squares model (as in segmented / intervention regression, G. E. P. Box & G. C. Tiao,
+    "Intervention analysis with applications to economic and environmental problems", JASA 70,
+    1975): a smooth level (piecewise-linear hat functions every ``refit_knot_nights``), a
+    weekend/holiday offset, one column per event — a ramp clip((t − onset + 1)/g, 0, 1), g = 1 a
+    step — and one free downward step per detected drop (a repair or a change of demand, so a
+    drop attributed to the wrong event at alarm time does not bias either event). Outlying nights
+    (a pool filled) are down-weighted by Huber's M-estimator (P. J. Huber, "Robust estimation of a
+    location parameter", Ann. Math. Statist. 35, 1964) by iteratively reweighted least squares,
+    weekday and weekend nights weighted by their own σ. Each event's onset and growth nights g are
+    profiled (the column that explains most of the event's partial residual), so a ramp's size is
+    the level it reached, not its first step. The event's size is its coefficient and the size's
+    standard error comes from the same fit.
+    """
+    obs = np.flatnonzero(np.isfinite(x))
+    if len(obs) < 4 or not events:
+        return
+    y = x[obs]
+    t = day_no[obs] - day_no[obs[0]]
+    we = np.asarray([weekend[i] for i in obs], dtype=np.float64)
+    sig = np.where(we > 0, sigmas[True] or sigmas[False], sigmas[False] or sigmas[True])
+    sig = np.maximum(sig, 1e-9)
+    span = float(t[-1]) if len(t) else 0.0
+    n_knots = max(2, int(round(span / p.refit_knot_nights)) + 1)
+    knots = np.linspace(0.0, max(span, 1.0), n_knots)
+    h = knots[1] - knots[0]
+    trend = np.maximum(0.0, 1.0 - np.abs(t[:, None] - knots[None, :]) / h)
+    base_cols = [trend]
+    if we.any() and not we.all():
+        base_cols.append(we[:, None])
+    shapes = [
+        (e.onset, 1 if e.kind == "step" else max(1, e.last_alarm - e.onset + 1)) for e in events
+    ]
+
+    ends = [e.end if p.refit_couple else None for e in events]
+    if p.refit_couple:
+        drops = [d for d in drops if d not in set(ends)]
+    drop_cols = [-(obs >= d).astype(np.float64)[:, None] for d in sorted(set(drops))]
+
+    def column(onset: int, g: int, end: int | None = None) -> np.ndarray:
+        c = np.clip((t - (day_no[onset] - day_no[obs[0]]) + 1.0) / g, 0.0, 1.0)
+        return c if end is None else c * (obs < end)
+
+    fixed = np.hstack(base_cols + drop_cols)
+    u = np.ones(len(y))
+    it = merges = 0
+    while True:
+        n_fixed = fixed.shape[1]
+        design = np.hstack(
+            [fixed] + [column(o, g, ends[k])[:, None] for k, (o, g) in enumerate(shapes)]
+        )
+        beta, u = _irls(design, y, sig, u, p.refit_huber)
+        if it == p.refit_rounds - 1:
+            break
+        w = u / sig**2
+        fit = design @ beta
+        for k, e in enumerate(events):
+            o, g = shapes[k]
+            partial = y - fit + beta[n_fixed + k] * design[:, n_fixed + k]
+            lo = max(e.onset - p.refit_onset_back, 0)
+            hi = min(e.onset + p.refit_onset_fwd, len(x) - 1)
+            best = (-1.0, o, g)
+            for o2 in range(lo, hi + 1):
+                if o2 != e.onset and not math.isfinite(float(x[o2])):
+                    continue
+                for g2 in range(1, p.refit_max_growth + 1):
+                    c = column(o2, g2, ends[k])
+                    den = float(np.sum(w * c * c))
+                    if den <= 0:
+                        continue
+                    gain = float(np.sum(w * partial * c)) ** 2 / den
+                    if gain > best[0]:
+                        best = (gain, o2, g2)
+            shapes[k] = (best[1], best[2])
+        if merges < len(events) and _merge_split_ramps(
+            events, shapes, ends, drops, y, fit, beta, n_fixed, w, column, p
+        ):
+            merges += 1
+            continue
+        it += 1
+        # Changes the walk did not report (a leak it missed, a ramp it merged, a drop too small
+        # to alarm) bias their neighbours' sizes: the strongest level shift left in the
+        # residuals joins the model as a nuisance step while it is significant.
+        resid = y - fit
+        for _ in range(p.refit_nuisance):
+            gain, at = _best_step(resid, w)
+            if gain < p.refit_nuisance_chi2:
+                break
+            col = (np.arange(len(y)) >= at).astype(np.float64)
+            fixed = np.hstack([fixed, col[:, None]])
+            m = float(np.sum(w * resid * col) / np.sum(w * col)) - float(
+                np.sum(w * resid) / np.sum(w)
+            )
+            resid = resid - m * col
+    design = np.hstack(
+        [fixed] + [column(o, g, ends[k])[:, None] for k, (o, g) in enumerate(shapes)]
+    )
+    w = u / sig**2
+    xtwx = design.T @ (design * w[:, None])
+    try:
+        cov = np.linalg.pinv(xtwx)
+    except np.linalg.LinAlgError:
+        return
+    n_fixed = fixed.shape[1]
+    for k, e in enumerate(events):
+        j = n_fixed + k
+        e.size = float(beta[j])
+        e.size_se = float(math.sqrt(max(cov[j, j], 0.0)))
+        e.growth_nights = shapes[k][1]
+        before = np.flatnonzero(obs < shapes[k][0])
+        if len(before):
+            row = design[before[-1]].copy()
+            if len(base_cols) > 1:
+                row[trend.shape[1]] = 0.0  # the weekday level
+            e.level_before = float(row @ beta)
 
 
 def _final_sizes(
@@ -312,6 +475,184 @@ def _final_sizes(
             e.n_before, e.n_after = len(before), len(after)
 
 
+def _check_splits(
+    splits: list[tuple[LeakEvent, int, int]],
+    events: list[LeakEvent],
+    hist: list[tuple[int, float]],
+    i: int,
+    sigma: float,
+    day_no: np.ndarray,
+    p: LeakEventParams,
+) -> list[tuple[LeakEvent, int, int]]:
+    """Re-test, night by night, each alarm that was read as a ramp still growing: once the
+    nights since the ramp's onset are better explained by the ramp (its growth nights profiled)
+    plus a step at the alarmed run's onset than by the ramp alone — a likelihood-ratio test of
+    nested linear models, gain in σ² above ``split_chi2`` — the run is a new leak, an event of
+    its own alarmed *tonight* (the night the split became visible, so the alarm stays what a
+    daily run would have reported). Candidates older than ``split_nights`` are the same ramp."""
+    if not splits or sigma <= 0:
+        return splits
+    keep: list[tuple[LeakEvent, int, int]] = []
+    for ev, run_onset, alarm in splits:
+        if day_no[i] - day_no[alarm] > p.split_nights or ev.end is not None:
+            continue
+        lo = ev.onset - p.split_pre
+        for o in events:
+            if o is not ev and o.onset < ev.onset:
+                lo = max(lo, o.last_alarm + 1 if o.kind == "ramp" else o.onset)
+        pts = [(float(day_no[j]), v) for j, v in hist if lo <= j <= i]
+        gain = _split_gain(pts, float(day_no[ev.onset]), float(day_no[run_onset]), sigma, p)
+        if gain < p.split_chi2:
+            keep.append((ev, run_onset, alarm))
+            continue
+        before = [v for t, v in pts if t < day_no[run_onset]][-p.size_nights :]
+        base = float(np.median(before)) if before else 0.0
+        new = LeakEvent(
+            onset=run_onset,
+            alarm=i,
+            level_before=base,
+            n_before=max(len(before), 1),
+            sigma=sigma,
+            detector="split",
+            last_alarm=i,
+            seg_start=ev.seg_start,
+        )
+        events.append(new)
+        events.sort(key=lambda e: e.onset)
+        if events[-1] is not new:  # keep the current event last for _update_current
+            events.remove(new)
+            events.append(new)
+        keep = [k for k in keep if k[0] is not ev]
+        return keep + [k for k in splits if k[0] is not ev and k not in keep]
+    return keep
+
+
+def _split_gain(
+    pts: list[tuple[float, float]], t1: float, t2: float, sigma: float, p: LeakEventParams
+) -> float:
+    """χ² gain (in σ²) of a ramp from ``t1`` plus a step at ``t2`` over the ramp alone, each
+    with its best growth time; Huber weights so one exceptional night does not split a ramp."""
+    t = np.asarray([a for a, _ in pts])
+    y = np.asarray([v for _, v in pts])
+    if len(y) < 6 or not np.any(t >= t2) or not np.any(t < t1):
+        return 0.0
+    n_after2 = int(np.sum(t >= t2))
+    if n_after2 < 1:
+        return 0.0
+    sig = np.full(len(y), sigma)
+    step2 = (t >= t2).astype(np.float64)
+    best1 = best2 = math.inf
+    for g in range(1, int(max(t[-1] - t1, 1.0)) + 2):
+        ramp = np.clip((t - t1 + 1.0) / g, 0.0, 1.0)
+        for k, cols in enumerate(((np.ones_like(t), ramp), (np.ones_like(t), ramp, step2))):
+            design = np.column_stack(cols)
+            beta, u = _irls(design, y, sig, np.ones(len(y)), p.refit_huber)
+            r = (y - design @ beta) / sigma
+            rho = float(
+                np.sum(
+                    np.where(
+                        np.abs(r) <= p.refit_huber,
+                        0.5 * r * r,
+                        p.refit_huber * np.abs(r) - 0.5 * p.refit_huber**2,
+                    )
+                )
+            )
+            if k == 0:
+                best1 = min(best1, rho)
+            elif beta[2] > 0:
+                best2 = min(best2, rho)
+        if g > p.refit_max_growth:
+            break
+    if not math.isfinite(best2):
+        return 0.0
+    return 2.0 * (best1 - best2)
+
+
+def _merge_split_ramps(
+    events: list[LeakEvent],
+    shapes: list[tuple[int, int]],
+    ends: list[int | None],
+    drops: list[int],
+    y: np.ndarray,
+    fit: np.ndarray,
+    beta: np.ndarray,
+    n_fixed: int,
+    w: np.ndarray,
+    column: Any,
+    p: LeakEventParams,
+) -> bool:
+    """Join two consecutive events into one ramp when, with the whole series seen, one ramp
+    column from the first onset (growth nights profiled) explains their nights within
+    ``merge_chi2`` (σ²) of two columns: a ramp the walk alarmed twice, not two leaks. The later
+    event is removed; the earlier keeps its onset and alarm. True when one pair was joined."""
+    if p.merge_chi2 <= 0:
+        return False
+    for k in range(len(events) - 1):
+        a, b = events[k], events[k + 1]
+        if a.end is not None or b.onset - a.onset > p.merge_nights:
+            continue
+        if any(a.onset < d <= b.onset for d in drops):
+            continue
+        ca = column(shapes[k][0], shapes[k][1], ends[k])
+        cb = column(shapes[k + 1][0], shapes[k + 1][1], ends[k + 1])
+        r = y - fit + beta[n_fixed + k] * ca + beta[n_fixed + k + 1] * cb
+        two = np.column_stack([ca, cb])
+        sw = np.sqrt(w)
+        coef = np.linalg.lstsq(two * sw[:, None], r * sw, rcond=None)[0]
+        gain2 = float(np.sum(w * r * r) - np.sum(w * (r - two @ coef) ** 2))
+        gain1, g1 = -1.0, shapes[k][1]
+        for g in range(1, p.refit_max_growth + 1):
+            c = column(shapes[k][0], g, ends[k + 1])
+            den = float(np.sum(w * c * c))
+            if den > 0:
+                gain = float(np.sum(w * r * c)) ** 2 / den
+                if gain > gain1:
+                    gain1, g1 = gain, g
+        if gain2 - gain1 < p.merge_chi2:
+            a.kind = "ramp"
+            a.last_alarm = max(a.last_alarm, b.last_alarm)
+            a.end = b.end
+            del events[k + 1]
+            del shapes[k + 1]
+            del ends[k + 1]
+            shapes[k] = (shapes[k][0], g1)
+            ends[k] = a.end
+            return True
+    return False
+
+
+def _irls(
+    design: np.ndarray, y: np.ndarray, sig: np.ndarray, u: np.ndarray, huber: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Huber M-estimate of a linear model by iteratively reweighted least squares (weights
+    u / σ²: u = min(1, c/|r|) for the standardised residual r)."""
+    beta = np.zeros(design.shape[1])
+    for _ in range(4):
+        sw = np.sqrt(u) / sig
+        beta = np.linalg.lstsq(design * sw[:, None], y * sw, rcond=None)[0]
+        r = (y - design @ beta) / sig
+        u = np.minimum(1.0, huber / np.maximum(np.abs(r), 1e-12))
+    return beta, u
+
+
+def _best_step(resid: np.ndarray, w: np.ndarray) -> tuple[float, int]:
+    """The weighted chi-square gain of the best single mean shift in ``resid`` and its position
+    (the likelihood-ratio scan of binary segmentation, A. J. Scott & M. Knott, Biometrics 30,
+    1974), at least 3 values from either end."""
+    n = len(resid)
+    if n < 8:
+        return 0.0, 0
+    tot_w = float(np.sum(w))
+    m = float(np.sum(w * resid)) / tot_w
+    tail_s = np.cumsum((w * (resid - m))[::-1])[::-1]
+    tail_w = np.cumsum(w[::-1])[::-1]
+    idx = np.arange(3, n - 2)
+    den = tail_w[idx] * (1.0 - tail_w[idx] / tot_w)
+    gain = tail_s[idx] ** 2 / np.maximum(den, 1e-12)
+    j = int(np.argmax(gain))
+    return float(gain[j]), int(idx[j])
+
+
 def _change_point(vals: list[float], level: float, sigma: float, upward: bool) -> int:
     """Where in an alarmed run the shift began: the maximum-likelihood change point of a mean
     shift of the size seen at the run's end (argmin of the partial sums of z − δ/2), which is
@@ -336,21 +677,26 @@ def _on_rise(
     i: int,
     p: LeakEventParams,
     day_no: np.ndarray,
-) -> None:
+) -> bool:
+    """Open a new event for an upward alarm, or extend the current one (a ramp still growing);
+    True when it extended."""
     onset = run[0][0]
     cur = events[-1] if events else None
     if cur is not None and cur.end is None and cur.seg_start == seg[0][0]:
         gap = day_no[onset] - day_no[cur.last_alarm]
         since = [(float(day_no[j]), v) for j, v in hist if j >= cur.onset]
-        if gap <= p.ramp_next_nights or (
-            gap <= p.ramp_join_nights
-            and _line_beats_steps(since, float(day_no[onset]), p.ramp_margin)
-        ):
+        if (
+            gap <= p.ramp_next_nights
+            or (
+                gap <= p.ramp_join_nights
+                and _line_beats_steps(since, float(day_no[onset]), p.ramp_margin)
+            )
+        ) and _jump_z(since, float(day_no[onset]), [v for _, v in run], sigma) < p.ramp_jump_z:
             # The level kept rising since the last alarm: the same leak growing.
             cur.kind = "ramp"
             cur.last_alarm = i
             cur.seg_start = onset
-            return
+            return True
     base = float(np.median(before)) if before else level
     events.append(
         LeakEvent(
@@ -364,6 +710,31 @@ def _on_rise(
             seg_start=onset,
         )
     )
+
+
+def _jump_z(
+    points: list[tuple[float, float]], second: float, run: list[float], sigma: float
+) -> float:
+    """How far (in standard errors) the alarmed run's nights stand above the straight line of
+    the open event's nights before the run, extrapolated: a ramp still growing continues its
+    line, a new leak on top of it jumps off it (the test of a level shift against a local
+    linear trend, as in the Chow test, G. C. Chow, Econometrica 28, 1960)."""
+    t = np.asarray([a for a, _ in points if a < second])
+    y = np.asarray([v for a, v in points if a < second])
+    if len(y) < 2 or not run:
+        return 0.0
+    if len(y) >= 4:
+        slope, icpt = np.polyfit(t, y, 1)
+        slope = max(float(slope), 0.0)
+        icpt = float(np.median(y - slope * t))
+    else:
+        slope, icpt = 0.0, float(np.median(y))
+    run_t = np.asarray([a for a, _ in points if a >= second][: len(run)])
+    if len(run_t) == 0:
+        return 0.0
+    excess = float(np.median(np.asarray(run[: len(run_t)]) - (icpt + slope * run_t)))
+    se = _MEDIAN_SE * sigma * math.sqrt(1.0 / len(run_t) + 1.0 / len(y))
+    return excess / max(se, 1e-12)
 
 
 def _line_beats_steps(points: list[tuple[float, float]], second: float, margin: float) -> bool:
