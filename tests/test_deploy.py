@@ -87,10 +87,9 @@ def test_dashboard_is_a_postgres_dashboard_over_the_analytics_tables() -> None:
 
 def _seed(url: str) -> None:
     """One row in each table the dashboard reads, so the queries return data, not just columns."""
-    from tests.test_report import _seed as seed_report
-
     from sql.migrate import backend_of
     from sql.rollups import refresh_rollups
+    from tests.test_report import _seed as seed_report
 
     channel = seed_report(url)
     with psycopg.connect(url) as conn:
