@@ -710,6 +710,7 @@ def _on_rise(
             seg_start=onset,
         )
     )
+    return False
 
 
 def _jump_z(
