@@ -105,17 +105,15 @@ class LeakEventParams:
     window_nights: int = 14
     min_nights: int = 3
     fast_k: float = 1.25
-    fast_h: float = 3.5
-    fast_cap: float = 2.0
-    slow_k: float = 0.75
-    slow_h: float = 14.0
+    fast_h: float = 4.0
+    fast_cap: float = 2.5
+    slow_k: float = 0.5
+    slow_h: float = 10.0
     slow_cap: float = 2.0
-    prior_sigma_rel: float = 0.01
+    prior_sigma_rel: float = 0.02
     prior_sigma_m3h: float = 0.05
     prior_weight: float = 3.0
     cold_h: float = 4.0
-    sigma_diffs: int = 100000
-    sigma_trim: float = 2.5
     confirm_nights: int = 5
     ramp_next_nights: int = 2
     ramp_join_nights: int = 5
@@ -181,29 +179,11 @@ class LeakEvent:
         return math.erf(max(self.size, 0.0) / se / math.sqrt(2.0))
 
 
-def _mad_sigma(diffs: list[float], trim: float = 0.0) -> float:
-    """σ of one night from night-to-night differences: 1.4826 × MAD / √2, then (``trim`` > 0)
-    re-estimated as the standard deviation of the differences within ``trim`` MAD-σ of their
-    median, corrected for the truncation — a one-step trimmed estimate (Huber, "Robust
-    Statistics", 1981, §5), because leak steps and exceptional nights contaminate about one
-    difference in ten and inflate the MAD by some 15 %."""
+def _mad_sigma(diffs: list[float]) -> float:
     if not diffs:
         return 0.0
     a = np.asarray(diffs)
-    med = float(np.median(a))
-    s = _MAD_TO_SIGMA * float(np.median(np.abs(a - med)))
-    if trim > 0 and s > 0 and len(a) >= 8:
-        for _ in range(2):
-            kept = a[np.abs(a - med) <= trim * s]
-            if len(kept) < 4:
-                break
-            var_factor = 1.0 - 2.0 * trim * _phi(trim) / math.erf(trim / math.sqrt(2.0))
-            s = float(np.sqrt(np.mean((kept - med) ** 2) / var_factor))
-    return s / math.sqrt(2.0)
-
-
-def _phi(z: float) -> float:
-    return math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return _MAD_TO_SIGMA * float(np.median(np.abs(a - np.median(a)))) / math.sqrt(2.0)
 
 
 @dataclass
@@ -281,7 +261,7 @@ def detect_leak_events(
             continue
         n_diff = len(diffs[g])
         prior = max(p.prior_sigma_m3h, p.prior_sigma_rel * abs(level))
-        mad = _mad_sigma(diffs[g][-p.sigma_diffs :], p.sigma_trim)
+        mad = _mad_sigma(diffs[g])
         sigma = math.sqrt((p.prior_weight * prior**2 + n_diff * mad**2) / (p.prior_weight + n_diff))
         sigma = max(sigma, 1e-9)
         z = (adj - level) / sigma
@@ -324,7 +304,7 @@ def detect_leak_events(
         _update_current(events, seg, pending, i, p)
         splits = _check_splits(splits, events, hist, i, sigma, day_no, p)
     if p.final_sizes and p.refit:
-        sigmas = {g: _mad_sigma(diffs[g][-p.sigma_diffs :], p.sigma_trim) for g in (False, True)}
+        sigmas = {g: _mad_sigma(diffs[g]) for g in (False, True)}
         _refit(events, drops, x, weekend, day_no, sigmas, p)
     elif p.final_sizes:
         _final_sizes(events, hist, p)
