@@ -105,15 +105,17 @@ class LeakEventParams:
     window_nights: int = 14
     min_nights: int = 3
     fast_k: float = 1.25
-    fast_h: float = 4.0
-    fast_cap: float = 2.5
-    slow_k: float = 0.5
-    slow_h: float = 10.0
+    fast_h: float = 3.5
+    fast_cap: float = 2.0
+    slow_k: float = 0.75
+    slow_h: float = 14.0
     slow_cap: float = 2.0
-    prior_sigma_rel: float = 0.02
+    prior_sigma_rel: float = 0.015
     prior_sigma_m3h: float = 0.05
     prior_weight: float = 3.0
     cold_h: float = 4.0
+    sigma_diffs: int = 100000
+    sigma_trim: float = 2.5
     confirm_nights: int = 5
     ramp_next_nights: int = 2
     ramp_join_nights: int = 5
@@ -132,9 +134,6 @@ class LeakEventParams:
     refit_onset_back: int = 8
     refit_onset_fwd: int = 3
     refit_max_growth: int = 30
-    refit_couple: bool = False
-    refit_nuisance: int = 0
-    refit_nuisance_chi2: float = 30.0
     size_nights: int = 28
     repair_match_rel: float = 0.35
     holidays: tuple[date, ...] = field(default_factory=tuple)
@@ -179,11 +178,29 @@ class LeakEvent:
         return math.erf(max(self.size, 0.0) / se / math.sqrt(2.0))
 
 
-def _mad_sigma(diffs: list[float]) -> float:
+def _mad_sigma(diffs: list[float], trim: float = 0.0) -> float:
+    """σ of one night from night-to-night differences: 1.4826 × MAD / √2, then (``trim`` > 0)
+    re-estimated as the standard deviation of the differences within ``trim`` MAD-σ of their
+    median, corrected for the truncation — a one-step trimmed estimate (Huber, "Robust
+    Statistics", 1981, §5), because leak steps and exceptional nights contaminate about one
+    difference in ten and inflate the MAD by some 15 %."""
     if not diffs:
         return 0.0
     a = np.asarray(diffs)
-    return _MAD_TO_SIGMA * float(np.median(np.abs(a - np.median(a)))) / math.sqrt(2.0)
+    med = float(np.median(a))
+    s = _MAD_TO_SIGMA * float(np.median(np.abs(a - med)))
+    if trim > 0 and s > 0 and len(a) >= 8:
+        for _ in range(2):
+            kept = a[np.abs(a - med) <= trim * s]
+            if len(kept) < 4:
+                break
+            var_factor = 1.0 - 2.0 * trim * _phi(trim) / math.erf(trim / math.sqrt(2.0))
+            s = float(np.sqrt(np.mean((kept - med) ** 2) / var_factor))
+    return s / math.sqrt(2.0)
+
+
+def _phi(z: float) -> float:
+    return math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
 
 @dataclass
@@ -261,7 +278,7 @@ def detect_leak_events(
             continue
         n_diff = len(diffs[g])
         prior = max(p.prior_sigma_m3h, p.prior_sigma_rel * abs(level))
-        mad = _mad_sigma(diffs[g])
+        mad = _mad_sigma(diffs[g][-p.sigma_diffs :], p.sigma_trim)
         sigma = math.sqrt((p.prior_weight * prior**2 + n_diff * mad**2) / (p.prior_weight + n_diff))
         sigma = max(sigma, 1e-9)
         z = (adj - level) / sigma
@@ -304,7 +321,7 @@ def detect_leak_events(
         _update_current(events, seg, pending, i, p)
         splits = _check_splits(splits, events, hist, i, sigma, day_no, p)
     if p.final_sizes and p.refit:
-        sigmas = {g: _mad_sigma(diffs[g]) for g in (False, True)}
+        sigmas = {g: _mad_sigma(diffs[g][-p.sigma_diffs :], p.sigma_trim) for g in (False, True)}
         _refit(events, drops, x, weekend, day_no, sigmas, p)
     elif p.final_sizes:
         _final_sizes(events, hist, p)
@@ -358,16 +375,17 @@ def _refit(
         (e.onset, 1 if e.kind == "step" else max(1, e.last_alarm - e.onset + 1)) for e in events
     ]
 
-    ends = [e.end if p.refit_couple else None for e in events]
-    if p.refit_couple:
-        drops = [d for d in drops if d not in set(ends)]
-    drop_cols = [-(obs >= d).astype(np.float64)[:, None] for d in sorted(set(drops))]
+    ends: list[int | None] = [None] * len(events)
+    free = sorted(set(drops))
 
     def column(onset: int, g: int, end: int | None = None) -> np.ndarray:
         c = np.clip((t - (day_no[onset] - day_no[obs[0]]) + 1.0) / g, 0.0, 1.0)
         return c if end is None else c * (obs < end)
 
-    fixed = np.hstack(base_cols + drop_cols)
+    def drop_cols(ds: list[int]) -> list[np.ndarray]:
+        return [-(obs >= d).astype(np.float64)[:, None] for d in ds]
+
+    fixed = np.hstack(base_cols + drop_cols(free))
     u = np.ones(len(y))
     it = merges = 0
     while True:
@@ -382,19 +400,39 @@ def _refit(
         fit = design @ beta
         for k, e in enumerate(events):
             o, g = shapes[k]
-            partial = y - fit + beta[n_fixed + k] * design[:, n_fixed + k]
+            # The event's column is profiled with its neighbours' refitted beside it (not held
+            # at their old coefficients), so a ramp cannot swallow the next leak just because
+            # that one's coefficient was still small.
+            near = [j for j in (k - 1, k + 1) if 0 <= j < len(events)]
+            partial = y - fit
+            for j in [k, *near]:
+                partial = partial + beta[n_fixed + j] * design[:, n_fixed + j]
+            nb = design[:, [n_fixed + j for j in near]]
+            nwn = nb.T @ (nb * w[:, None])
+            nwr = nb.T @ (w * partial)
             lo = max(e.onset - p.refit_onset_back, 0)
             hi = min(e.onset + p.refit_onset_fwd, len(x) - 1)
-            best = (-1.0, o, g)
+            best = (-math.inf, o, g)
             for o2 in range(lo, hi + 1):
                 if o2 != e.onset and not math.isfinite(float(x[o2])):
                     continue
-                for g2 in range(1, p.refit_max_growth + 1):
+                # A ramp is taken to have stopped growing by the next event's onset: past it
+                # the two cannot be told apart and the first would swallow the second.
+                g_max = p.refit_max_growth
+                if k + 1 < len(shapes):
+                    g_max = min(g_max, max(1, int(day_no[shapes[k + 1][0]] - day_no[o2])))
+                for g2 in range(1, g_max + 1):
                     c = column(o2, g2, ends[k])
-                    den = float(np.sum(w * c * c))
-                    if den <= 0:
+                    wc = w * c
+                    a = np.empty((len(near) + 1, len(near) + 1))
+                    a[0, 0] = float(np.sum(wc * c))
+                    a[0, 1:] = a[1:, 0] = nb.T @ wc
+                    a[1:, 1:] = nwn
+                    rhs = np.concatenate([[float(np.sum(wc * partial))], nwr])
+                    try:
+                        gain = float(rhs @ np.linalg.solve(a, rhs))
+                    except np.linalg.LinAlgError:
                         continue
-                    gain = float(np.sum(w * partial * c)) ** 2 / den
                     if gain > best[0]:
                         best = (gain, o2, g2)
             shapes[k] = (best[1], best[2])
@@ -404,20 +442,6 @@ def _refit(
             merges += 1
             continue
         it += 1
-        # Changes the walk did not report (a leak it missed, a ramp it merged, a drop too small
-        # to alarm) bias their neighbours' sizes: the strongest level shift left in the
-        # residuals joins the model as a nuisance step while it is significant.
-        resid = y - fit
-        for _ in range(p.refit_nuisance):
-            gain, at = _best_step(resid, w)
-            if gain < p.refit_nuisance_chi2:
-                break
-            col = (np.arange(len(y)) >= at).astype(np.float64)
-            fixed = np.hstack([fixed, col[:, None]])
-            m = float(np.sum(w * resid * col) / np.sum(w * col)) - float(
-                np.sum(w * resid) / np.sum(w)
-            )
-            resid = resid - m * col
     design = np.hstack(
         [fixed] + [column(o, g, ends[k])[:, None] for k, (o, g) in enumerate(shapes)]
     )
@@ -497,11 +521,9 @@ def _check_splits(
         if day_no[i] - day_no[alarm] > p.split_nights or ev.end is not None:
             continue
         lo = ev.onset - p.split_pre
-        for o in events:
-            if o is not ev and o.onset < ev.onset:
-                lo = max(lo, o.last_alarm + 1 if o.kind == "ramp" else o.onset)
+        others = [float(day_no[o.onset]) for o in events if o is not ev and lo < o.onset < ev.onset]
         pts = [(float(day_no[j]), v) for j, v in hist if lo <= j <= i]
-        gain = _split_gain(pts, float(day_no[ev.onset]), float(day_no[run_onset]), sigma, p)
+        gain = _split_gain(pts, float(day_no[ev.onset]), float(day_no[run_onset]), sigma, p, others)
         if gain < p.split_chi2:
             keep.append((ev, run_onset, alarm))
             continue
@@ -528,10 +550,16 @@ def _check_splits(
 
 
 def _split_gain(
-    pts: list[tuple[float, float]], t1: float, t2: float, sigma: float, p: LeakEventParams
+    pts: list[tuple[float, float]],
+    t1: float,
+    t2: float,
+    sigma: float,
+    p: LeakEventParams,
+    others: Sequence[float] = (),
 ) -> float:
     """χ² gain (in σ²) of a ramp from ``t1`` plus a step at ``t2`` over the ramp alone, each
-    with its best growth time; Huber weights so one exceptional night does not split a ramp."""
+    with its best growth time; earlier events' onsets inside the window (``others``) are steps in
+    both models. Huber weights so one exceptional night does not split a ramp."""
     t = np.asarray([a for a, _ in pts])
     y = np.asarray([v for _, v in pts])
     if len(y) < 6 or not np.any(t >= t2) or not np.any(t < t1):
@@ -541,11 +569,12 @@ def _split_gain(
         return 0.0
     sig = np.full(len(y), sigma)
     step2 = (t >= t2).astype(np.float64)
+    prior = [(t >= o).astype(np.float64) for o in others]
     best1 = best2 = math.inf
     for g in range(1, int(max(t[-1] - t1, 1.0)) + 2):
         ramp = np.clip((t - t1 + 1.0) / g, 0.0, 1.0)
         for k, cols in enumerate(((np.ones_like(t), ramp), (np.ones_like(t), ramp, step2))):
-            design = np.column_stack(cols)
+            design = np.column_stack([*cols, *prior])
             beta, u = _irls(design, y, sig, np.ones(len(y)), p.refit_huber)
             r = (y - design @ beta) / sigma
             rho = float(
@@ -633,24 +662,6 @@ def _irls(
         r = (y - design @ beta) / sig
         u = np.minimum(1.0, huber / np.maximum(np.abs(r), 1e-12))
     return beta, u
-
-
-def _best_step(resid: np.ndarray, w: np.ndarray) -> tuple[float, int]:
-    """The weighted chi-square gain of the best single mean shift in ``resid`` and its position
-    (the likelihood-ratio scan of binary segmentation, A. J. Scott & M. Knott, Biometrics 30,
-    1974), at least 3 values from either end."""
-    n = len(resid)
-    if n < 8:
-        return 0.0, 0
-    tot_w = float(np.sum(w))
-    m = float(np.sum(w * resid)) / tot_w
-    tail_s = np.cumsum((w * (resid - m))[::-1])[::-1]
-    tail_w = np.cumsum(w[::-1])[::-1]
-    idx = np.arange(3, n - 2)
-    den = tail_w[idx] * (1.0 - tail_w[idx] / tot_w)
-    gain = tail_s[idx] ** 2 / np.maximum(den, 1e-12)
-    j = int(np.argmax(gain))
-    return float(gain[j]), int(idx[j])
 
 
 def _change_point(vals: list[float], level: float, sigma: float, upward: bool) -> int:

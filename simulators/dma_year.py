@@ -199,8 +199,16 @@ def score_events(
     step_delay: int = 2,
     ramp_delay: int = 7,
     onset_tolerance: int = 3,
+    prefer_in_time: bool = True,
 ) -> LeakScore:
-    """Match events to injected onsets, one to one, nearest onset first.
+    """Match events to injected onsets, one to one: pairs alarmed within the delay target
+    first (``prefer_in_time``), then nearest onset first.
+
+    Why in-time pairs first: when one leak raised two events (a ramp alarmed early and again
+    later), the operator was alerted by the first; matching the later one only because its onset
+    estimate is nearer would call a leak late that was alarmed in time (the other event still
+    counts, as a duplicate, against precision). ``prefer_in_time=False`` is the earlier rule
+    (nearest onset only).
 
     An event matches a step whose onset is within ``onset_tolerance`` nights of its onset
     estimate, or a ramp whose onset lies between ``onset_tolerance`` + 7 nights before the
@@ -216,7 +224,19 @@ def score_events(
         )
         for r in events.iter_rows(named=True)
     ]
-    pairs: list[tuple[int, int, int]] = []
+    observed = np.cumsum(year.series["nnf_m3h"].is_not_null().to_numpy())
+
+    def data_delay(leak: LeakTruth, alarm_night: int) -> int:
+        """Nights with data from the onset to the alarm (0: alarmed on the onset night)."""
+        alarm = min(max(alarm_night, 0), len(observed) - 1)
+        before = observed[leak.onset - 1] if leak.onset > 0 else 0
+        seen = int(observed[alarm] - before) - 1
+        return max(seen, 0) if alarm >= leak.onset else alarm_night - leak.onset
+
+    def limit(leak: LeakTruth) -> int:
+        return ramp_delay if leak.kind == "ramp" else step_delay
+
+    pairs: list[tuple[int, int, int, int]] = []
     in_window: set[int] = set()
     for li, leak in enumerate(year.leaks):
         for ei, (on, alarm, _) in enumerate(ev):
@@ -225,31 +245,28 @@ def score_events(
             lo = leak.onset - onset_tolerance - (7 if leak.kind == "ramp" else 0)
             hi = leak.onset + onset_tolerance + leak.growth_nights
             if lo <= on <= hi:
-                pairs.append((abs(on - leak.onset), li, ei))
+                late = int(prefer_in_time and data_delay(leak, alarm) > limit(leak))
+                pairs.append((late, abs(on - leak.onset), li, ei))
                 in_window.add(ei)
     used_l: set[int] = set()
     used_e: set[int] = set()
     delays: list[tuple[str, int]] = []
     errors: list[tuple[str, float]] = []
     data_delays: list[tuple[str, int]] = []
-    observed = np.cumsum(year.series["nnf_m3h"].is_not_null().to_numpy())
     in_time = 0
     matched: list[tuple[str, float, int, float]] = []
-    for _, li, ei in sorted(pairs):
+    for _, _, li, ei in sorted(pairs):
         if li in used_l or ei in used_e:
             continue
         used_l.add(li)
         used_e.add(ei)
         leak = year.leaks[li]
-        delay = ev[ei][1] - leak.onset
-        delays.append((leak.kind, delay))
-        alarm = min(max(ev[ei][1], 0), len(observed) - 1)
-        seen = int(observed[alarm] - (observed[leak.onset - 1] if leak.onset > 0 else 0)) - 1
-        data_delays.append((leak.kind, max(seen, 0) if alarm >= leak.onset else delay))
+        delays.append((leak.kind, ev[ei][1] - leak.onset))
+        data_delays.append((leak.kind, data_delay(leak, ev[ei][1])))
         errors.append((leak.kind, abs(ev[ei][2] - leak.size_m3h) / leak.size_m3h))
         rel = leak.size_m3h / year.base_mnf_m3h
         matched.append((leak.kind, rel, data_delays[-1][1], errors[-1][1]))
-        if data_delays[-1][1] <= (ramp_delay if leak.kind == "ramp" else step_delay):
+        if data_delays[-1][1] <= limit(leak):
             in_time += 1
     return LeakScore(
         onsets=len(year.leaks),
