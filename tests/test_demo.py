@@ -150,6 +150,42 @@ def test_summary_names_failed_flows_and_missed_faults_in_red() -> None:
     assert demo_failures({"failed_flows": [], "missed_faults": []}) == []
 
 
+def test_a_payload_format_not_stored_whole_fails_the_demo() -> None:
+    """``make demo`` exits 1 (``summary["failed"]``) when a kind of meter stored nothing, or a
+    standard's live readings stored differ from those sent; a whole estate passes."""
+    from rich.console import Console
+
+    from aquameter.demo import _print_summary, demo_failures
+
+    ok: dict[str, Any] = {
+        "meters": 30,
+        "failed_flows": [],
+        "missed_faults": [],
+        "faults": [],
+        "by_format": {
+            "json": {"meters": 10, "stored": 500, "stored_live": 90},
+            "wmbus": {"meters": 10, "stored": 400, "stored_live": 96},
+            "cjt188": {"meters": 10, "stored": 300, "stored_live": 24},
+        },
+        "live": {"sent_by_format": {"json": 90, "wmbus": 96, "cjt188": 24}},
+    }
+    assert demo_failures(ok) == []
+    short = json.loads(json.dumps(ok))
+    short["by_format"]["wmbus"]["stored_live"] = 95
+    short["by_format"]["cjt188"] = {"meters": 10, "stored": 0, "stored_live": 0}
+    short["failed"] = demo_failures(short)
+    assert short["failed"] == [
+        "mixed estate: cjt188: 10 meters, no reading stored",
+        "mixed estate: wmbus: 96 live readings sent, 95 stored",
+        "mixed estate: cjt188: 24 live readings sent, 0 stored",
+    ]
+    con = Console(record=True, width=200)
+    _print_summary(con, short, Path("r"))
+    text = con.export_text()
+    assert "demo FAILED: 2 payload format(s) not stored whole" in text
+    assert "95 of 96 sent" in text
+
+
 def test_all_protocols_delivered_and_nothing_quarantined(
     demo: tuple[dict[str, Any], Path, str],
 ) -> None:
