@@ -783,8 +783,8 @@ def _print_summary(con: Console, s: dict[str, Any], report_dir: Path) -> None:
     sent = s.get("live", {}).get("sent_by_format") or {}
     for fmt, c in (s.get("by_format") or {}).items():
         live = f"{c['stored_live']:,}"
-        if fmt in sent:
-            live += f" of {sent[fmt]:,} sent"
+        if fmt in STANDARD_FORMATS:  # JSON's live day also comes over CoAP, not counted sent
+            live += f" of {sent.get(fmt, 0):,} sent"
         t.add_row(
             f"{fmt} meters: readings stored (live)",
             f"{c['meters']:,} meters: {c['stored']:,} ({live})",
