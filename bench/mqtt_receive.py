@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 import psycopg
@@ -37,11 +38,11 @@ from rich.console import Console
 from rich.table import Table
 
 from aquameter.embedded import start_broker
-from aquameter.registry import Device, Meter, Registry
+from bench.ingest import registry
 from ingest.pipeline import IngestPipeline
 from ingest.registry_sync import sync_registry
 from protocols.mqtt import MqttIngest, uplink_topic
-from protocols.uplink import DurableCallback, Frame, FrameOutcome
+from protocols.uplink import DurableCallback, Frame, FrameOutcome, FrameSink
 from sql.migrate import migrate
 from tests.mqtt_helpers import create_session
 from tests.servers import DatabaseFactory, server_url
@@ -141,11 +142,20 @@ class _DurableAtOnce:
         on_durable(FrameOutcome(accepted=1, quarantined=0, reasons=[]))
 
 
-def adapter(port: int, n: int) -> Result:
-    cid = f"adapter-{uuid.uuid4().hex[:6]}"
+def _receive(
+    port: int,
+    n: int,
+    sink: FrameSink,
+    done: Callable[[], bool],
+    poll_s: float,
+    drain: Callable[[], None] | None = None,
+) -> Result:
+    """A new session with ``n`` one-reading messages queued, read by ``MqttIngest`` into ``sink``
+    until ``done()``: messages per second and CPU per message by thread. The client is then shut
+    down, running ``drain`` (e.g. the pipeline's close) before it disconnects."""
+    cid = f"recv-{uuid.uuid4().hex[:6]}"
     create_session(f"mqtt://127.0.0.1:{port}", cid, [f"{ROOT}/+/+/up"])
     preload(port, n)
-    sink = _DurableAtOnce()
     t = time.perf_counter()
     cpu = ThreadCpu()
     client = MqttIngest(
@@ -156,36 +166,24 @@ def adapter(port: int, n: int) -> Result:
         shared_group=None,
         client_id=cid,
     ).start()
-    while sink.frames < n:
-        time.sleep(0.005)
+    while not done():
+        time.sleep(poll_s)
     elapsed = time.perf_counter() - t
     per_thread = cpu.per_message(n)
-    client.shutdown()
+    client.shutdown(drain)
     return Result(n / elapsed, per_thread)
+
+
+def adapter(port: int, n: int) -> Result:
+    sink = _DurableAtOnce()
+    return _receive(port, n, sink, lambda: sink.frames >= n, 0.005)
 
 
 def database(tmp: Path) -> tuple[DatabaseFactory, str]:
     """A migrated database with the 1,000 meters of the messages registered."""
     factory = DatabaseFactory(server_url(tmp))
     db = factory.new(empty=True)
-    reg = Registry.model_validate(
-        {
-            "dma": [{"id": "D1", "timezone": "UTC"}],
-            "vendor": [
-                {
-                    "id": "v",
-                    "payload": "json",
-                    "channel": [{"name": "register", "quantity": "volume", "kind": "register"}],
-                }
-            ],
-            "device": [
-                Device(id=f"M{i:06d}", vendor="v", dma="D1", meter=Meter()).model_dump(
-                    by_alias=True
-                )
-                for i in range(METERS)
-            ],
-        }
-    )
+    reg = registry(METERS)
     with psycopg.connect(db) as conn:
         migrate(conn, partitions_ahead=1)
         sync_registry(conn, reg)
@@ -202,31 +200,18 @@ def whole_path(port: int, n: int, db: str) -> Result:
     with psycopg.connect(db) as conn:
         conn.execute("TRUNCATE readings, ingest_days, quarantine")
         conn.commit()
-    cid = f"whole-{uuid.uuid4().hex[:6]}"
-    create_session(f"mqtt://127.0.0.1:{port}", cid, [f"{ROOT}/+/+/up"])
-    preload(port, n)
     pipeline = IngestPipeline(db, registry_poll_s=None).start()
-    t = time.perf_counter()
-    cpu = ThreadCpu()
-    client = MqttIngest(
-        f"mqtt://127.0.0.1:{port}",
-        pipeline,
-        {"v": "json"},
-        topic_root=ROOT,
-        shared_group=None,
-        client_id=cid,
-    ).start()
-    while pipeline.counters.stored < n:
-        time.sleep(0.002)
-    elapsed = time.perf_counter() - t
-    per_thread = cpu.per_message(n)
-    client.shutdown(pipeline.close)
+
+    def stored_all() -> bool:
+        return pipeline.counters.stored >= n
+
+    result = _receive(port, n, pipeline, stored_all, 0.002, drain=pipeline.close)
     with psycopg.connect(db) as conn:
         row = conn.execute("SELECT count(*), count(DISTINCT value) FROM readings").fetchone()
         q = conn.execute("SELECT count(*) FROM quarantine").fetchone()
     assert row is not None and row[0] == n and row[1] == n, row
     assert q is not None and q[0] == 0, q
-    return Result(n / elapsed, per_thread)
+    return result
 
 
 class Result:

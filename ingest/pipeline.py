@@ -139,6 +139,12 @@ class _FrameQueue:
                 cv.notify_all()
             return item
 
+    def saturated(self) -> bool:
+        """A put now would block: full in frames or in bytes, or others already wait."""
+        return (
+            len(self.items) >= self.max_frames or self.blocked > 0 or self.bytes >= self.max_bytes
+        )
+
     def release(self, size: int) -> None:
         """``size`` bytes are acknowledged: room for blocked submitters."""
         with self._cv:
@@ -265,8 +271,7 @@ class IngestPipeline:
 
     def saturated(self) -> bool:
         """A submit now would block: the queue is full in frames or in bytes."""
-        q = self._queue
-        return len(q.items) >= q.max_frames or q.blocked > 0 or q.bytes >= self.queue_bytes
+        return self._queue.saturated()
 
     @property
     def queued_bytes(self) -> int:

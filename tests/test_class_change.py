@@ -19,10 +19,10 @@ from flows.billing_export import BillingExportSettings, compute_billing_chunk, p
 from flows.meter_anomalies import MeterAnomaliesSettings, compute_meter_chunk, plan_meter_days
 from ingest.pipeline import IngestPipeline
 from ingest.registry_sync import sync_registry
-from protocols.uplink import Frame, Uplink
 from simulators.faults import Fault
 from simulators.fleet import simulate_fleet
 from tests.servers import EXAMPLE_REGISTRY
+from tests.test_meter_classes import register_frames
 
 _TODAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 START = _TODAY - timedelta(days=10)
@@ -35,21 +35,7 @@ def _ingest(url: str, registry: Registry) -> None:
     fault = Fault("LEAK_CONTINUOUS", LEAKY, START + timedelta(days=2, hours=5), None)
     fleet = simulate_fleet(registry, START, DAYS, seed=5, faults=[fault])
     reads = fleet.reads.filter(pl.col("meter_id").is_in(INGESTED))
-    frames = [
-        Frame(
-            source="test",
-            address="t",
-            uplinks=[
-                Uplink(
-                    str(m),
-                    "register",
-                    (part["ts"].dt.epoch("us") / 1e6).to_list(),
-                    part["register"].to_list(),
-                )
-            ],
-        )
-        for (m,), part in reads.group_by(["meter_id"])
-    ]
+    frames = register_frames(reads)
     with IngestPipeline(url, batch_seconds=0.05) as pipeline:
         assert sum(o.accepted for o in pipeline.submit_many(frames)) == reads.height
 

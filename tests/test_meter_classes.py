@@ -47,6 +47,25 @@ PER_BUILDING = 12
 BUILDINGS = 150
 
 
+def register_frames(reads: pl.DataFrame) -> list[Frame]:
+    """One frame per meter holding all its register reads (``meter_id``, ``ts``, ``register``)."""
+    return [
+        Frame(
+            source="test",
+            address="t",
+            uplinks=[
+                Uplink(
+                    str(m),
+                    "register",
+                    (part["ts"].dt.epoch("us") / 1e6).to_list(),
+                    part["register"].to_list(),
+                )
+            ],
+        )
+        for (m,), part in reads.group_by(["meter_id"])
+    ]
+
+
 def volumes(reads: pl.DataFrame) -> pl.DataFrame:
     """INTERVALS from one fleet's register reads (clean fleets: no gaps, no exchanges)."""
     return (
@@ -254,21 +273,7 @@ def test_class_stored_and_bill_held_only_by_its_class_codes(db_url: str, tmp_pat
     assert meters.sort("meter_id")["meter_class"].to_list() == ["bulk", "residential"]
     assert classes == {"bulk": {"anomaly": {"floor_rise_min_m3h": 0.05}, "hold_codes": ["TAMPER"]}}
 
-    frames = [
-        Frame(
-            source="test",
-            address="t",
-            uplinks=[
-                Uplink(
-                    str(m),
-                    "register",
-                    (part["ts"].dt.epoch("us") / 1e6).to_list(),
-                    part["register"].to_list(),
-                )
-            ],
-        )
-        for (m,), part in reads.group_by(["meter_id"])
-    ]
+    frames = register_frames(reads)
     with IngestPipeline(db_url, batch_seconds=0.05) as pipeline:
         assert sum(o.accepted for o in pipeline.submit_many(frames)) == reads.height
     leak_start = start + timedelta(hours=5)

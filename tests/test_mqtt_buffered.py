@@ -100,15 +100,21 @@ def test_paho_internals_relied_on_are_there():
     assert issubclass(_BufferedClient, mqtt.Client)
 
 
-def test_a_burst_of_small_and_large_messages_arrives_whole_in_order_and_acknowledged(mqtt_url):
-    client_id = f"buf-{uuid.uuid4().hex[:8]}"
+def _queued(mqtt_url: str, prefix: str, msgs: list[tuple[str, bytes]]) -> str:
+    """A new persistent session with ``msgs`` queued for it before it connects; its client id."""
+    client_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
     create_session(mqtt_url, client_id, [f"{ROOT}/+/+/up"])
+    publish_all(mqtt_url, msgs)
+    return client_id
+
+
+def test_a_burst_of_small_and_large_messages_arrives_whole_in_order_and_acknowledged(mqtt_url):
     sizes = [60] * 300 + [70_000, 50, 200_000, 1, 65_536, 65_535] + [80] * 300
     msgs = [
         (uplink_topic(ROOT, "v", f"D{i % 7}"), (f"{i:06d}:".encode() + b"x" * size)[: max(7, size)])
         for i, size in enumerate(sizes)
     ]
-    publish_all(mqtt_url, msgs)  # queued for the session: it arrives as one burst
+    client_id = _queued(mqtt_url, "buf", msgs)  # it arrives as one burst
     sink = _Recorder()
     client = _client(mqtt_url, sink, client_id).start()
     try:
@@ -121,10 +127,8 @@ def test_a_burst_of_small_and_large_messages_arrives_whole_in_order_and_acknowle
 
 
 def test_batched_pubacks_go_out_only_at_the_flush(mqtt_url):
-    client_id = f"bat-{uuid.uuid4().hex[:8]}"
-    create_session(mqtt_url, client_id, [f"{ROOT}/+/+/up"])
     msgs = [(uplink_topic(ROOT, "v", f"D{i}"), b"%d" % i) for i in range(500)]
-    publish_all(mqtt_url, msgs)
+    client_id = _queued(mqtt_url, "bat", msgs)
     sink = _Batching()
     client = _client(mqtt_url, sink, client_id).start()
     assert _wait(lambda: len(sink.callbacks) == len(msgs))
@@ -136,10 +140,8 @@ def test_batched_pubacks_go_out_only_at_the_flush(mqtt_url):
 
 
 def test_without_the_flush_nothing_is_acknowledged_and_all_comes_back(mqtt_url):
-    client_id = f"nof-{uuid.uuid4().hex[:8]}"
-    create_session(mqtt_url, client_id, [f"{ROOT}/+/+/up"])
     msgs = [(uplink_topic(ROOT, "v", f"D{i}"), b"%d" % i) for i in range(200)]
-    publish_all(mqtt_url, msgs)
+    client_id = _queued(mqtt_url, "nof", msgs)
     sink = _Batching()
     client = _client(mqtt_url, sink, client_id).start()
     assert _wait(lambda: len(sink.callbacks) == len(msgs))

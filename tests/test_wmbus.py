@@ -229,33 +229,33 @@ def test_round_trip(meter: int, litres: int, acc: int, mode: int, crc: bool) -> 
     assert up.values == [pytest.approx(litres / 1000, abs=1e-9)]
 
 
-WMBUS_REGISTRY = """
+def _registry(payload: str, serials: dict[str, int]) -> str:
+    """One DMA, one wM-Bus vendor speaking ``payload``, and a device per (id, serial)."""
+    head = f"""
 [[dma]]
 id = "DMA-EU"
 
 [[vendor]]
 id = "wmbus-water"
-payload = "wmbus-hex"
+payload = "{payload}"
   [[vendor.channel]]
   name = "register"
   quantity = "volume"
   unit = "m3"
   kind = "register"
-
-[[device]]
-id = "WM-1"
-vendor = "wmbus-water"
-dma = "DMA-EU"
-serial = 12345678
 """
+    return head + "".join(
+        f'\n[[device]]\nid = "{d}"\nvendor = "wmbus-water"\ndma = "DMA-EU"\nserial = {n}\n'
+        for d, n in serials.items()
+    )
 
 
-def test_gateway_message_into_the_database(
-    empty_db_url: str, tmp_path: Path, keyring: None
-) -> None:
-    """A gateway's message of three telegrams through the real pipeline: the keyed one is
-    stored, the one for a meter without a key is DECRYPT_FAILED, the unknown meter
-    UNKNOWN_DEVICE; the key is nowhere in the database."""
+WMBUS_REGISTRY = _registry("wmbus-hex", {"WM-1": 12345678})
+
+
+def _ingest(url: str, tmp_path: Path, registry: str, payloads: list[bytes], fmt: str) -> list[Any]:
+    """Register ``registry`` in the empty database ``url``, then put each payload through the
+    real ingest pipeline as its own frame, waiting until each is durable; the outcomes."""
     import threading
 
     import psycopg
@@ -267,22 +267,12 @@ def test_gateway_message_into_the_database(
     from sql.migrate import migrate
 
     path = tmp_path / "registry.toml"
-    path.write_text(WMBUS_REGISTRY)
-    with psycopg.connect(empty_db_url) as conn:
+    path.write_text(registry)
+    with psycopg.connect(url) as conn:
         migrate(conn, partitions_ahead=1)
         sync_registry(conn, load_registry(path))
         conn.commit()
-    key = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
-    wmbus.set_keyring(KeyRing({"12345678": key}, from_env=False))
-    message = b"\n".join(
-        t.hex().encode()
-        for t in (
-            encode_wmbus("12345678", 42.125, key=key, crc=True),
-            encode_wmbus("55555555", 1.0, key=bytes(16)),
-            encode_wmbus("77777777", 2.0),
-        )
-    )
-    pipeline = IngestPipeline(empty_db_url, batch_seconds=0.05).start()
+    pipeline = IngestPipeline(url, batch_seconds=0.05).start()
     done = threading.Event()
     outcomes: list[FrameOutcome] = []
 
@@ -291,20 +281,102 @@ def test_gateway_message_into_the_database(
         done.set()
 
     try:
-        for part in message.split(b"\n"):  # a gateway publishing one telegram per message
+        for payload in payloads:
             done.clear()
-            frame = Frame(source="mqtt", address="gw", payload=part, payload_format="wmbus-hex")
+            frame = Frame(source="mqtt", address="gw", payload=payload, payload_format=fmt)
             pipeline.submit(frame, on_durable)
             assert done.wait(60)
     finally:
         pipeline.close()
-    with psycopg.connect(empty_db_url) as conn:
+    return outcomes
+
+
+def _stored(url: str) -> tuple[list[tuple[str, str, float]], list[tuple[Any, ...]]]:
+    """(device, channel, value) of every reading by device; (reason, device, detail, raw) of
+    every quarantine row in order."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
         got = conn.execute(
             "SELECT c.device_id, c.name, r.value FROM readings r JOIN channels c "
-            "ON c.id = r.channel_id"
+            "ON c.id = r.channel_id ORDER BY c.device_id"
         ).fetchall()
-        rows = conn.execute("SELECT reason, detail FROM quarantine ORDER BY id").fetchall()
-    assert [(d, n, float(v)) for d, n, v in got] == [("WM-1", "register", 42.125)]
-    assert [r for r, _ in rows] == ["DECRYPT_FAILED", "UNKNOWN_DEVICE"]
-    assert all(key.hex() not in (d or "").lower() for _, d in rows)
+        rows = conn.execute(
+            "SELECT reason, device_id, detail, raw FROM quarantine ORDER BY id"
+        ).fetchall()
+    return [(d, n, float(v)) for d, n, v in got], rows
+
+
+def test_gateway_message_into_the_database(
+    empty_db_url: str, tmp_path: Path, keyring: None
+) -> None:
+    """A gateway's message of three telegrams through the real pipeline: the keyed one is
+    stored, the one for a meter without a key is DECRYPT_FAILED, the unknown meter
+    UNKNOWN_DEVICE; the key is nowhere in the database."""
+    key = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
+    wmbus.set_keyring(KeyRing({"12345678": key}, from_env=False))
+    telegrams = (
+        encode_wmbus("12345678", 42.125, key=key, crc=True),
+        encode_wmbus("55555555", 1.0, key=bytes(16)),
+        encode_wmbus("77777777", 2.0),
+    )
+    # A gateway publishing one hex telegram per message.
+    outcomes = _ingest(
+        empty_db_url, tmp_path, WMBUS_REGISTRY, [t.hex().encode() for t in telegrams], "wmbus-hex"
+    )
+    got, rows = _stored(empty_db_url)
+    assert got == [("WM-1", "register", 42.125)]
+    assert [r[0] for r in rows] == ["DECRYPT_FAILED", "UNKNOWN_DEVICE"]
+    assert all(key.hex() not in (r[2] or "").lower() for r in rows)
     assert [o.accepted for o in outcomes] == [1, 0, 0]
+
+
+# --- one bad telegram among good ones costs that telegram only --------------------------------
+# Why end to end: the codec (``Decoded.rejected``) and the validator (one Rejection per refused
+# part) are written apart; only the database shows they agree.
+PARTIAL_REGISTRY = _registry("wmbus", {"WM-1": 11111111, "WM-2": 22222222, "WM-3": 33333333})
+
+PARTIAL_KEYS = {
+    "11111111": bytes.fromhex("00112233445566778899AABBCCDDEEFF"),
+    "22222222": bytes.fromhex("0F0E0D0C0B0A09080706050403020100"),
+    "33333333": bytes.fromhex("A0A1A2A3A4A5A6A7A8A9AAABACADAEAF"),
+}
+
+
+def _partial_message() -> tuple[bytes, bytes]:
+    """Three telegrams back to back (two with CRC blocks), the middle one under a wrong key."""
+    bad = encode_wmbus("22222222", 5.5, key=bytes(16), access_number=2)
+    good = (
+        encode_wmbus("11111111", 42.125, key=PARTIAL_KEYS["11111111"], access_number=1, crc=True),
+        encode_wmbus("33333333", 7.25, key=PARTIAL_KEYS["33333333"], access_number=3, crc=True),
+    )
+    return good[0] + bad + good[1], bad
+
+
+def test_codec_keeps_the_good_telegrams(keyring: None) -> None:
+    wmbus.set_keyring(KeyRing(PARTIAL_KEYS, from_env=False))
+    message, bad = _partial_message()
+    ups = decode(message, "wmbus", None)
+    assert [(u.device, u.values) for u in ups] == [
+        ("serial:11111111", [42.125]),
+        ("serial:33333333", [7.25]),
+    ]
+    ((err, raw),) = ups.rejected
+    assert err.reason == DECRYPT_FAILED and err.device == "serial:22222222"
+    assert raw == bad
+
+
+def test_one_wrong_key_in_three_telegrams_into_postgres(
+    empty_db_url: str, tmp_path: Path, keyring: None
+) -> None:
+    wmbus.set_keyring(KeyRing(PARTIAL_KEYS, from_env=False))
+    message, bad = _partial_message()
+    outcomes = _ingest(empty_db_url, tmp_path, PARTIAL_REGISTRY, [message], "wmbus")
+    got, rows = _stored(empty_db_url)
+    assert got == [("WM-1", "register", 42.125), ("WM-3", "register", 7.25)]
+    assert len(rows) == 1
+    reason, device, _, raw = rows[0]
+    assert reason == DECRYPT_FAILED
+    assert device in ("WM-2", "serial:22222222")
+    assert bytes(raw) == bad
+    assert [o.accepted for o in outcomes] == [2]
