@@ -34,8 +34,11 @@ after a signal). Per night:
   the nights since that event's onset better than two levels (Bayesian information criterion),
   is the same leak still growing, not a new one: the event becomes a ``ramp`` and its size is the
   level it reached (median of the latest ``window_nights`` in-control nights).
-- **Size** of a step: median of the event's segment (at most ``size_nights`` nights) minus the
-  level before the onset (median of up to ``size_nights`` nights before it), in m³/h.
+- **Size** of a step while the walk runs: median of the event's segment (at most ``size_nights``
+  nights) minus the level before the onset (median of up to ``size_nights`` nights before it), in
+  m³/h. Once the walk is over every event is sized again by one robust regression of the whole
+  series (``_refit``), after dropping the downward alarms the series does not support
+  (``_prune_drops``).
   **Confidence**: erf(z/√2) with z = size / (σ √(1/n_before + 1/n_after)): the probability,
   under Gaussian noise, that the shift is not noise.
 - **Repairs**: a downward alarm of size d closes the open event whose size is nearest d if they
@@ -97,6 +100,8 @@ class LeakEventParams:
         ``ramp_next_nights`` of the open event's last alarm extends it (a ramp); within
         ``ramp_join_nights`` it does when one line beats two levels by the BIC (plus the margin).
     size_nights: nights before/after the onset used for the size.
+    drop_chi2: a downward alarm stays a free step of the final refit only while its Wald χ²
+        reaches this (0 keeps every one).
     final_sizes: once the walk is over, size each event again between its neighbouring changes.
     repair_match_rel: a drop closes the event whose size it matches within this fraction.
     holidays: dates whose nights behave like weekend nights.
@@ -126,6 +131,7 @@ class LeakEventParams:
     split_chi2: float = 25.0
     merge_chi2: float = 9.0
     merge_nights: int = 30
+    drop_chi2: float = 16.0
     final_sizes: bool = True
     refit: bool = True
     refit_knot_nights: float = 120.0
@@ -385,6 +391,9 @@ def _refit(
     def drop_cols(ds: list[int]) -> list[np.ndarray]:
         return [-(obs >= d).astype(np.float64)[:, None] for d in ds]
 
+    free = _prune_drops(
+        free, base_cols, drop_cols, [column(o, g)[:, None] for o, g in shapes], y, sig, p
+    )
     fixed = np.hstack(base_cols + drop_cols(free))
     u = np.ones(len(y))
     it = merges = 0
@@ -463,6 +472,40 @@ def _refit(
             if len(base_cols) > 1:
                 row[trend.shape[1]] = 0.0  # the weekday level
             e.level_before = float(row @ beta)
+
+
+def _prune_drops(
+    free: list[int],
+    base_cols: list[np.ndarray],
+    drop_cols: Any,
+    event_cols: list[np.ndarray],
+    y: np.ndarray,
+    sig: np.ndarray,
+    p: LeakEventParams,
+) -> list[int]:
+    """The walk's downward alarms that the whole series still supports as changes of level.
+
+    Why: a drop alarmed on a weekend-to-weekday swing or after an exceptional night can sit a
+    night or two from a rise, and two near-collinear columns share that rise between them at
+    random, so the event is sized short by what the phantom drop took. Backward elimination: the
+    drop with the smallest Wald χ² (β² / var β, Huber weights) goes while it is below
+    ``drop_chi2``, refitting after each removal; a repair is a large, lasting drop and stays.
+    """
+    free = list(free)
+    n_base = sum(c.shape[1] for c in base_cols)
+    while free and p.drop_chi2 > 0:
+        design = np.hstack(base_cols + drop_cols(free) + event_cols)
+        beta, u = _irls(design, y, sig, np.ones(len(y)), p.refit_huber)
+        cov = np.linalg.pinv(design.T @ (design * (u / sig**2)[:, None]))
+        chi2 = [
+            float(beta[n_base + j] ** 2 / max(cov[n_base + j, n_base + j], 1e-300))
+            for j in range(len(free))
+        ]
+        j = int(np.argmin(chi2))
+        if chi2[j] >= p.drop_chi2:
+            break
+        del free[j]
+    return free
 
 
 def _final_sizes(

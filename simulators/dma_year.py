@@ -37,7 +37,11 @@ class DmaYearParams:
     first_onset: the first leak's onset night (a cold start); min_gap: nights between an onset
     and the end of the previous leak's growth (two onsets closer than that are one rise in any
     night-flow series); a repair is never planned within ``min_gap`` nights of an onset (a
-    repair and a new leak the same night cancel in the night flow).
+    repair and a new leak the same night cancel in the night flow), and with
+    ``repair_clear_of_growth`` not while a ramp grows nor within ``min_gap`` nights after it
+    either: such a repair is put off to the first night clear of them (a leak that grows while
+    another is repaired shows in the night flow as a smaller ramp, its size not readable from
+    the nights). ``False`` keeps the earlier years, where such repairs were planned.
     """
 
     nights: int = 365
@@ -62,6 +66,7 @@ class DmaYearParams:
     holidays: int = 10
     first_onset: int = 5
     min_gap: int = 5
+    repair_clear_of_growth: bool = True
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,17 @@ def _onsets(rng: np.random.Generator, p: DmaYearParams) -> list[tuple[int, bool,
     return out
 
 
+def _clear_of_growth(night: int, plan: list[tuple[int, bool, int]], gap: int) -> int:
+    """The first night from ``night`` on that is not within ``gap`` nights of an onset or of a
+    leak's growth (draws nothing from the generator, so the rest of the year is unchanged)."""
+    for _ in range(len(plan) + 1):
+        hit = [o + g + gap for o, _, g in plan if o - gap <= night <= o + g + gap]
+        if not hit:
+            break
+        night = max(hit) + 1
+    return night
+
+
 def simulate_dma_year(
     seed: int, params: DmaYearParams | None = None, dma_id: str = "SIM"
 ) -> DmaYear:
@@ -139,8 +155,12 @@ def simulate_dma_year(
         repair: int | None = None
         if rng.random() < p.repair_share:
             r = on + growth + int(rng.integers(p.repair_after[0], p.repair_after[1] + 1))
-            clash = any(abs(r - o) <= p.min_gap for o, _, _ in plan)
-            repair = r if r < n and not clash else None
+            if p.repair_clear_of_growth:
+                r = _clear_of_growth(r, plan, p.min_gap)
+                repair = r if r < n else None
+            else:
+                clash = any(abs(r - o) <= p.min_gap for o, _, _ in plan)
+                repair = r if r < n and not clash else None
         shape = np.zeros(n)
         if ramp:
             shape[on:] = [min((k + 1) / growth, 1.0) for k in range(n - on)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
@@ -180,7 +181,7 @@ def test_one_alert_per_event_with_its_identity_in_the_evidence() -> None:
 
 # --- simulated DMA-years ----------------------------------------------------------------------
 
-SEEDS = range(20)  # the detector's settings were tuned on seeds 100–139, never on these
+SEEDS = range(20)  # the detector's settings were tuned on seeds 100–199, never on these
 
 
 def test_the_simulator_is_seeded_and_injects_what_it_says() -> None:
@@ -196,12 +197,33 @@ def test_the_simulator_is_seeded_and_injects_what_it_says() -> None:
     assert a.leaks[0].onset == DmaYearParams().first_onset
 
 
+def test_no_repair_while_a_leak_grows_unless_the_earlier_years_are_asked_for() -> None:
+    """A repair during a ramp's growth (or within ``min_gap`` nights of it) shows in the night
+    flow as a smaller ramp, so the simulator plans none there by default; the flag restores the
+    earlier years, where such repairs happen, for the benchmark's comparison row."""
+    p = DmaYearParams()
+
+    def clashes(params: DmaYearParams) -> int:
+        n = 0
+        for seed in range(40):
+            year = simulate_dma_year(seed, params)
+            for r in (leak.repair for leak in year.leaks if leak.repair is not None):
+                n += any(
+                    leak.onset - p.min_gap <= r <= leak.onset + leak.growth_nights + p.min_gap
+                    for leak in year.leaks
+                )
+        return n
+
+    assert clashes(p) == 0
+    assert clashes(replace(p, repair_clear_of_growth=False)) > 0
+
+
 def test_targets_over_simulated_dma_years() -> None:
     """Pooled over 20 DMA-years (400 onsets). Issue 11's targets: ≥ 90 % of onsets detected,
     abrupt ones within 2 nights and ramps within 7, ≤ 1 false alarm per DMA-year, size within
     15 %. Measured on these seeds (``bench/leak_events.py --first 0 --seeds 20``; never tuned on):
-    95.0 % detected, 87.0 % in time (nights with data), 0.90 false alarms and 0.40 duplicate
-    events per DMA-year, median size error 4.6 %, 86.3 % of sizes within 15 %. The asserts hold
+    95.2 % detected, 88.0 % in time (nights with data), 0.90 false alarms and 0.40 duplicate
+    events per DMA-year, median size error 3.7 %, 87.9 % of sizes within 15 %. The asserts hold
     that level with a small margin, so a change that loses ground fails; BENCHMARKS.md states
     the gaps."""
     scores = []
@@ -212,12 +234,12 @@ def test_targets_over_simulated_dma_years() -> None:
     onsets = sum(s.onsets for s in scores)
     assert onsets == 20 * len(SEEDS)
     assert sum(s.detected for s in scores) / onsets >= 0.93
-    assert sum(s.in_time for s in scores) / onsets >= 0.85
+    assert sum(s.in_time for s in scores) / onsets >= 0.86
     assert sum(s.false_alarms for s in scores) / len(scores) <= 1.0
     assert sum(s.duplicates for s in scores) / len(scores) <= 1.0
     errors = np.asarray([e for s in scores for _, e in s.size_errors])
-    assert float(np.median(errors)) <= 0.06
-    assert float(np.mean(errors <= 0.15)) >= 0.83
+    assert float(np.median(errors)) <= 0.05
+    assert float(np.mean(errors <= 0.15)) >= 0.86
     step_delays = [d for s in scores for k, d in s.data_delays if k == "step"]
     assert float(np.median(step_delays)) <= 1
 
