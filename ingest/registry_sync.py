@@ -131,7 +131,9 @@ def _invalidate_changed(
     plan) but their inputs no longer match: a meter's every marked day is recomputed, so its
     alerts (and then its bill's hold, whose fingerprint includes its alerts and class) follow
     the new class; for a DMA its latest marked day is enough, since its leak events are
-    recomputed from its whole stored night series whenever any of its days is."""
+    recomputed from its whole stored night series whenever any of its days is. A class changed
+    by hand in SQL, outside a sync, is caught by the trigger of migration 0013, which marks that
+    meter's days the same way."""
     counts: dict[str, int] = {}
     for flow, now in after.items():
         changed = [s for s, v in now.items() if s in before[flow] and before[flow][s] != v]

@@ -51,6 +51,7 @@ TIMESCALE_FILES = frozenset(
         "test_pipelines_billing.py",
         "test_holidays.py",
         "test_class_change.py",
+        "test_class_change_sql.py",
     }
 )
 
