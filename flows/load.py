@@ -160,15 +160,24 @@ def _copy_readings(
 
 
 def load_dmas(conn: psycopg.Connection, dma_ids: Sequence[str] | None = None) -> pl.DataFrame:
-    """``DMAS`` for all DMAs or the ones named."""
+    """``DMAS`` for all DMAs or the ones named, plus ``holidays`` (list of dates, see
+    :func:`load_dma_holidays`): estimation profiles a holiday as a Sunday."""
     where = "" if dma_ids is None else "WHERE id = ANY(%s)"
-    return copy_frame(
+    frame = copy_frame(
         conn,
         f"""SELECT id, timezone, mains_km, service_connections, private_pipe_km, avg_pressure_m,
                    unmetered_households, unmetered_non_households
             FROM dmas {where} ORDER BY id""",
         None if dma_ids is None else (list(dma_ids),),
         DMAS,
+    )
+    days = load_dma_holidays(conn, dma_ids)
+    return frame.with_columns(
+        pl.Series(
+            "holidays",
+            [list(days.get(d, ())) for d in frame["dma_id"].to_list()],
+            dtype=pl.List(pl.Date),
+        )
     )
 
 

@@ -12,7 +12,9 @@ Method codes (column ``method``, with flag ``E``):
 LINEAR    gap up to ``linear_max_gap_s`` (2 h): linear interpolation of the register between the
           two bounding reads, i.e. volume proportional to each slot's duration.
 PROFILE   longer gap: the meter's own mean volume per (local weekday, local quarter hour) over the
-          history given, scaled so the slots sum to the gap volume.
+          history given, scaled so the slots sum to the gap volume. A public holiday of the
+          meter's DMA counts as a Sunday, in the history and in the gap: a holiday's water use
+          looks like a Sunday's, not like the weekday it falls on.
 FLAT      longer gap without a usable profile (a slot never observed, or a profile that is zero
           across the whole gap while the register moved): spread evenly over time, as LINEAR.
 ========= ==========================================================================================
@@ -135,28 +137,76 @@ _US_PER_DAY = 86_400_000_000
 _ORDER_SPAN = 1 << 24  # more slots than any gap can have (a gap of 476 years at 15 minutes)
 
 
+def meter_holidays(meters: pl.DataFrame | None, dmas: pl.DataFrame | None) -> pl.DataFrame:
+    """(meter_id, day): each meter's DMA's public holidays as days since 1970-01-01, from the
+    ``holidays`` list column a DMA frame may carry (``flows.load.load_dmas`` adds it from the
+    registry's calendars). Empty when either frame lacks what it needs."""
+    empty = pl.DataFrame(schema={"meter_id": pl.String, "day": pl.Int64})
+    if (
+        meters is None
+        or dmas is None
+        or "dma_id" not in meters.columns
+        or not {"dma_id", "holidays"} <= set(dmas.columns)
+    ):
+        return empty
+    days = (
+        dmas.select(pl.col("dma_id").cast(pl.String), pl.col("holidays").cast(pl.List(pl.Date)))
+        .explode("holidays")
+        .drop_nulls()
+        .select("dma_id", day=pl.col("holidays").cast(pl.Int32).cast(pl.Int64))
+        .unique()
+    )
+    if days.height == 0:
+        return empty
+    return (
+        meters.select(pl.col("meter_id").cast(pl.String), pl.col("dma_id").cast(pl.String))
+        .unique()
+        .join(days, on="dma_id")
+        .select("meter_id", "day")
+    )
+
+
 def _local_slot(
-    frame: pl.DataFrame, start_col: str, timezones: pl.DataFrame, p: EstimationParams
+    frame: pl.DataFrame,
+    start_col: str,
+    timezones: pl.DataFrame,
+    p: EstimationParams,
+    holidays: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """Add local ``weekday`` (1 = Monday) and quarter-hour ``slot`` of the slot starting at
-    ``start_col``, by integer arithmetic on local microseconds (calendar field extraction costs
-    several times more on tens of millions of rows)."""
+    """Add local ``weekday`` (1 = Monday, 7 = Sunday or a holiday of ``holidays``: meter_id,
+    day) and quarter-hour ``slot`` of the slot starting at ``start_col``, by integer arithmetic
+    on local microseconds (calendar field extraction costs several times more on tens of
+    millions of rows). Row order is kept."""
     local = with_meter_local_time(frame, start_col, timezones, "_local", p.default_timezone)
     us = pl.col("_local").cast(pl.Int64)
     day = us // _US_PER_DAY  # days since 1970-01-01, a Thursday
     second_of_day = (us - day * _US_PER_DAY) // 1_000_000
-    return local.with_columns(
+    out = local.with_columns(
+        day.alias("_day"),
         weekday=((day + 3) % 7 + 1).cast(pl.Int8),
         slot=(second_of_day // p.interval_s).cast(pl.Int32),
     ).drop("_local")
+    if holidays is not None and holidays.height:
+        out = out.join(
+            holidays.select("meter_id", pl.col("day").alias("_day"), _hol=pl.lit(True)),
+            on=["meter_id", "_day"],
+            how="left",
+            maintain_order="left",
+        ).with_columns(
+            weekday=pl.when(pl.col("_hol")).then(pl.lit(7, pl.Int8)).otherwise("weekday")
+        )
+        out = out.drop("_hol")
+    return out.drop("_day")
 
 
 def weekday_profile(
     intervals: pl.DataFrame,
     timezones: pl.DataFrame,
     params: EstimationParams | None = None,
+    holidays: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """Mean actual volume per (meter, local weekday, local quarter hour), with sample counts.
+    """Mean actual volume per (meter, local weekday, local quarter hour), with sample counts;
+    a holiday in ``holidays`` (meter_id, day: see :func:`meter_holidays`) counts as a Sunday.
 
     Only actual, regular intervals count: estimated or edited values would feed the profile with
     itself, and a long interval's volume belongs to many quarter hours. The means are two
@@ -182,7 +232,7 @@ def weekday_profile(
     }
     if regular.height == 0:
         return pl.DataFrame(schema=schema)
-    keyed = _local_slot(regular, "prev_ts", timezones, p).select(
+    keyed = _local_slot(regular, "prev_ts", timezones, p, holidays).select(
         "meter_id",
         pl.col("meter_id").rle_id().cast(pl.Int64).alias("run"),
         ((pl.col("weekday").cast(pl.Int64) - 1) * per_day + pl.col("slot")).alias("cell"),
@@ -263,8 +313,9 @@ def estimate(
             else pl.DataFrame(schema={"meter_id": pl.String, "timezone": pl.String})
         )
         history = iv.join(long_slots.select("meter_id").unique(), on="meter_id", how="semi")
-        profile = weekday_profile(history, tz, p)
-        located = _local_slot(long_slots, "slot_prev", tz, p).join(
+        hol = meter_holidays(meters, dmas)
+        profile = weekday_profile(history, tz, p, hol)
+        located = _local_slot(long_slots, "slot_prev", tz, p, hol).join(
             profile, on=["meter_id", "weekday", "slot"], how="left"
         )
         cell_ok = pl.col("samples").fill_null(0) >= p.profile_min_samples

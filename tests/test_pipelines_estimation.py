@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
 import pytest
@@ -316,3 +316,36 @@ def test_profile_needs_the_configured_number_of_samples():
     # either way the gap holds exactly the 0.02 of the register difference
     assert one["volume"].sum() == pytest.approx(0.02, abs=1e-12)
     assert two["volume"].to_list() == pytest.approx([0.02 / 12] * 12)
+
+
+def test_a_holiday_gap_follows_the_sunday_profile_when_the_dma_declares_it():
+    # Weekdays: the morning peak at 07:00 UTC; Sundays and holidays: at 10:00. Thursday 25 and
+    # Friday 26 December 2025 are holidays of the DMA; the history holds Thursday 18 December
+    # (a working day) and Christmas day itself (a holiday), and the meter goes silent all of
+    # Friday 26th.
+    holidays = [date(2025, 12, 25), date(2025, 12, 26)]
+
+    def use(start: datetime) -> float:
+        sunday_like = start.weekday() == 6 or start.date() in holidays
+        return 0.2 if start.hour == (10 if sunday_like else 7) else 0.001
+
+    gap_start, gap_end = utc(2025, 12, 26), utc(2025, 12, 27)
+    r = build_reads(
+        "m1", utc(2025, 12, 1), utc(2025, 12, 28), use, drop=lambda t: gap_start < t < gap_end
+    )
+    meters = pl.DataFrame({"meter_id": ["m1", "m2"], "dma_id": ["d1", "d1"]})
+    declared = pl.DataFrame(
+        {"dma_id": ["d1"], "timezone": ["UTC"], "holidays": [holidays]},
+        schema={"dma_id": pl.String, "timezone": pl.String, "holidays": pl.List(pl.Date)},
+    )
+
+    def peak_hour(dmas: pl.DataFrame) -> int:
+        result = estimate(interval_consumption(r), meters, dmas=dmas).intervals
+        est = gap_rows(result, gap_start, gap_end)
+        assert est["method"].unique().to_list() == ["PROFILE"]
+        assert est["volume"].sum() == pytest.approx(0.2 * 4 + 0.001 * 92, abs=1e-9)
+        top = est.sort("volume", descending=True)["ts"][0]
+        return (top - timedelta(minutes=15)).hour  # rows are stamped at their slot's end
+
+    assert peak_hour(declared.drop("holidays")) == 7  # read as a Friday
+    assert peak_hour(declared) == 10  # read as a Sunday: the 25th and the Sundays taught it
