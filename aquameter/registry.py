@@ -137,6 +137,10 @@ class Device(_Model):
     password_env: str | None = None
     password_file: Path | None = None
     allow_plain_coap: bool = False
+    # How the device's own clock keeps time when its frames carry a wall-clock time without a
+    # zone (wM-Bus date/time records): "local" = its DMA's zone (OMS meters are set to local
+    # time), "utc" = a device set to UTC.
+    clock: Literal["local", "utc"] = "local"
     meter: Meter | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     channels: list[Channel] = Field(default_factory=list, alias="channel")
@@ -221,6 +225,7 @@ class MeterGroup(_Model):
     register_digits: int = 5
     install_date: date | None = None
     allow_plain_coap: bool = False  # see Device.allow_plain_coap
+    clock: Literal["local", "utc"] = "local"  # see Device.clock
 
     @model_validator(mode="before")
     @classmethod
@@ -242,6 +247,7 @@ class MeterGroup(_Model):
                     gateway=self.gateway,
                     serial=None if self.serial_start is None else self.serial_start + i,
                     allow_plain_coap=self.allow_plain_coap,
+                    clock=self.clock,
                     meter=Meter(
                         id=dev_id,
                         account=self.account_format.format(i) if self.account_format else None,
@@ -338,6 +344,13 @@ class Registry(_Model):
             if cal.id == name:
                 days.update(cal.holidays)
         return sorted(days)
+
+    def clock_zone(self, device: Device) -> str:
+        """The zone of ``device``'s own clock (see ``Device.clock``): its DMA's, or UTC for a
+        device set to UTC or without a DMA. Ingest reads zone-less device times in it."""
+        if device.clock == "utc" or device.dma is None:
+            return "UTC"
+        return next((d.timezone for d in self.dmas if d.id == device.dma), "UTC")
 
     def all_devices(self) -> list[Device]:
         devices = list(self.devices)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, time
 import psycopg
 
 from ingest.units import UnknownUnit, conversion
+from protocols.uplink import wall_clock_to_utc
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +36,14 @@ class ChannelIndex:
         aliases: dict[str, str],
         vendors: dict[str, str] | None = None,
         gateways: dict[str, str] | None = None,
+        clock_zones: dict[str, str] | None = None,
     ) -> None:
         self.by_key = {(c.device_id, c.name): c for c in channels}
         self.devices = {c.device_id for c in channels}
         self.aliases = aliases
         self.vendors = vendors or {}
         self.gateways = gateways or {}
+        self.clock_zones = clock_zones or {}
         self._conv: dict[tuple[str, str], tuple[float, float]] = {}
 
     def __len__(self) -> int:
@@ -64,6 +67,11 @@ class ChannelIndex:
             conv = conversion(*key)  # raises UnknownUnit
             self._conv[key] = conv
         return conv
+
+    def wall_to_utc(self, device: str, ts: list[float]) -> list[float]:
+        """``ts`` (``device``'s wall clock written as if UTC) in UTC, read in the device's clock
+        zone (``clock_zones``; UTC when it has none): see :func:`wall_clock_to_utc`."""
+        return wall_clock_to_utc(ts, self.clock_zones.get(device, "UTC"))
 
     @classmethod
     def load(cls, conn: psycopg.Connection) -> ChannelIndex:
@@ -95,15 +103,19 @@ class ChannelIndex:
                 "SELECT id, serial FROM devices WHERE serial IS NOT NULL"
             ).fetchall()
         }
-        vendors, gateways = {}, {}
-        for dev, vendor, gateway in conn.execute(
-            "SELECT id, vendor_id, gateway FROM devices"
+        vendors, gateways, zones = {}, {}, {}
+        for dev, vendor, gateway, zone in conn.execute(
+            """SELECT d.id, d.vendor_id, d.gateway,
+                      CASE WHEN d.clock = 'utc' THEN 'UTC' ELSE coalesce(z.timezone, 'UTC') END
+               FROM devices d LEFT JOIN dmas z ON z.id = d.dma_id"""
         ).fetchall():
             vendors[dev] = vendor
             if gateway:
                 gateways[dev] = gateway
+            if zone != "UTC":
+                zones[dev] = zone
         conn.commit()
-        return cls(channels, aliases, vendors, gateways)
+        return cls(channels, aliases, vendors, gateways, zones)
 
 
 __all__ = ["ChannelIndex", "ChannelInfo", "UnknownUnit"]

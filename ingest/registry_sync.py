@@ -197,7 +197,16 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
     for dev in devices:
         params = device_params(dev)
         device_rows.append(
-            (dev.id, dev.vendor, dev.protocol, dev.dma, dev.gateway, dev.serial, json.dumps(params))
+            (
+                dev.id,
+                dev.vendor,
+                dev.protocol,
+                dev.dma,
+                dev.gateway,
+                dev.serial,
+                json.dumps(params),
+                dev.clock,
+            )
         )
         meter_id = None
         if dev.meter is not None:
@@ -295,12 +304,12 @@ def sync_registry(conn: psycopg.Connection, registry: Registry) -> SyncResult:
         )
         cur.executemany(
             """INSERT INTO devices
-                   (id, vendor_id, protocol, dma_id, gateway, serial, params, active)
-               VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, true)
+                   (id, vendor_id, protocol, dma_id, gateway, serial, params, clock, active)
+               VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s, true)
                ON CONFLICT (id) DO UPDATE SET vendor_id = excluded.vendor_id,
                    protocol = excluded.protocol, dma_id = excluded.dma_id,
                    gateway = excluded.gateway, serial = excluded.serial, params = excluded.params,
-                   active = true, updated_at = now()""",
+                   clock = excluded.clock, active = true, updated_at = now()""",
             device_rows,
         )
         cur.executemany(

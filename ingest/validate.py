@@ -288,6 +288,8 @@ class Validator:
             reject_all(BAD_UNIT, str(err))
             return
         ts, values = up.ts, up.values
+        if up.local_clock:  # the device's wall clock: to UTC before the time checks
+            ts = index.wall_to_utc(dev, ts)
         lo_ts = self.earliest_epoch
         if info.install_epoch is not None and info.install_epoch > lo_ts:
             lo_ts = info.install_epoch

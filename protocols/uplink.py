@@ -13,8 +13,10 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from enum import IntFlag
 from typing import Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 
 class Quality(IntFlag):
@@ -61,6 +63,32 @@ class PayloadError(ValueError):
         self.device = device
 
 
+def wall_clock_to_utc(ts: list[float], zone: str) -> list[float]:
+    """Unix seconds of wall-clock times written as if UTC (a device clock that carries no zone)
+    read in the IANA ``zone``.
+
+    Why here: ingest converts with the registry's zone of the device, the simulators' decoder
+    the same way, and both must agree. An hour that repeats when clocks go back is read as its
+    first occurrence (summer time); an hour skipped when they go forward, with the offset before
+    the change (PEP 495, ``fold=0``): no reading is lost or refused for it. A time no calendar
+    holds (NaN, past year 9999) or an unknown zone leaves ``ts`` as it is, for the validator's
+    time checks to judge.
+    """
+    if zone == "UTC" or not ts:
+        return ts
+    try:
+        tz = ZoneInfo(zone)  # ZoneInfo caches its instances
+    except (ZoneInfoNotFoundError, ValueError):
+        return ts
+    out = []
+    for t in ts:
+        try:
+            out.append(datetime.fromtimestamp(t, UTC).replace(tzinfo=tz).timestamp())
+        except (ValueError, OverflowError, OSError):
+            out.append(t)
+    return out
+
+
 @dataclass(slots=True)
 class Uplink:
     """Readings of one device channel. ``device`` is a device id, or ``serial:N`` for frames that
@@ -76,6 +104,10 @@ class Uplink:
     # (timestamp, value) pairs whose value is not a finite number, set aside by
     # :meth:`set_aside_non_finite`: never a reading, each one a NOT_A_NUMBER quarantine row.
     not_finite: list[tuple[float, float]] = field(default_factory=list)
+    # ``ts`` is the device's own wall-clock time written as if it were UTC (a wM-Bus date/time
+    # record carries no zone): ingest converts it with the device's clock zone (its registry
+    # ``clock``: its DMA's zone, or UTC) before any check.
+    local_clock: bool = False
 
     def set_aside_non_finite(self) -> Uplink:
         """This uplink with NaN and ±inf values moved from ``ts``/``values`` to ``not_finite``.

@@ -23,11 +23,13 @@ Layers, in order:
   flow (m3/h, m3/min, m3/s), date (type G) and date/time (type F), error flags (0xFD 0x17).
 
 Readings: the current volume (storage 0, tariff 0) is channel ``register`` in m3; backward-flow
-volume (VIFE 0x3C) ``register_reverse``; flow ``flow`` in m3/h; error flags ``error_flags``. The
-meter's own clock is local time in an unknown zone, so readings are stamped at decoding (on
-receipt); historic values (storage > 0) are parsed (:func:`parse_records`) but not readings.
-The device is ``serial:<id>`` (the registry's ``serial``). STS bit 0x04 (power low) sets
-LOW_BATTERY.
+volume (VIFE 0x3C) ``register_reverse``; flow ``flow`` in m3/h; error flags ``error_flags``.
+Readings are stamped with the telegram's current date/time record when it has one: the meter's
+wall clock, which carries no zone, so the uplink is flagged ``local_clock`` and ingest reads it
+in the meter's clock zone (registry ``clock``: its DMA's zone, or UTC); without one, at decoding
+(on receipt). Historic values (storage > 0) are parsed (:func:`parse_records`) but not
+readings. The device is ``serial:<id>`` with the id as the registry's integer ``serial`` (id
+00123456 is serial 123456). STS bit 0x04 (power low) sets LOW_BATTERY.
 
 Keys never touch the database or the registry file: :class:`KeyRing` reads them when first
 needed from ``AQUAMETER_WMBUS_KEY_<ID>`` (32 hex digits) or from the file named by
@@ -43,7 +45,7 @@ import re
 import struct
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 
 from aquameter.secrets import SecretError, resolve_secret
 from protocols.payloads import BAD_CRC, MALFORMED, UNSUPPORTED_FORMAT, Decoded, _fail
@@ -198,6 +200,12 @@ def _bcd_id(raw: bytes) -> str:
     return raw[::-1].hex().upper()
 
 
+def _device_of(meter_id: str) -> str:
+    """``serial:<id>`` as the registry's integer ``serial`` spells it: id 00123456 is serial
+    123456 (as CJ/T 188 addresses are), so a meter whose id starts with zeros resolves too."""
+    return f"serial:{int(meter_id)}" if meter_id.isdigit() else f"serial:{meter_id}"
+
+
 # --- keys ---------------------------------------------------------------------------------------
 class KeyRing:
     """Per-meter AES keys, read from the environment or a key file when first asked for.
@@ -258,7 +266,8 @@ def set_keyring(ring: KeyRing) -> None:
 @dataclass(slots=True)
 class DataRecord:
     """One DIF/VIF data record. ``quantity`` is volume, flow, date, datetime, error_flags or
-    other; ``value`` is in m3, m3/h, unix seconds (meter's local time read as UTC) or raw."""
+    other; ``value`` is in m3, m3/h, unix seconds (the meter's wall clock written as if UTC:
+    the record has no zone, ingest applies the meter's) or raw."""
 
     dif: int
     vif: int
@@ -517,18 +526,18 @@ def parse_telegram(tg: bytes, keys: KeyRing | None = None) -> Telegram:
     afl: _Afl | None = None
     o = 10
     if t.ci == 0x90:
-        afl, o = _afl(tg, f"serial:{t.meter_id}")
+        afl, o = _afl(tg, _device_of(t.meter_id))
         t.ci = tg[o]
     tpl_start = o
     if t.ci == 0x7A:
         if len(tg) < o + 5:
-            raise _fail(MALFORMED, "wM-Bus short header cut", f"serial:{t.meter_id}")
+            raise _fail(MALFORMED, "wM-Bus short header cut", _device_of(t.meter_id))
         t.access_number, t.status = tg[o + 1], tg[o + 2]
         (cw,) = struct.unpack_from("<H", tg, o + 3)
         o += 5
     elif t.ci == 0x72:
         if len(tg) < o + 13:
-            raise _fail(MALFORMED, "wM-Bus long header cut", f"serial:{t.meter_id}")
+            raise _fail(MALFORMED, "wM-Bus long header cut", _device_of(t.meter_id))
         ident = tg[o + 1 : o + 5]
         t.meter_id = _bcd_id(ident)
         (m2,) = struct.unpack_from("<H", tg, o + 5)
@@ -543,9 +552,9 @@ def parse_telegram(tg: bytes, keys: KeyRing | None = None) -> Telegram:
         raise _fail(
             UNSUPPORTED_FORMAT,
             f"wM-Bus CI field {t.ci:02X} is not supported",
-            f"serial:{t.meter_id}",
+            _device_of(t.meter_id),
         )
-    device = f"serial:{t.meter_id}"
+    device = _device_of(t.meter_id)
     if not t.meter_id.isdigit():
         raise _fail(MALFORMED, f"wM-Bus id {t.meter_id} is not BCD", device)
     t.security_mode = (cw >> 8) & 0x1F
@@ -595,19 +604,21 @@ def parse_telegram(tg: bytes, keys: KeyRing | None = None) -> Telegram:
 
 def _uplinks(t: Telegram, now: float) -> list[Uplink]:
     """The current readings of a telegram, stamped with its own date/time record when it has
-    one (type F, read as UTC like every time here), else with the time it was decoded.
+    one (type F: the meter's wall clock, flagged ``local_clock`` so that ingest converts it with
+    the meter's clock zone), else with the time it was decoded (UTC).
 
     Why the meter's time first: a gateway that forwards a backlog (or a replayed day) would
     otherwise stamp hours of readings with one instant, and all but one become duplicates.
     """
-    device = f"serial:{t.meter_id}"
+    device = _device_of(t.meter_id)
+    meter_clock = False
     for r in t.records:
         if (
             r.quantity == "datetime"
             and r.value is not None
             and not (r.storage or r.tariff or r.subunit or r.function)
         ):
-            now = r.value
+            now, meter_clock = r.value, True
             break
     status = int(Quality.LOW_BATTERY) if t.status & STS_POWER_LOW else 0
     out: list[Uplink] = []
@@ -625,7 +636,7 @@ def _uplinks(t: Telegram, now: float) -> list[Uplink]:
             continue
         seen.add(channel)
         unit = r.unit or None
-        out.append(Uplink(device, channel, [now], [r.value], unit, status))
+        out.append(Uplink(device, channel, [now], [r.value], unit, status, local_clock=meter_clock))
     if not out:
         raise _fail(MALFORMED, f"wM-Bus telegram of {t.meter_id} has no current reading", device)
     return out
@@ -705,12 +716,14 @@ def encode_wmbus(
     counter: int = 0,
     crc: bool = False,
     meter_time: float | None = None,
+    clock: tzinfo | None = None,
 ) -> bytes:
     """A water meter telegram (CI 0x7A) with the volume in litres (VIF 0x13); encrypted when a
     key is given: mode 5, or mode 7 (behind an AFL with ``counter`` and an 8-byte CMAC, KDF 1).
 
-    ``meter_time`` adds the meter's current date/time record (VIF 6DH, type F), which the
-    decoder then uses as the reading's time.
+    ``meter_time`` (unix seconds) adds the meter's current date/time record (VIF 6DH, type F),
+    which the decoder then uses as the reading's time: the wall clock of ``clock`` at that
+    instant (UTC when None), as a meter set to that zone writes it.
 
     Why: the fleet simulator and the round-trip tests need telegrams as meters send them, and
     mode 7 can only be checked by having an independent decoder (wmbusmeters) read ours.
@@ -721,8 +734,8 @@ def encode_wmbus(
     ident = bytes.fromhex(meter_id)[::-1]
     head = struct.pack("<BH", 0x44, m) + ident + bytes([version, device_type])
     records = b"\x04\x13" + struct.pack("<i", round(volume_m3 * 1000))
-    if meter_time is not None:  # current date and time, type F (whole minutes, UTC)
-        d = datetime.fromtimestamp(int(meter_time) // 60 * 60, UTC)
+    if meter_time is not None:  # current date and time, type F (whole minutes, wall clock)
+        d = datetime.fromtimestamp(int(meter_time) // 60 * 60, clock or UTC)
         y = d.year - 2000
         records += b"\x04\x6d" + bytes(
             [d.minute, d.hour, d.day | ((y & 0x07) << 5), d.month | ((y & 0x78) << 1)]

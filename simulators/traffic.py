@@ -47,8 +47,10 @@ import struct
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import tzinfo
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import cbor2
 import msgspec
@@ -57,7 +59,7 @@ import polars as pl
 
 from aquameter.registry import Device, Registry
 from protocols.payloads import BAD_CRC, MALFORMED, encode_binary_v1
-from protocols.uplink import Quality
+from protocols.uplink import Quality, wall_clock_to_utc
 from protocols.wmbus import KEYS_FILE_ENV, encode_wmbus
 from simulators.fleet import FleetData, customer_meters, meter_id_of
 
@@ -166,6 +168,7 @@ class _Route:
     fmt: str
     topic: str
     gateway_topic: str | None
+    clock: tzinfo | None = None  # the meter's own clock zone (wM-Bus telegrams carry its time)
 
 
 WMBUS_FORMATS = ("wmbus", "wmbus-hex")
@@ -219,7 +222,11 @@ def _routes(registry: Registry, params: TrafficParams) -> dict[str, _Route]:
         elif fmt in WMBUS_FORMATS:  # radio meters reach MQTT only through a gateway
             gw = batch_topic(params.root, dev.vendor, dev.gateway or f"WMB-{dev.dma}")
         routes[meter_id_of(dev)] = _Route(
-            dev, fmt, device_topic(params.root, dev.vendor, dev.id), gw
+            dev,
+            fmt,
+            device_topic(params.root, dev.vendor, dev.id),
+            gw,
+            ZoneInfo(registry.clock_zone(dev)) if fmt in WMBUS_FORMATS else None,
         )
     return routes
 
@@ -388,7 +395,8 @@ def _meter_messages(
                 tgs.append(
                     encode_wmbus(
                         ident, float(reg_m3[j]), key=key, meter_time=t_read,
-                        access_number=int(k[j]) & 0xFF, status=low, crc=with_crc,
+                        clock=route.clock, access_number=int(k[j]) & 0xFF, status=low,
+                        crc=with_crc,
                     )
                 )  # fmt: skip
             batch_late[key2] = batch_late.get(key2, False) or is_late
@@ -622,5 +630,16 @@ def decode_publish(pub: Publish, registry: Registry, root: str = DEFAULT_ROOT) -
     parts = pub.topic[len(root) + 1 :].split("/")
     vendor = registry.vendor(parts[0])
     if parts[1] == "gw":
-        return decode(pub.payload, vendor.payload if vendor.payload in WMBUS_FORMATS else "json")
-    return decode(pub.payload, vendor.payload, default_device=parts[1])
+        ups = decode(pub.payload, vendor.payload if vendor.payload in WMBUS_FORMATS else "json")
+    else:
+        ups = decode(pub.payload, vendor.payload, default_device=parts[1])
+    by_serial: dict[str, Device] | None = None
+    for up in ups:
+        if up.local_clock:  # the meter's wall clock: read in its zone, as ingest does
+            if by_serial is None:
+                by_serial = {f"serial:{d.serial}": d for d in registry.all_devices() if d.serial}
+            dev = by_serial.get(up.device)
+            if dev is not None:
+                up.ts = wall_clock_to_utc(up.ts, registry.clock_zone(dev))
+                up.local_clock = False
+    return ups

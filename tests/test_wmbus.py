@@ -225,7 +225,8 @@ def test_round_trip(meter: int, litres: int, acc: int, mode: int, crc: bool) -> 
     )
     ring = KeyRing({meter_id: bytes(range(16))}, from_env=False)
     (up,) = wmbus.decode_wmbus(tg, keys=ring)
-    assert up.device == f"serial:{meter_id}" and up.channel == "register" and up.unit == "m3"
+    # The registry's integer serial: id 00001234 is serial 1234, leading zeros and all.
+    assert up.device == f"serial:{meter}" and up.channel == "register" and up.unit == "m3"
     assert up.values == [pytest.approx(litres / 1000, abs=1e-9)]
 
 
@@ -380,3 +381,65 @@ def test_one_wrong_key_in_three_telegrams_into_postgres(
     assert device in ("WM-2", "serial:22222222")
     assert bytes(raw) == bad
     assert [o.accepted for o in outcomes] == [2]
+
+
+# --- the meter's clock: its date/time record is its wall clock, read in its zone -----------------
+CLOCK_REGISTRY = """
+[[dma]]
+id = "DMA-BERLIN"
+timezone = "Europe/Berlin"
+
+[[vendor]]
+id = "wmbus-water"
+payload = "wmbus"
+  [[vendor.channel]]
+  name = "register"
+  quantity = "volume"
+  unit = "m3"
+  kind = "register"
+
+[[device]]
+id = "WM-LOCAL"
+vendor = "wmbus-water"
+dma = "DMA-BERLIN"
+serial = 123456
+
+[[device]]
+id = "WM-UTC"
+vendor = "wmbus-water"
+dma = "DMA-BERLIN"
+serial = 22222222
+clock = "utc"
+"""
+
+
+def test_meter_time_is_read_in_the_meters_clock_zone(empty_db_url: str, tmp_path: Path) -> None:
+    """An OMS meter keeps local legal time and its date/time record carries no zone: a reading
+    taken at 10:00 UTC says 12:00 in a Berlin summer and 11:00 in its winter. Ingest stores the
+    instant, 10:00 UTC, both times; a meter registered with ``clock = "utc"`` is read as UTC.
+    The local meter's id 00123456 also resolves to its registry serial 123456."""
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    import psycopg
+
+    berlin = ZoneInfo("Europe/Berlin")
+    summer = datetime(2026, 7, 1, 10, 0, tzinfo=UTC).timestamp()
+    winter = datetime(2026, 1, 15, 10, 0, tzinfo=UTC).timestamp()
+    payloads = [
+        encode_wmbus("00123456", 1.0, meter_time=summer, clock=berlin),
+        encode_wmbus("00123456", 2.0, meter_time=winter, clock=berlin),
+        encode_wmbus("22222222", 3.0, meter_time=summer),  # a meter set to UTC
+    ]
+    outcomes = _ingest(empty_db_url, tmp_path, CLOCK_REGISTRY, payloads, "wmbus")
+    assert [o.accepted for o in outcomes] == [1, 1, 1]
+    with psycopg.connect(empty_db_url) as conn:
+        got = conn.execute(
+            "SELECT c.device_id, r.value, r.ts FROM readings r JOIN channels c "
+            "ON c.id = r.channel_id ORDER BY r.value"
+        ).fetchall()
+    assert [(d, float(v), ts.timestamp()) for d, v, ts in got] == [
+        ("WM-LOCAL", 1.0, summer),
+        ("WM-LOCAL", 2.0, winter),
+        ("WM-UTC", 3.0, summer),
+    ]

@@ -1,0 +1,54 @@
+"""Device wall-clock times (a wM-Bus date/time record carries no zone) read in a zone: the
+conversion ingest and the simulators' decoder share (``protocols.uplink.wall_clock_to_utc``)."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocols.uplink import wall_clock_to_utc
+
+
+def wall(*a: int) -> float:
+    """A wall-clock time written as if UTC, as the codec returns it."""
+    return datetime(*a, tzinfo=UTC).timestamp()
+
+
+def test_summer_and_winter_offsets() -> None:
+    got = wall_clock_to_utc([wall(2026, 7, 1, 12), wall(2026, 1, 15, 11)], "Europe/Berlin")
+    assert got == [wall(2026, 7, 1, 10), wall(2026, 1, 15, 10)]
+
+
+def test_the_repeated_hour_is_read_as_summer_time_and_the_skipped_hour_kept() -> None:
+    # 25 October 2026: Berlin goes from 03:00 CEST back to 02:00 CET; 02:30 happens twice.
+    assert wall_clock_to_utc([wall(2026, 10, 25, 2, 30)], "Europe/Berlin") == [
+        wall(2026, 10, 25, 0, 30)
+    ]
+    # 29 March 2026: 02:00 CET jumps to 03:00 CEST; a meter saying 02:30 is read at UTC+1.
+    assert wall_clock_to_utc([wall(2026, 3, 29, 2, 30)], "Europe/Berlin") == [
+        wall(2026, 3, 29, 1, 30)
+    ]
+
+
+def test_utc_unknown_zone_and_impossible_times_pass_through() -> None:
+    ts = [wall(2026, 7, 1, 12)]
+    assert wall_clock_to_utc(ts, "UTC") is ts
+    assert wall_clock_to_utc(ts, "Mars/Olympus_Mons") == ts
+    out = wall_clock_to_utc([math.nan, 1e300, -1e300], "Europe/Berlin")
+    assert math.isnan(out[0]) and out[1:] == [1e300, -1e300]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    t=st.floats(allow_nan=True, allow_infinity=True),
+    zone=st.sampled_from(["Europe/Berlin", "America/New_York", "Asia/Shanghai", "Nope/Zone"]),
+)
+def test_never_raises_and_moves_a_time_by_at_most_a_day(t: float, zone: str) -> None:
+    (out,) = wall_clock_to_utc([t], zone)
+    if math.isfinite(t) and math.isfinite(out):
+        assert abs(out - t) <= 86_400
+    else:
+        assert out is t or (math.isnan(out) and math.isnan(t))
