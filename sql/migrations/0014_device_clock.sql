@@ -4,3 +4,5 @@
 -- such times to UTC with it (ingest/channels.py); times that carry their zone are not affected.
 ALTER TABLE devices ADD COLUMN clock text NOT NULL DEFAULT 'local'
     CONSTRAINT devices_clock_known CHECK (clock IN ('local', 'utc'));
+-- Ingest reads the zone with the registry (ChannelIndex.load): a DMA's id and timezone only.
+GRANT SELECT (id, timezone) ON dmas TO aquameter_ingest;
