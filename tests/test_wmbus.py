@@ -230,11 +230,18 @@ def test_round_trip(meter: int, litres: int, acc: int, mode: int, crc: bool) -> 
     assert up.values == [pytest.approx(litres / 1000, abs=1e-9)]
 
 
-def _registry(payload: str, serials: dict[str, int]) -> str:
-    """One DMA, one wM-Bus vendor speaking ``payload``, and a device per (id, serial)."""
+def _registry(
+    payload: str,
+    serials: dict[str, int],
+    timezone: str = "UTC",
+    extra: dict[str, str] | None = None,
+) -> str:
+    """One DMA (in ``timezone``), one wM-Bus vendor speaking ``payload``, and a device per (id,
+    serial), with ``extra`` TOML lines for some devices."""
     head = f"""
 [[dma]]
 id = "DMA-EU"
+timezone = "{timezone}"
 
 [[vendor]]
 id = "wmbus-water"
@@ -247,6 +254,7 @@ payload = "{payload}"
 """
     return head + "".join(
         f'\n[[device]]\nid = "{d}"\nvendor = "wmbus-water"\ndma = "DMA-EU"\nserial = {n}\n'
+        + (extra or {}).get(d, "")
         for d, n in serials.items()
     )
 
@@ -384,33 +392,12 @@ def test_one_wrong_key_in_three_telegrams_into_postgres(
 
 
 # --- the meter's clock: its date/time record is its wall clock, read in its zone -----------------
-CLOCK_REGISTRY = """
-[[dma]]
-id = "DMA-BERLIN"
-timezone = "Europe/Berlin"
-
-[[vendor]]
-id = "wmbus-water"
-payload = "wmbus"
-  [[vendor.channel]]
-  name = "register"
-  quantity = "volume"
-  unit = "m3"
-  kind = "register"
-
-[[device]]
-id = "WM-LOCAL"
-vendor = "wmbus-water"
-dma = "DMA-BERLIN"
-serial = 123456
-
-[[device]]
-id = "WM-UTC"
-vendor = "wmbus-water"
-dma = "DMA-BERLIN"
-serial = 22222222
-clock = "utc"
-"""
+CLOCK_REGISTRY = _registry(
+    "wmbus",
+    {"WM-LOCAL": 123456, "WM-UTC": 22222222},
+    timezone="Europe/Berlin",
+    extra={"WM-UTC": 'clock = "utc"\n'},
+)
 
 
 def test_meter_time_is_read_in_the_meters_clock_zone(empty_db_url: str, tmp_path: Path) -> None:
