@@ -68,10 +68,10 @@ class ChannelIndex:
             self._conv[key] = conv
         return conv
 
-    def wall_to_utc(self, device: str, ts: list[float]) -> list[float]:
+    def wall_to_utc(self, device: str, ts: list[float], summer: bool | None = None) -> list[float]:
         """``ts`` (``device``'s wall clock written as if UTC) in UTC, read in the device's clock
         zone (``clock_zones``; UTC when it has none): see :func:`wall_clock_to_utc`."""
-        return wall_clock_to_utc(ts, self.clock_zones.get(device, "UTC"))
+        return wall_clock_to_utc(ts, self.clock_zones.get(device, "UTC"), summer)
 
     @classmethod
     def load(cls, conn: psycopg.Connection) -> ChannelIndex:

@@ -289,7 +289,7 @@ class Validator:
             return
         ts, values = up.ts, up.values
         if up.local_clock:  # the device's wall clock: to UTC before the time checks
-            ts = index.wall_to_utc(dev, ts)
+            ts = index.wall_to_utc(dev, ts, up.clock_summer)
         lo_ts = self.earliest_epoch
         if info.install_epoch is not None and info.install_epoch > lo_ts:
             lo_ts = info.install_epoch

@@ -63,16 +63,16 @@ class PayloadError(ValueError):
         self.device = device
 
 
-def wall_clock_to_utc(ts: list[float], zone: str) -> list[float]:
+def wall_clock_to_utc(ts: list[float], zone: str, summer: bool | None = None) -> list[float]:
     """Unix seconds of wall-clock times written as if UTC (a device clock that carries no zone)
     read in the IANA ``zone``.
 
     Why here: ingest converts with the registry's zone of the device, the simulators' decoder
-    the same way, and both must agree. An hour that repeats when clocks go back is read as its
-    first occurrence (summer time); an hour skipped when they go forward, with the offset before
-    the change (PEP 495, ``fold=0``): no reading is lost or refused for it. A time no calendar
-    holds (NaN, past year 9999) or an unknown zone leaves ``ts`` as it is, for the validator's
-    time checks to judge.
+    the same way, and both must agree. A time that happens twice when clocks go back, or never
+    when they go forward, is read with the offset the device said it was on (``summer``: the
+    wM-Bus SU bit), else as the first occurrence / with the offset before the change (PEP 495
+    ``fold=0``): no reading is lost or refused for it. A time no calendar holds (NaN, past year
+    9999) or an unknown zone leaves ``ts`` as it is, for the validator's time checks to judge.
     """
     if zone == "UTC" or not ts:
         return ts
@@ -83,7 +83,14 @@ def wall_clock_to_utc(ts: list[float], zone: str) -> list[float]:
     out = []
     for t in ts:
         try:
-            out.append(datetime.fromtimestamp(t, UTC).replace(tzinfo=tz).timestamp())
+            wall = datetime.fromtimestamp(t, UTC).replace(tzinfo=tz)
+            first, second = wall.timestamp(), wall.replace(fold=1).timestamp()
+            if first != second and summer is not None:
+                # Of the two readings of the wall time, the one whose offset (summer or not)
+                # the device named: fold=1 is the later offset of a repeated hour and the
+                # offset after the change for a skipped one.
+                first = second if bool(wall.replace(fold=1).dst()) == summer else first
+            out.append(first)
         except (ValueError, OverflowError, OSError):
             out.append(t)
     return out
@@ -108,6 +115,9 @@ class Uplink:
     # record carries no zone): ingest converts it with the device's clock zone (its registry
     # ``clock``: its DMA's zone, or UTC) before any check.
     local_clock: bool = False
+    # With ``local_clock``: whether the device said its clock was on summer time (the wM-Bus SU
+    # bit), which settles the hour that repeats when clocks go back; None when it did not say.
+    clock_summer: bool | None = None
 
     def set_aside_non_finite(self) -> Uplink:
         """This uplink with NaN and ±inf values moved from ``ts``/``values`` to ``not_finite``.

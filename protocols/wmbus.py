@@ -25,11 +25,12 @@ Layers, in order:
 Readings: the current volume (storage 0, tariff 0) is channel ``register`` in m3; backward-flow
 volume (VIFE 0x3C) ``register_reverse``; flow ``flow`` in m3/h; error flags ``error_flags``.
 Readings are stamped with the telegram's current date/time record when it has one: the meter's
-wall clock, which carries no zone, so the uplink is flagged ``local_clock`` and ingest reads it
-in the meter's clock zone (registry ``clock``: its DMA's zone, or UTC); without one, at decoding
-(on receipt). Historic values (storage > 0) are parsed (:func:`parse_records`) but not
-readings. The device is ``serial:<id>`` with the id as the registry's integer ``serial`` (id
-00123456 is serial 123456). STS bit 0x04 (power low) sets LOW_BATTERY.
+wall clock, which carries no zone, so the uplink is flagged ``local_clock`` (with the record's
+summer-time bit SU as ``clock_summer``, which tells the two 02:30s of an autumn night apart) and
+ingest reads it in the meter's clock zone (registry ``clock``: its DMA's zone, or UTC); without
+one, at decoding (on receipt). Historic values (storage > 0) are parsed (:func:`parse_records`)
+but not readings. The device is ``serial:<id>`` with the id as the registry's integer ``serial``
+(id 00123456 is serial 123456). STS bit 0x04 (power low) sets LOW_BATTERY.
 
 Keys never touch the database or the registry file: :class:`KeyRing` reads them when first
 needed from ``AQUAMETER_WMBUS_KEY_<ID>`` (32 hex digits) or from the file named by
@@ -279,6 +280,7 @@ class DataRecord:
     quantity: str = "other"
     unit: str = ""
     value: float | None = None
+    summer_time: bool | None = None  # a type F date/time's SU bit: the clock was on summer time
 
 
 _INT_SIZES = {0x1: 1, 0x2: 2, 0x3: 3, 0x4: 4, 0x6: 6, 0x7: 8}
@@ -296,7 +298,8 @@ def _bcd(raw: bytes) -> float | None:
 
 
 def _type_f(raw: bytes) -> float | None:
-    """Date and time, type F (CP32): minutes, hours, day, month, year since 2000."""
+    """Date and time, type F (CP32): minutes, hours, day, month, year since 2000 (the hour
+    byte's bit 7, SU, says summer time: read by the caller)."""
     if raw[0] & 0x80:
         return None
     minute, hour, day, month = raw[0] & 0x3F, raw[1] & 0x1F, raw[2] & 0x1F, raw[3] & 0x0F
@@ -411,6 +414,7 @@ def parse_records(data: bytes) -> list[DataRecord]:
             rec.value = _type_g(raw)
         elif rec.quantity == "datetime" and size == 4:
             rec.value = _type_f(raw)
+            rec.summer_time = bool(raw[1] & 0x80)
         elif coding in _INT_SIZES:
             rec.value = float(int.from_bytes(raw, "little", signed=rec.quantity != "error_flags"))
         elif coding in _BCD_SIZES:
@@ -611,14 +615,14 @@ def _uplinks(t: Telegram, now: float) -> list[Uplink]:
     otherwise stamp hours of readings with one instant, and all but one become duplicates.
     """
     device = _device_of(t.meter_id)
-    meter_clock = False
+    meter_clock, summer = False, None
     for r in t.records:
         if (
             r.quantity == "datetime"
             and r.value is not None
             and not (r.storage or r.tariff or r.subunit or r.function)
         ):
-            now, meter_clock = r.value, True
+            now, meter_clock, summer = r.value, True, r.summer_time
             break
     status = int(Quality.LOW_BATTERY) if t.status & STS_POWER_LOW else 0
     out: list[Uplink] = []
@@ -636,7 +640,12 @@ def _uplinks(t: Telegram, now: float) -> list[Uplink]:
             continue
         seen.add(channel)
         unit = r.unit or None
-        out.append(Uplink(device, channel, [now], [r.value], unit, status, local_clock=meter_clock))
+        out.append(
+            Uplink(
+                device, channel, [now], [r.value], unit, status,
+                local_clock=meter_clock, clock_summer=summer,
+            )
+        )  # fmt: skip
     if not out:
         raise _fail(MALFORMED, f"wM-Bus telegram of {t.meter_id} has no current reading", device)
     return out
@@ -737,8 +746,9 @@ def encode_wmbus(
     if meter_time is not None:  # current date and time, type F (whole minutes, wall clock)
         d = datetime.fromtimestamp(int(meter_time) // 60 * 60, clock or UTC)
         y = d.year - 2000
+        su = 0x80 if d.dst() else 0x00  # SU: the wall clock is on summer time
         records += b"\x04\x6d" + bytes(
-            [d.minute, d.hour, d.day | ((y & 0x07) << 5), d.month | ((y & 0x78) << 1)]
+            [d.minute, d.hour | su, d.day | ((y & 0x07) << 5), d.month | ((y & 0x78) << 1)]
         )
     afl, ext = b"", b""
     kmac = mcr = b""

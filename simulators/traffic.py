@@ -640,6 +640,6 @@ def decode_publish(pub: Publish, registry: Registry, root: str = DEFAULT_ROOT) -
                 by_serial = {f"serial:{d.serial}": d for d in registry.all_devices() if d.serial}
             dev = by_serial.get(up.device)
             if dev is not None:
-                up.ts = wall_clock_to_utc(up.ts, registry.clock_zone(dev))
+                up.ts = wall_clock_to_utc(up.ts, registry.clock_zone(dev), up.clock_summer)
                 up.local_clock = False
     return ups

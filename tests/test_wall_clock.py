@@ -52,3 +52,32 @@ def test_never_raises_and_moves_a_time_by_at_most_a_day(t: float, zone: str) -> 
         assert abs(out - t) <= 86_400
     else:
         assert out is t or (math.isnan(out) and math.isnan(t))
+
+
+def test_the_summer_time_flag_settles_the_repeated_and_the_skipped_hour() -> None:
+    berlin = "Europe/Berlin"
+    repeated = [wall(2026, 10, 25, 2, 30)]
+    assert wall_clock_to_utc(repeated, berlin, summer=True) == [wall(2026, 10, 25, 0, 30)]
+    assert wall_clock_to_utc(repeated, berlin, summer=False) == [wall(2026, 10, 25, 1, 30)]
+    skipped = [wall(2026, 3, 29, 2, 30)]  # 02:30 CEST would be 00:30 UTC, 02:30 CET 01:30 UTC
+    assert wall_clock_to_utc(skipped, berlin, summer=True) == [wall(2026, 3, 29, 0, 30)]
+    assert wall_clock_to_utc(skipped, berlin, summer=False) == [wall(2026, 3, 29, 1, 30)]
+    # Outside those hours the flag changes nothing, even when a device gets it wrong.
+    july = [wall(2026, 7, 1, 12)]
+    assert wall_clock_to_utc(july, berlin, summer=False) == [wall(2026, 7, 1, 10)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    minute=st.integers(min_value=0, max_value=366 * 24 * 60 - 1),
+    zone=st.sampled_from(["Europe/Berlin", "America/New_York", "Australia/Sydney"]),
+)
+def test_an_instant_written_with_its_summer_flag_comes_back(minute: int, zone: str) -> None:
+    """What a meter writes (its wall clock and SU bit, as the simulator's encoder does) reads
+    back as the same instant, the repeated hour included."""
+    from zoneinfo import ZoneInfo
+
+    instant = wall(2026, 1, 1) + minute * 60
+    local = datetime.fromtimestamp(instant, ZoneInfo(zone))
+    written = local.replace(tzinfo=UTC).timestamp()
+    assert wall_clock_to_utc([written], zone, bool(local.dst())) == [instant]

@@ -404,7 +404,8 @@ def test_meter_time_is_read_in_the_meters_clock_zone(empty_db_url: str, tmp_path
     """An OMS meter keeps local legal time and its date/time record carries no zone: a reading
     taken at 10:00 UTC says 12:00 in a Berlin summer and 11:00 in its winter. Ingest stores the
     instant, 10:00 UTC, both times; a meter registered with ``clock = "utc"`` is read as UTC.
-    The local meter's id 00123456 also resolves to its registry serial 123456."""
+    In the hour that repeats on 25 October the meter's summer-time bit (SU) tells 02:30 CEST
+    from 02:30 CET. The local meter's id 00123456 also resolves to its registry serial 123456."""
     from datetime import UTC, datetime
     from zoneinfo import ZoneInfo
 
@@ -413,13 +414,19 @@ def test_meter_time_is_read_in_the_meters_clock_zone(empty_db_url: str, tmp_path
     berlin = ZoneInfo("Europe/Berlin")
     summer = datetime(2026, 7, 1, 10, 0, tzinfo=UTC).timestamp()
     winter = datetime(2026, 1, 15, 10, 0, tzinfo=UTC).timestamp()
+    twice = [datetime(2026, 10, 25, h, 30, tzinfo=UTC).timestamp() for h in (0, 1)]
     payloads = [
         encode_wmbus("00123456", 1.0, meter_time=summer, clock=berlin),
         encode_wmbus("00123456", 2.0, meter_time=winter, clock=berlin),
         encode_wmbus("22222222", 3.0, meter_time=summer),  # a meter set to UTC
+        encode_wmbus("00123456", 4.0, meter_time=twice[0], clock=berlin),  # 02:30, SU set
+        encode_wmbus("00123456", 5.0, meter_time=twice[1], clock=berlin),  # 02:30, SU clear
     ]
+    decoded = [wmbus.decode_wmbus(p)[0] for p in payloads[3:]]
+    assert decoded[0].ts == decoded[1].ts  # the same wall time...
+    assert [u.clock_summer for u in decoded] == [True, False]  # ...told apart by SU
     outcomes = _ingest(empty_db_url, tmp_path, CLOCK_REGISTRY, payloads, "wmbus")
-    assert [o.accepted for o in outcomes] == [1, 1, 1]
+    assert [o.accepted for o in outcomes] == [1, 1, 1, 1, 1]
     with psycopg.connect(empty_db_url) as conn:
         got = conn.execute(
             "SELECT c.device_id, r.value, r.ts FROM readings r JOIN channels c "
@@ -429,4 +436,6 @@ def test_meter_time_is_read_in_the_meters_clock_zone(empty_db_url: str, tmp_path
         ("WM-LOCAL", 1.0, summer),
         ("WM-LOCAL", 2.0, winter),
         ("WM-UTC", 3.0, summer),
+        ("WM-LOCAL", 4.0, twice[0]),
+        ("WM-LOCAL", 5.0, twice[1]),
     ]
