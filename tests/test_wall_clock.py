@@ -81,3 +81,48 @@ def test_an_instant_written_with_its_summer_flag_comes_back(minute: int, zone: s
     local = datetime.fromtimestamp(instant, ZoneInfo(zone))
     written = local.replace(tzinfo=UTC).timestamp()
     assert wall_clock_to_utc([written], zone, bool(local.dst())) == [instant]
+
+
+def test_the_estates_wmbus_meters_keep_every_reading_when_clocks_go_back() -> None:
+    """The demo estate's wM-Bus meters (London and Shanghai DMAs) over 25 October 2026, when
+    London's clocks go back: each reading, written as its meter's wall clock and SU bit and
+    read back as ingest reads it, is its own instant. Without the SU bit the repeated hour's
+    readings collide."""
+    from collections import Counter
+    from pathlib import Path
+
+    import simulators.traffic as traffic
+    from aquameter.registry import load_registry
+    from protocols import wmbus
+    from protocols.payloads import decode
+    from simulators.fleet import simulate_fleet
+
+    reg = load_registry(Path(__file__).parent.parent / "examples" / "estate.toml")
+    meters = {f"serial:{d.serial}": d for d in traffic.wmbus_meters(reg)}
+    idents = [f"{d.serial:08d}" for d in meters.values()]
+    wmbus.set_keyring(wmbus.KeyRing({i: traffic.wmbus_key(i) for i in idents}, from_env=False))
+    try:
+        fleet = simulate_fleet(reg, datetime(2026, 10, 24, tzinfo=UTC), 3, seed=3)
+        ups = []
+        for pub in traffic.build_traffic(fleet, reg).publishes:
+            vendor, kind = pub.topic[len(traffic.DEFAULT_ROOT) + 1 :].split("/")[:2]
+            fmt = reg.vendor(vendor).payload
+            if kind == "gw" and fmt in traffic.WMBUS_FORMATS:
+                ups += decode(pub.payload, fmt)
+    finally:
+        wmbus.set_keyring(wmbus.KeyRing())
+    got: Counter[tuple[str, float]] = Counter()
+    without_su: Counter[tuple[str, float]] = Counter()
+    for up in ups:
+        dev = meters[up.device]
+        assert up.local_clock and up.clock_summer is not None
+        zone = reg.clock_zone(dev)
+        got.update((dev.id, t) for t in wall_clock_to_utc(up.ts, zone, up.clock_summer))
+        without_su.update((dev.id, t) for t in wall_clock_to_utc(up.ts, zone))
+    reads = fleet.reads.filter(fleet.reads["meter_id"].is_in([d.id for d in meters.values()]))
+    expected = Counter(
+        (m, t.timestamp()) for m, t in zip(reads["meter_id"], reads["ts"], strict=True)
+    )
+    assert {reg.clock_zone(d) for d in meters.values()} == {"Europe/London", "Asia/Shanghai"}
+    assert reads.height > 20_000 and got == expected
+    assert sum((expected - without_su).values()) > 0  # the repeated hours, read as summer time
