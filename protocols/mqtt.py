@@ -33,7 +33,8 @@ subscription existed reaches the sink before the window closes. What arrives twi
 (also through the shared subscription) is harmless: readings are de-duplicated on their key. The
 cost: every message crosses the network to each worker once more (acknowledged unread), and a
 reconnect replays what the catch-up session queued while the worker was away. ``connected`` (ready)
-is set only once the window is closed. A broker ACL must let the ingest user write
+is set only once the window is closed, the first one included (the catch-up session may connect
+after the shared subscription is in place). A broker ACL must let the ingest user write
 ``{root}/_catchup/#`` (and read it, as all of ``{root}/#``): a refused fence is logged and disables
 the catch-up session's windows (a broker restart may then lose what it lost before).
 
@@ -364,6 +365,10 @@ class MqttIngest:
         self._shared_ok = False  # the shared subscription acknowledged on this connection
         self._cu_disabled = False  # the broker refused the fence: no more windows
         if catch_up and self.shared_group and persistent:
+            # Not ready before the catch-up session's first window has closed: a worker that
+            # reported ready while that session was still connecting would open the window
+            # under live traffic and hand every message to the sink twice until its fence.
+            self._cu_window = True
             self.catch_up = new_client(f"{client_id}-catchup")
             self.catch_up.on_connect = self._cu_on_connect
             self.catch_up.on_subscribe = self._cu_on_subscribe
@@ -515,6 +520,9 @@ class MqttIngest:
     ) -> None:
         if reason_code.is_failure:
             log.error("MQTT catch-up connect to %s refused: %s", self.endpoint, reason_code)
+            with self._cu_lock:  # no window to wait for: readiness must not hang on it
+                self._cu_window = False
+            self._update_ready()
             return
         with self._cu_lock:
             self._cu_window = not self._cu_disabled
