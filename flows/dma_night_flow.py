@@ -28,7 +28,6 @@ from flows.late_data import plan_days
 from flows.load import (
     load_dma_boundary,
     load_dma_daily_nnf,
-    load_dma_holidays,
     load_dmas,
     load_edits,
     load_exchanges,
@@ -135,7 +134,7 @@ def compute_dma(
     """Recompute the DMA's stale days, replace them, refresh its rise alerts, record marks."""
     rows: list[pl.DataFrame] = []
     with connect(database_url, autocommit=True) as conn:
-        dmas = load_dmas(conn)
+        dmas = load_dmas(conn, [work.dma_id])  # with its holidays (estimation, leak events)
         meters = load_meters(conn, dma_ids=[work.dma_id])
         exchanges = load_exchanges(conn, meters["meter_id"].to_list())
         for span in _spans(work.days, settings.merge_gap_days, settings.span_days):
@@ -187,7 +186,7 @@ def compute_dma(
             # The DMA's public holidays (registry [[calendar]] / [[dma]] holidays) are judged
             # with weekend nights; without them a holiday's low-use night reads as a weekday
             # baseline and the next weekday as a rise.
-            holidays = load_dma_holidays(conn, [work.dma_id]).get(work.dma_id, ())
+            holidays = dmas["holidays"].explode().drop_nulls().to_list()
             events_params = replace(
                 settings.events,
                 holidays=tuple(sorted({*settings.events.holidays, *holidays})),

@@ -182,21 +182,24 @@ def _local_slot(
     day = us // _US_PER_DAY  # days since 1970-01-01, a Thursday
     second_of_day = (us - day * _US_PER_DAY) // 1_000_000
     out = local.with_columns(
-        day.alias("_day"),
         weekday=((day + 3) % 7 + 1).cast(pl.Int8),
         slot=(second_of_day // p.interval_s).cast(pl.Int32),
-    ).drop("_local")
+    )
     if holidays is not None and holidays.height:
-        out = out.join(
-            holidays.select("meter_id", pl.col("day").alias("_day"), _hol=pl.lit(True)),
-            on=["meter_id", "_day"],
-            how="left",
-            maintain_order="left",
-        ).with_columns(
-            weekday=pl.when(pl.col("_hol")).then(pl.lit(7, pl.Int8)).otherwise("weekday")
+        out = (
+            out.with_columns(day.alias("_day"))
+            .join(
+                holidays.select("meter_id", pl.col("day").alias("_day"), _hol=pl.lit(True)),
+                on=["meter_id", "_day"],
+                how="left",
+                maintain_order="left",
+            )
+            .with_columns(
+                weekday=pl.when(pl.col("_hol")).then(pl.lit(7, pl.Int8)).otherwise("weekday")
+            )
+            .drop("_day", "_hol")
         )
-        out = out.drop("_hol")
-    return out.drop("_day")
+    return out.drop("_local")
 
 
 def weekday_profile(
