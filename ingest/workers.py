@@ -71,6 +71,7 @@ MQTT_FIELDS = (
     "catch_up",
     "catch_up_skipped",
     "fences",
+    "resubscribes",
 )
 
 WorkerState = Literal["held", "running", "stopping", "stopped", "failed"]

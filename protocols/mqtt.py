@@ -27,8 +27,9 @@ each worker on a shared subscription also holds a *catch-up* session (``{client_
 without processing it, except in a window after each of its (re)connects: then it hands its messages
 to the sink like the shared subscription does, until a *fence* it publishes itself
 (``{root}/_catchup/{client_id}``, QoS 1) comes back. The fence is published only once the worker's
-shared subscription is acknowledged on a connection newer than the catch-up session's last
-disconnect, and a session's messages arrive in order, so everything published while no shared
+shared subscription is acknowledged after the catch-up session's last disconnect (when that
+session alone reconnected, the worker subscribes again for a fresh SUBACK; re-subscribing
+replaces a subscription without interrupting it), and a session's messages arrive in order, so everything published while no shared
 subscription existed reaches the sink before the window closes. What arrives twice in the window
 (also through the shared subscription) is harmless: readings are de-duplicated on their key. The
 cost: every message crosses the network to each worker once more (acknowledged unread), and a
@@ -126,6 +127,7 @@ class MqttStats:
     catch_up: int = 0  # received by the catch-up session in its window: handed to the sink
     catch_up_skipped: int = 0  # received by it outside the window: acknowledged unread
     fences: int = 0  # catch-up windows closed by their fence
+    resubscribes: int = 0  # shared subscription renewed after the catch-up session alone dropped
     connect_failures: int = 0  # no CONNACK at all: TCP refused, TLS handshake failed
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -528,8 +530,18 @@ class MqttIngest:
             self._cu_window = not self._cu_disabled
             self._cu_fence = None
             self._cu_subscribed = False
+            resubscribe = self._shared_ok and self._shared_subacked_at <= self._cu_disconnected_at
         plain = [f.split("/", 2)[2] for f in self.subscriptions()]  # without $share/group/
         client.subscribe([(f, self.qos) for f in [*plain, self.fence_topic]])
+        if resubscribe and self.client.is_connected():
+            # The catch-up session lost its connection alone: the shared subscription was never
+            # lost, so no new SUBACK would ever come and the window would stay open, handing
+            # every message to the sink twice. Subscribing again replaces the subscription
+            # without interrupting its flow (MQTT 5.0 §3.8.4) and its SUBACK, newer than this
+            # session's loss, lets the fence go out. After a broker restart the main session is
+            # down too (no SUBACK on a dead socket) and its own reconnect subscribes as before.
+            self.stats.bump("resubscribes")
+            self.client.subscribe([(f, self.qos) for f in self.subscriptions()])
 
     def _cu_on_subscribe(
         self,
