@@ -20,7 +20,12 @@ after a signal). Per night:
   interval is widened by ``1 + cold_h / n`` for n differences seen, so detection runs from
   ``min_nights`` nights on with wide thresholds that tighten as history grows.
 - **Local level**: the median of the last ``window_nights`` in-control nights of the current
-  segment (weekend and holiday nights minus their own median offset from it). Nights of a CUSUM
+  segment (weekend and holiday nights minus their own median offset from it). The offset learns
+  only from weekend nights that turned out in control: one inside a run that alarmed was measured
+  against the level before a change, and with some 20 changes a year those residuals biased the
+  offset by the leak, so weekend nights raised false rises and drops and wrongly dated onsets
+  (after ``we_hold_max`` such nights in a row it learns from them anyway, so an offset that is
+  wrong cannot keep itself out of control). Nights of a CUSUM
   run that has not (yet) died out do not join the level, so a ramp cannot hide in its own
   reference. The slack grows by the standard error of that median (1.2533 σ/√n).
 - **Two upward CUSUMs** on the standardised residual: a fast one (small ``fast_h``: a large step
@@ -104,14 +109,16 @@ class LeakEventParams:
         reaches this (0 keeps every one).
     final_sizes: once the walk is over, size each event again between its neighbouring changes.
     repair_match_rel: a drop closes the event whose size it matches within this fraction.
+    we_in_control, we_hold_max: the weekend offset learns only from weekend nights that
+        turned out in control, unless ``we_hold_max`` in a row did not.
     holidays: dates whose nights behave like weekend nights.
     """
 
     window_nights: int = 14
     min_nights: int = 3
     fast_k: float = 1.25
-    fast_h: float = 3.5
-    fast_cap: float = 2.0
+    fast_h: float = 3.0
+    fast_cap: float = 1.75
     slow_k: float = 0.75
     slow_h: float = 14.0
     slow_cap: float = 2.0
@@ -140,6 +147,8 @@ class LeakEventParams:
     refit_onset_back: int = 8
     refit_onset_fwd: int = 3
     refit_max_growth: int = 30
+    we_in_control: bool = True
+    we_hold_max: int = 4
     size_nights: int = 28
     repair_match_rel: float = 0.35
     holidays: tuple[date, ...] = field(default_factory=tuple)
@@ -246,6 +255,8 @@ def detect_leak_events(
     diffs: dict[bool, list[float]] = {False: [], True: []}
     last: dict[bool, tuple[float, float] | None] = {False: None, True: None}
     we_resid: list[float] = []
+    pend_we: list[float] = []
+    we_dropped = 0
     seg: list[tuple[int, float]] = []  # in-control (index, adjusted value) of the current segment
     pending: list[tuple[int, float]] = []
     ups = [_Cusum(p.fast_k, p.fast_h, p.fast_cap), _Cusum(p.slow_k, p.slow_h, p.slow_cap)]
@@ -292,8 +303,10 @@ def detect_leak_events(
         h_mult = 1.0 + p.cold_h / max(n_diff, 1)
         up_hit = [c.step(z, i, k_extra, h_mult) for c in ups]
         down_hit = [c.step(-z, i, k_extra, h_mult) for c in downs]
-        if g:
+        held = g and p.we_in_control and we_dropped < p.we_hold_max
+        if g and not held:
             we_resid.append(xi - level)
+            we_dropped = 0
         if any(up_hit) or any(down_hit):
             upward = any(up_hit)
             cs = ups if upward else downs
@@ -316,14 +329,24 @@ def detect_leak_events(
                 _on_drop(events, level - new_level, sigma, len(before), run, i, p)
             seg = run
             pending = []
+            we_dropped += len(pend_we) + int(held)
+            pend_we = []
             for c in ups + downs:
                 c.reset()
         elif any(c.s > 0 for c in ups + downs):
             pending.append((i, adj))
+            if held:
+                pend_we.append(xi - level)
         else:
             seg.extend(pending)
             seg.append((i, adj))
             pending = []
+            if held:
+                pend_we.append(xi - level)
+            if pend_we:
+                we_resid.extend(pend_we)
+                we_dropped = 0
+                pend_we = []
         _update_current(events, seg, pending, i, p)
         splits = _check_splits(splits, events, hist, i, sigma, day_no, p)
     if p.final_sizes and p.refit:
