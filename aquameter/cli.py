@@ -127,11 +127,13 @@ def db_status() -> None:
             row = conn.execute(f"SELECT count(*) FROM {name}").fetchone()  # noqa: S608
             table.add_row(name, f"{row[0] if row else 0:,}")
         console.print(table)
+        # A row is one distinct rejected input; occurrences counts how often it came (0015).
         reasons = conn.execute(
-            "SELECT reason, count(*) FROM quarantine GROUP BY 1 ORDER BY 2 DESC"
+            "SELECT reason, count(*), sum(occurrences) FROM quarantine GROUP BY 1 ORDER BY 2 DESC"
         ).fetchall()
-        for reason, n in reasons:
-            console.print(f"  quarantine {reason}: {n:,}")
+        for reason, n, received in reasons:
+            again = f" (received {int(received):,} times)" if received != n else ""
+            console.print(f"  quarantine {reason}: {n:,}{again}")
 
 
 @db_app.command("roles")
@@ -217,6 +219,12 @@ def _counters_table(counters: object) -> Table:
     table.add_row("quarantined", f"{sum(quarantined.values()):,}")
     for reason, n in sorted(quarantined.items()):
         table.add_row(f"  {reason}", f"{n:,}")
+    repeats = snap["quarantine_repeats"]
+    assert isinstance(repeats, dict)
+    if repeats:  # the same rejected input again: its row counted it, no new row
+        table.add_row("quarantine_repeats", f"{sum(repeats.values()):,}")
+        for reason, n in sorted(repeats.items()):
+            table.add_row(f"  {reason}", f"{n:,}")
     return table
 
 

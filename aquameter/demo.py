@@ -777,6 +777,9 @@ def _print_summary(con: Console, s: dict[str, Any], report_dir: Path) -> None:
     t.add_row("duplicates ignored", f"{ing.get('duplicates', 0):,}")
     q = ing.get("quarantined", {})
     t.add_row("quarantined", f"{sum(q.values()):,} {q or ''}")
+    again = ing.get("quarantine_repeats") or {}
+    if again:  # the same rejected input again: counted on its row, not a new row
+        t.add_row("quarantine repeats", f"{sum(again.values()):,} {again}")
     t.add_row(
         "live readings (MQTT/CoAP/OPC-UA/CJ/T 188)", f"{s.get('live', {}).get('stored', 0):,}"
     )

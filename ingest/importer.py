@@ -219,6 +219,10 @@ class _Planner:
     A frame the validator rejects whole is keyed by its first row; a frame with only some bad
     readings is split into its good readings (one frame) and one frame per bad reading, keyed
     by that reading's row. Keys are looked up with one SELECT per chunk.
+
+    Kept beside the quarantine's own de-duplication (migration 0015), which would take a
+    re-import's rows as repeats and count each again: a second import of the same file is the
+    operator's retry, not the data arriving twice, so it leaves the quarantine as it was.
     """
 
     def __init__(self, pipeline: IngestPipeline) -> None:

@@ -360,13 +360,28 @@ class _IngestCollector(Collector):
             assert isinstance(value, int)
             yield _counter(name, doc, value)
         q = CounterMetricFamily(
-            "aquameter_quarantined", "Readings quarantined, by reason", labels=["reason"]
+            "aquameter_quarantined",
+            "Readings quarantined into a new quarantine row, by reason",
+            labels=["reason"],
         )
         quarantined = snap["quarantined"]
         assert isinstance(quarantined, dict)
         for reason, n in sorted(quarantined.items()):
             q.add_metric([str(reason)], n)
         yield q
+        # As aquameter_duplicates to aquameter_readings_stored: the same rejected input again (a
+        # redelivered poison message, a retried bad frame) counts here, not as a new row above.
+        r = CounterMetricFamily(
+            "aquameter_quarantine_repeats",
+            "Readings of rejected input already in the quarantine (its row counted again), "
+            "by reason",
+            labels=["reason"],
+        )
+        repeats = snap["quarantine_repeats"]
+        assert isinstance(repeats, dict)
+        for reason, n in sorted(repeats.items()):
+            r.add_metric([str(reason)], n)
+        yield r
 
     def _mqtt(self) -> Iterator[Metric]:
         s = self.sources

@@ -580,6 +580,8 @@ class IngestPipeline:
         """
         self.counters.add(stored=result.inserted, duplicates=result.duplicates, batches=1)
         self.counters.add_quarantined(result.quarantined)
+        if result.quarantine_repeats:
+            self.counters.add_quarantine_repeats(result.quarantine_repeats)
         self._release(items)
         self._acks.put(items)
 

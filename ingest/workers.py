@@ -150,6 +150,7 @@ class WorkerReport:
     quarantined: dict[str, int]
     mqtt: dict[str, int]
     problem: str | None = None
+    quarantine_repeats: dict[str, int] = field(default_factory=dict)
 
 
 def _ints(snapshot: dict[str, object]) -> dict[str, int]:
@@ -170,7 +171,8 @@ def _report(
 ) -> WorkerReport:
     snap = counters.snapshot()
     quarantined = snap["quarantined"]
-    assert isinstance(quarantined, dict)
+    repeats = snap["quarantine_repeats"]
+    assert isinstance(quarantined, dict) and isinstance(repeats, dict)
     return WorkerReport(
         index=config.index,
         incarnation=config.incarnation,
@@ -181,6 +183,7 @@ def _report(
         quarantined={str(k): int(v) for k, v in quarantined.items()},
         mqtt={k: int(getattr(client.stats, k)) if client else 0 for k in MQTT_FIELDS},
         problem=problem,
+        quarantine_repeats={str(k): int(v) for k, v in repeats.items()},
     )
 
 
@@ -288,6 +291,7 @@ class WorkerRow:
     counters: dict[str, int]
     quarantined: dict[str, int]
     mqtt: dict[str, int]
+    quarantine_repeats: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -412,12 +416,15 @@ class MqttWorkers:
         for row in self.rows():
             total.add(**row.counters)
             total.add_quarantined(row.quarantined)
+            total.add_quarantine_repeats(row.quarantine_repeats)
         if plus is not None:
             snap = plus.snapshot()
             total.add(**_ints(snap))
             q = snap["quarantined"]
-            assert isinstance(q, dict)
+            repeats = snap["quarantine_repeats"]
+            assert isinstance(q, dict) and isinstance(repeats, dict)
             total.add_quarantined(q)
+            total.add_quarantine_repeats(repeats)
         return total
 
     def mqtt_totals(self) -> dict[str, int]:
@@ -483,10 +490,12 @@ class MqttWorkers:
     def _row(self, slot: _Slot) -> WorkerRow:
         counters: Counter[str] = Counter()
         quarantined: Counter[str] = Counter()
+        repeats: Counter[str] = Counter()
         mq: Counter[str] = Counter()
         for r in slot.reports.values():
             counters.update(r.counters)
             quarantined.update(r.quarantined)
+            repeats.update(r.quarantine_repeats)
             mq.update(r.mqtt)
         alive = slot.process is not None and slot.process.is_alive()
         current = slot.reports.get(slot.incarnation)
@@ -504,6 +513,7 @@ class MqttWorkers:
             counters={k: counters[k] for k in COUNTER_FIELDS},
             quarantined=dict(quarantined),
             mqtt={k: mq[k] for k in MQTT_FIELDS},
+            quarantine_repeats=dict(repeats),
         )
 
     def _spawn(self, slot: _Slot) -> None:

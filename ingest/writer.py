@@ -3,6 +3,11 @@ savepoint; if any row already exists (redelivery), the savepoint rolls back and 
 through a staging table and ``INSERT … ON CONFLICT DO NOTHING``, so redelivered data stores
 nothing twice and live data pays no de-duplication toll.
 
+Quarantine rows go through a staging table of their own and ``INSERT … ON CONFLICT (digest) DO
+UPDATE`` (migration 0015): the same rejected input again (a redelivered poison message, a device
+retrying its bad frame) adds to its row's ``occurrences`` instead of adding a row, race-free
+across ingest workers, and never fails the batch.
+
 The binary COPY stream is built with numpy in one go instead of row by row in Python: with it the
 server, not the client, is what limits throughput (see BENCHMARKS.md).
 """
@@ -29,6 +34,70 @@ STAGING_DDL = (
 
 
 COPY_READINGS = "COPY readings (channel_id, ts, value, quality) FROM STDIN (FORMAT BINARY)"
+
+QUARANTINE_STAGING_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS aq_quarantine_staging "
+    "(ord integer, source text, address text, device_id text, reason text, detail text, "
+    "raw bytea, occurrences bigint) ON COMMIT DELETE ROWS"
+)
+
+# On a repeat: count it, keep the first received_at, move last_received_at.
+_ON_REPEAT = (
+    "ON CONFLICT (digest) DO UPDATE SET "
+    "occurrences = quarantine.occurrences + EXCLUDED.occurrences, "
+    "last_received_at = greatest(quarantine.last_received_at, EXCLUDED.last_received_at) "
+    "RETURNING digest, occurrences"
+)
+
+# The staged rows (one per identity: the writer folded a batch's repeats into ``occurrences``)
+# upserted in the order they arrived, so ids keep following arrival; answers the ``ord`` of each
+# staged row whose identity was already stored. DISTINCT ON guards the upsert, which may not
+# touch one row twice, whatever reached the stage. Two workers upserting the same two new
+# identities in opposite orders at once would deadlock: PostgreSQL detects it, and the pipeline
+# retries the batch (DeadlockDetected is an OperationalError).
+UPSERT_QUARANTINE = (
+    "WITH src AS ("
+    "  SELECT DISTINCT ON (digest) *, sum(occurrences) OVER (PARTITION BY digest) AS n"
+    "  FROM (SELECT s.*, aq_quarantine_digest(s.source, s.address, s.device_id, s.reason,"
+    "                                         s.detail, s.raw) AS digest"
+    "        FROM aq_quarantine_staging s) d"
+    "  ORDER BY digest, ord"
+    "), up AS ("
+    "  INSERT INTO quarantine (source, address, device_id, reason, detail, raw, occurrences)"
+    "  SELECT source, address, device_id, reason, detail, raw, n FROM src ORDER BY ord "
+    f"  {_ON_REPEAT}"
+    ") "
+    "SELECT src.ord FROM src JOIN up USING (digest) WHERE up.occurrences > src.n"
+)
+
+# Redelivered readings whose value differs from the stored one: one CONFLICTING_DUPLICATE row per
+# distinct (reading, stored value), ``n`` the times the batch held it. Answers the readings that
+# made new rows and those that repeated a stored row (or an earlier reading of the batch).
+UPSERT_CONFLICTS = (
+    "WITH found AS ("
+    "  SELECT c.device_id,"
+    "    format('channel %%s at %%s: stored %%s, received %%s',"
+    "           s.channel_id, s.ts, r.value, s.value) AS detail,"
+    "    convert_to(json_build_object('channel_id', s.channel_id, 'ts', s.ts,"
+    "      'value', s.value, 'quality', s.quality)::text, 'UTF8') AS raw,"
+    "    count(*) AS n"
+    "  FROM aq_staging s JOIN readings r ON r.channel_id = s.channel_id AND r.ts = s.ts"
+    "  JOIN channels c ON c.id = s.channel_id"
+    "  WHERE r.value IS DISTINCT FROM s.value"
+    "  GROUP BY 1, 2, 3"
+    "), src AS ("
+    "  SELECT *, aq_quarantine_digest('ingest', '', device_id, %(reason)s, detail, raw) AS digest"
+    "  FROM found"
+    "), up AS ("
+    "  INSERT INTO quarantine (source, device_id, reason, detail, raw, occurrences)"
+    "  SELECT 'ingest', device_id, %(reason)s, detail, raw, n FROM src ORDER BY digest "
+    f"  {_ON_REPEAT}"
+    ") "
+    "SELECT coalesce(sum(CASE WHEN up.occurrences = src.n THEN 1 ELSE 0 END), 0)::bigint,"
+    "       coalesce(sum(CASE WHEN up.occurrences = src.n THEN src.n - 1 ELSE src.n END), 0)"
+    "         ::bigint "
+    "FROM src JOIN up USING (digest)"
+)
 
 
 def copy_binary(
@@ -81,9 +150,16 @@ class Batch:
 
 @dataclass
 class WriteResult:
+    """What one committed batch did, in readings. ``quarantined``: readings of rejected input
+    that made a new quarantine row, by reason; ``quarantine_repeats``: readings of rejected input
+    identical to a row already stored (or to an earlier one of the batch), which only added to
+    that row's ``occurrences``. Like ``inserted`` and ``duplicates`` for readings, the two never
+    overlap, so ``quarantined`` follows the rows of the quarantine table."""
+
     inserted: int = 0
     duplicates: int = 0
     quarantined: dict[str, int] = field(default_factory=dict)
+    quarantine_repeats: dict[str, int] = field(default_factory=dict)
 
 
 class BatchWriter:
@@ -106,6 +182,8 @@ class BatchWriter:
         self._width_us: int | None = None
         self._staging_ready = False
         self._tx_staging = False
+        self._qstaging_ready = False
+        self._tx_qstaging = False
 
     def _partition_width_us(self) -> int:
         """Partition width as aq_ensure_partitions uses it (plain backend), cached."""
@@ -165,11 +243,14 @@ class BatchWriter:
         self._tx_weeks.clear()
         self._staging_ready = self._staging_ready or self._tx_staging
         self._tx_staging = False
+        self._qstaging_ready = self._qstaging_ready or self._tx_qstaging
+        self._tx_qstaging = False
 
     def rolled_back(self) -> None:
         """The open transaction rolled back: forget what it created."""
         self._tx_weeks.clear()
         self._tx_staging = False
+        self._tx_qstaging = False
 
     def write(self, batch: Batch) -> WriteResult:
         result = WriteResult()
@@ -265,37 +346,78 @@ class BatchWriter:
 
     def _quarantine_conflicts(self, cur: psycopg.Cursor, result: WriteResult) -> None:
         """A redelivered reading with the same value is a plain duplicate; with another value it
-        is a conflict worth a person's look: the stored value stays, the new one is quarantined."""
-        cur.execute(
-            "INSERT INTO quarantine (source, device_id, reason, detail, raw) "
-            "SELECT 'ingest', c.device_id, %s, "
-            "  format('channel %%s at %%s: stored %%s, received %%s', "
-            "         s.channel_id, s.ts, r.value, s.value), "
-            "  convert_to(json_build_object('channel_id', s.channel_id, 'ts', s.ts, "
-            "    'value', s.value, 'quality', s.quality)::text, 'UTF8') "
-            "FROM aq_staging s JOIN readings r ON r.channel_id = s.channel_id AND r.ts = s.ts "
-            "JOIN channels c ON c.id = s.channel_id "
-            "WHERE r.value IS DISTINCT FROM s.value",
-            (CONFLICTING_DUPLICATE,),
-        )
-        if cur.rowcount:
-            result.quarantined[CONFLICTING_DUPLICATE] = cur.rowcount
-            result.duplicates -= cur.rowcount
+        is a conflict worth a person's look: the stored value stays, the new one is quarantined
+        (once: the same conflict again adds to its row's ``occurrences``)."""
+        cur.execute(UPSERT_CONFLICTS, {"reason": CONFLICTING_DUPLICATE})
+        row = cur.fetchone()
+        fresh, repeats = (int(row[0]), int(row[1])) if row else (0, 0)
+        if fresh:
+            _add(result.quarantined, CONFLICTING_DUPLICATE, fresh)
+        if repeats:
+            _add(result.quarantine_repeats, CONFLICTING_DUPLICATE, repeats)
+        result.duplicates -= fresh + repeats
 
     def _write_quarantine(
         self, rejections: list[tuple[str, str, Rejection]], result: WriteResult
     ) -> None:
-        """COPY the rejections, each made safe to store first (:func:`quarantine_row`): the
-        quarantine is the place of last resort, so its write must not fail on content."""
+        """Upsert the rejections, each made safe to store first (:func:`quarantine_row`): the
+        quarantine is the place of last resort, so its write must not fail on content, and a
+        rejection identical to a stored row (or to an earlier one of the batch) only adds to
+        that row's ``occurrences``."""
+        rows, members = fold_quarantine_rows(rejections)
+        if not (self._qstaging_ready or self._tx_qstaging):
+            self.conn.execute(QUARANTINE_STAGING_DDL)
+            self._tx_qstaging = True
         with self.conn.cursor() as cur:
             with cur.copy(
-                "COPY quarantine (source, address, device_id, reason, detail, raw) FROM STDIN"
+                "COPY aq_quarantine_staging "
+                "(ord, source, address, device_id, reason, detail, raw, occurrences) FROM STDIN"
             ) as copy:
-                for source, address, rej in rejections:
-                    copy.write_row(quarantine_row(source, address, rej))
-                    result.quarantined[rej.reason] = (
-                        result.quarantined.get(rej.reason, 0) + rej.readings
-                    )
+                for ord_, row in enumerate(rows):
+                    copy.write_row((ord_, *row, len(members[ord_])))
+            cur.execute(UPSERT_QUARANTINE)
+            stored = {int(r[0]) for r in cur.fetchall()}
+            # Emptied at commit anyway; a second call in one transaction must not count them again.
+            cur.execute("DELETE FROM aq_quarantine_staging")
+        for ord_, readings in enumerate(members):
+            reason = rows[ord_][3]
+            first, *again = readings
+            if ord_ in stored:
+                _add(result.quarantine_repeats, reason, first)
+            else:
+                _add(result.quarantined, reason, first)
+            for n in again:
+                _add(result.quarantine_repeats, reason, n)
+
+
+QuarantineRow = tuple[str, str, str | None, str, str, bytes | None]
+
+
+def fold_quarantine_rows(
+    rejections: list[tuple[str, str, Rejection]],
+) -> tuple[list[QuarantineRow], list[list[int]]]:
+    """The distinct quarantine rows of ``rejections`` (made safe by :func:`quarantine_row`), in
+    first-seen order, and for each the readings of every rejection that makes it (first first).
+
+    Why: an upsert may not touch one row twice in a statement, and a batch can hold the same
+    input twice (a message redelivered before the first copy was acknowledged)."""
+    index: dict[QuarantineRow, int] = {}
+    rows: list[QuarantineRow] = []
+    members: list[list[int]] = []
+    for source, address, rej in rejections:
+        row = quarantine_row(source, address, rej)
+        i = index.get(row)
+        if i is None:
+            index[row] = len(rows)
+            rows.append(row)
+            members.append([rej.readings])
+        else:
+            members[i].append(rej.readings)
+    return rows, members
+
+
+def _add(counts: dict[str, int], reason: str, n: int) -> None:
+    counts[reason] = counts.get(reason, 0) + n
 
 
 class CopyStream:

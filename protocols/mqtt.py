@@ -29,15 +29,17 @@ to the sink like the shared subscription does, until a *fence* it publishes itse
 (``{root}/_catchup/{client_id}``, QoS 1) comes back. The fence is published only once the worker's
 shared subscription is acknowledged after the catch-up session's last disconnect (when that
 session alone reconnected, the worker subscribes again for a fresh SUBACK; re-subscribing
-replaces a subscription without interrupting it), and a session's messages arrive in order, so everything published while no shared
-subscription existed reaches the sink before the window closes. What arrives twice in the window
-(also through the shared subscription) is harmless: readings are de-duplicated on their key. The
-cost: every message crosses the network to each worker once more (acknowledged unread), and a
-reconnect replays what the catch-up session queued while the worker was away. ``connected`` (ready)
-is set only once the window is closed, the first one included (the catch-up session may connect
-after the shared subscription is in place). A broker ACL must let the ingest user write
-``{root}/_catchup/#`` (and read it, as all of ``{root}/#``): a refused fence is logged and disables
-the catch-up session's windows (a broker restart may then lose what it lost before).
+replaces a subscription without interrupting it), and a session's messages arrive in order, so
+everything published while no shared subscription existed reaches the sink before the window
+closes. What arrives twice in the window (also through the shared subscription) is harmless:
+readings are de-duplicated on their key, and a quarantined message's row counts it once more
+(``occurrences``) instead of being written twice. The cost: every message crosses the network
+to each worker once more (acknowledged unread), and a reconnect replays what the catch-up session
+queued while the worker was away. ``connected`` (ready) is set only once the window is closed,
+the first one included (the catch-up session may connect after the shared subscription is in
+place). A broker ACL must let the ingest user write ``{root}/_catchup/#`` (and read it, as all of
+``{root}/#``): a refused fence is logged and disables the catch-up session's windows (a broker
+restart may then lose what it lost before).
 
 Poison messages: no message can stop the receive thread. paho runs ``on_message`` on its one
 network thread, and an exception escaping it ends that thread: nothing is read or acknowledged

@@ -4,11 +4,13 @@ Why: a service that connects as the owner of the schema can drop it; one that co
 superuser can do anything. Migration 0006 creates three NOLOGIN group roles with only what each
 part of Aquameter does (see the grant comments in ``sql/migrations/0006_roles.*.sql``):
 
-- ``aquameter_ingest``: append readings, quarantine, ingest_days; read the registry; create the
-  weekly partitions only through ``aq_ensure_partitions`` (SECURITY DEFINER: it runs as its
-  owner, so ingest needs no CREATE on the schema). It holds TEMPORARY on the database for its
-  ``aq_staging`` table: a temp table lives in the session's own ``pg_temp`` schema, is seen by no
-  other session and vanishes with it, so that is not DDL on the shared schema;
+- ``aquameter_ingest``: append readings, quarantine, ingest_days; count a quarantine row again
+  (migration 0015: ``occurrences`` and ``last_received_at`` only, never what a row holds); read
+  the registry; create the weekly partitions only through ``aq_ensure_partitions`` (SECURITY
+  DEFINER: it runs as its owner, so ingest needs no CREATE on the schema). It holds TEMPORARY on
+  the database for its ``aq_staging`` and ``aq_quarantine_staging`` tables: a temp table lives
+  in the session's own ``pg_temp`` schema, is seen by no other session and vanishes with it, so
+  that is not DDL on the shared schema;
 - ``aquameter_analytics``: read readings, rollups, registry, quarantine, ingest_days; write the
   analytics tables (dma_daily, alerts, billing_volumes, water_balance*, read_rates, meter_edits,
   analysis_marks);

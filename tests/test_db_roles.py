@@ -26,6 +26,7 @@ import pytest
 from psycopg import sql
 
 from flows.store import upsert_alerts
+from ingest.importer import import_file
 from ingest.pipeline import IngestPipeline
 from ingest.validate import CONFLICTING_DUPLICATE, UNKNOWN_DEVICE, Rejection
 from ingest.writer import Batch, BatchWriter, CopyStream
@@ -339,6 +340,9 @@ INGEST_DENIED = [
     "UPDATE readings SET value = 0",
     "DELETE FROM ingest_days",
     "SELECT * FROM quarantine",
+    "SELECT raw, detail FROM quarantine",
+    "UPDATE quarantine SET reason = 'x'",
+    "DELETE FROM quarantine",
     "SELECT * FROM dma_daily",
     "SELECT * FROM alerts",
     "SELECT * FROM billing_volumes",
@@ -444,6 +448,8 @@ def test_ingest_pipeline_end_to_end_as_ingest(target: Target, logins: Logins) ->
     assert sorted(o.accepted for o in first) == [0, 3]
     assert sorted(o.accepted for o in again) == [0, 3]
     assert (pipeline.counters.stored, pipeline.counters.duplicates) == (3, 3)
+    assert pipeline.counters.quarantined == {UNKNOWN_DEVICE: 1}
+    assert pipeline.counters.quarantine_repeats == {UNKNOWN_DEVICE: 1}
     with _owner(target) as conn:
         flow = _channel(conn, "INLET-SOUTH", "flow")
         stored = conn.execute(
@@ -451,11 +457,60 @@ def test_ingest_pipeline_end_to_end_as_ingest(target: Target, logins: Logins) ->
             (flow, base, base + timedelta(minutes=3)),
         ).fetchall()
         quarantined = conn.execute(
-            "SELECT count(*) FROM quarantine WHERE address = %s AND reason = %s",
+            "SELECT count(*), sum(occurrences) FROM quarantine WHERE address = %s AND reason = %s",
             (f"c-{tag}", UNKNOWN_DEVICE),
         ).fetchone()
     assert [r[0] for r in stored] == pytest.approx([36.0, 45.0, 39.6])  # L/s stored as m3/h
-    assert quarantined == (2,)
+    assert quarantined == (1, 2)  # the redelivered frame counted on its row (migration 0015)
+
+
+def test_ingest_imports_and_reimports_as_ingest(
+    target: Target, logins: Logins, tmp_path: Path
+) -> None:
+    """``aquameter import`` connects as ingest: a re-import looks up which rows an earlier import
+    already quarantined, which needs SELECT on those columns of quarantine (0015)."""
+    csv = tmp_path / "history.csv"
+    csv.write_text(
+        "device,ts,value\n"
+        "AQN00001,2026-03-02T00:00:00Z,1.5\n"
+        "AQN00001,not a date,2.0\n"
+        "NO-SUCH-DEVICE,2026-03-02T01:00:00Z,2.5\n"
+    )
+    results = []
+    for _ in range(2):
+        with IngestPipeline(logins.url(INGEST), registry_poll_s=None) as pipeline:
+            results.append(import_file(csv, pipeline))
+        assert pipeline.failure is None
+    first, again = results
+    assert (first.stored, first.quarantined, first.already_quarantined) == (1, 2, 0)
+    assert (again.stored, again.quarantined, again.already_quarantined) == (0, 0, 2)
+    with _owner(target) as conn:
+        rows = conn.execute(
+            "SELECT reason, occurrences FROM quarantine WHERE source = 'import' ORDER BY 1"
+        ).fetchall()
+    assert rows == [("MALFORMED", 1), (UNKNOWN_DEVICE, 1)]
+
+
+def test_ingest_column_rights_on_quarantine(target: Target) -> None:
+    """What the upsert of 0015 needs and nothing more: ingest reads the digest, the counts and
+    the importer's key, updates only the counts, and can read neither raw bytes nor details."""
+    with _owner(target) as conn:
+        held = {
+            priv: [
+                col
+                for col in ("source", "address", "device_id", "reason", "detail", "raw")
+                + ("digest", "occurrences", "received_at", "last_received_at")
+                if conn.execute(
+                    "SELECT has_column_privilege(%s, 'quarantine', %s, %s)", (INGEST, col, priv)
+                ).fetchone()
+                == (True,)
+            ]
+            for priv in ("SELECT", "UPDATE")
+        }
+    assert held == {
+        "SELECT": ["source", "address", "reason", "digest", "occurrences", "last_received_at"],
+        "UPDATE": ["occurrences", "last_received_at"],
+    }
 
 
 # --- analytics -----------------------------------------------------------------------------

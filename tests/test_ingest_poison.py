@@ -8,6 +8,7 @@ import json
 import math
 import threading
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
@@ -56,29 +57,56 @@ _text = st.text(alphabet=st.characters(codec=None, min_codepoint=0), max_size=30
 ).map(lambda b: b.decode("utf-8", "surrogateescape"))
 
 
+_rejection = st.tuples(
+    _text,  # source
+    _text,  # address
+    st.builds(
+        Rejection,
+        reason=_text,
+        detail=_text,
+        device=st.none() | _text,
+        raw=st.none() | st.binary(max_size=2_000),
+    ),
+)
+
+
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    source=_text,
-    address=_text,
-    device=st.none() | _text,
-    reason=_text,
-    detail=_text,
-    raw=st.none() | st.binary(max_size=2_000),
+    rejections=st.lists(_rejection, min_size=1, max_size=4),
+    again=st.lists(st.integers(min_value=0, max_value=99), max_size=4),
+    split=st.integers(min_value=0, max_value=8),
 )
-def test_quarantine_writer_stores_any_content(db_url, source, address, device, reason, detail, raw):
-    """Any text (NUL, lone surrogates, control characters) and any bytes make exactly one row."""
+def test_quarantine_writer_stores_any_content(db_url, rejections, again, split):
+    """Any text (NUL, lone surrogates, control characters) and any bytes, some rows repeated
+    (within a batch and across two), beside a good reading in each batch: nothing fails, and the
+    quarantine holds one row per distinct identity, as made safe to store, whose occurrences
+    count how often it came; the counters split new rows from repeats."""
+    rows = rejections + [rejections[k % len(rejections)] for k in again]
+    cut = split % (len(rows) + 1)
+    expected = Counter(quarantine_row(s, a, r) for s, a, r in rows)
+    results = []
     with psycopg.connect(db_url) as conn:
-        before = conn.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+        conn.execute("DELETE FROM quarantine")
+        conn.execute("DELETE FROM readings")
+        ch = conn.execute("SELECT id FROM channels WHERE device_id = 'AQN00001'").fetchone()[0]
+        conn.commit()
         writer = BatchWriter(conn)
-        batch = Batch(rejections=[(source, address, Rejection(reason, detail, device, raw))])
-        result = writer.write(batch)
-        after = conn.execute("SELECT count(*) FROM quarantine").fetchone()[0]
-        stored = conn.execute("SELECT raw FROM quarantine ORDER BY id DESC LIMIT 1").fetchone()[0]
-    assert after == before + 1
-    assert sum(result.quarantined.values()) == 1
-    assert (bytes(stored) if stored is not None else None) == raw
+        for k, part in enumerate((rows[:cut], rows[cut:])):
+            batch = Batch([ch], [NOW - 3_600 + k], [1.0 + k], [0], rejections=part)
+            results.append(writer.write(batch))
+        stored = conn.execute(
+            "SELECT source, address, device_id, reason, detail, raw, occurrences FROM quarantine"
+        ).fetchall()
+        readings = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
+    got = {(*r[:5], None if r[5] is None else bytes(r[5])): r[6] for r in stored}
+    assert len(stored) == len(got) == len(expected)
+    assert got == dict(expected)
+    assert readings == 2 and [r.inserted for r in results] == [1, 1]
+    new = sum(n for r in results for n in r.quarantined.values())
+    repeats = sum(n for r in results for n in r.quarantine_repeats.values())
+    assert (new, repeats) == (len(expected), len(rows) - len(expected))
 
 
 def test_quarantine_row_cuts_long_fields_with_a_marker():
@@ -102,6 +130,36 @@ def test_nul_in_address_neither_wedges_the_writer_nor_loses_later_frames(db_url)
     rows = _rows(db_url, "SELECT address, reason FROM quarantine")
     assert rows == [("/up/AQN\\x00\\udcff", "UNSUPPORTED_FORMAT")]
     assert _rows(db_url, "SELECT value FROM readings") == [(1.5,)]
+
+
+def test_the_same_bad_frame_again_is_one_row_counted_through_the_pipeline(db_url):
+    """A device retrying its bad frame, or the broker redelivering it, makes one quarantine row
+    with occurrences 2, not two rows; another payload or reason is a row of its own; the good
+    frames of both rounds are stored; the counters count the repeat apart from new rows."""
+    bad = _frame(b"\xff\xfe garbage")
+    other = _frame(b"\xff\xfe garbage!")  # another raw: another row
+    unknown = _frame({"dev": "NO-SUCH", "ts": NOW - 60, "reg": 1.0}, device="NO-SUCH")
+    with IngestPipeline(db_url, registry_poll_s=None) as p:
+        first = p.submit_many([bad, _frame({"dev": "AQN00001", "ts": NOW - 120, "reg": 1.5})])
+        again = p.submit_many(
+            [bad, other, unknown, _frame({"dev": "AQN00001", "ts": NOW - 60, "reg": 1.6})]
+        )
+    assert [o.reasons for o in first + again].count(["MALFORMED"]) == 3
+    rows = _rows(
+        db_url,
+        "SELECT reason, raw, occurrences, last_received_at > received_at FROM quarantine "
+        "ORDER BY id",
+    )
+    assert [(r, bytes(raw), n, later) for r, raw, n, later in rows] == [
+        ("MALFORMED", b"\xff\xfe garbage", 2, True),
+        ("MALFORMED", b"\xff\xfe garbage!", 1, False),
+        ("UNKNOWN_DEVICE", unknown.payload, 1, False),
+    ]
+    assert _rows(db_url, "SELECT value FROM readings ORDER BY ts") == [(1.5,), (1.6,)]
+    assert p.counters.quarantined == {"MALFORMED": 2, "UNKNOWN_DEVICE": 1}
+    assert p.counters.quarantine_repeats == {"MALFORMED": 1}
+    assert "quarantined=3 (MALFORMED=2, UNKNOWN_DEVICE=1)" in p.counters.line()
+    assert p.counters.line().endswith(" quarantine_repeats=1")
 
 
 # --- 3: a rolled-back batch must not leave the writer's caches believing what it undid ------

@@ -31,6 +31,7 @@ from ingest.metrics import MetricSources, MetricsServer, start_metrics
 from ingest.pipeline import IngestPipeline
 from ingest.service import vendor_formats
 from protocols.mqtt import MqttIngest, uplink_topic
+from protocols.uplink import Frame
 from tests.mqtt_helpers import broker_v5, publish_all
 from tests.servers import EXAMPLE_REGISTRY
 
@@ -251,6 +252,24 @@ def test_two_exporters_in_one_process_do_not_share_state(db_url):
             sb.sources.broker_expected = True
             assert get(f"{sb.url}/readyz") == (503, "MQTT not started yet\n")
             assert get(f"{sa.url}/readyz") == (200, "ok\n")
+
+
+def test_a_repeated_quarantined_input_counts_as_a_repeat_not_a_row(db_url):
+    """The same bad message twice: one quarantine row, so aquameter_quarantined counts it once,
+    and aquameter_quarantine_repeats the second time (as aquameter_duplicates for readings)."""
+    topic, payload = INVALID[0]
+    bad = Frame("mqtt", topic, payload=payload, payload_format="json", device_hint="AQN00001")
+    with IngestPipeline(db_url, batch_seconds=0.05, registry_poll_s=None) as p:
+        with start_metrics("127.0.0.1", 0, MetricSources(pipeline=p)) as server:
+            p.submit_many([bad])
+            p.submit_many([bad])
+            m = scrape(server)
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute("SELECT reason, occurrences FROM quarantine").fetchall()
+    assert rows == [("MALFORMED", 2)]
+    assert value(m, "aquameter_quarantined_total", reason="MALFORMED") == 1
+    assert value(m, "aquameter_quarantine_repeats_total", reason="MALFORMED") == 1
+    assert value(m, "aquameter_readings_received_total") == 2
 
 
 def _query(prom: str, expr: str) -> list[dict]:

@@ -3,6 +3,8 @@ import shutil
 import psycopg
 import pytest
 
+from ingest.validate import Rejection
+from ingest.writer import Batch, BatchWriter
 from sql import migrate as mig
 
 
@@ -82,3 +84,59 @@ def test_rollups_refresh_incrementally(db_url):
         assert conn.execute("SELECT aq_refresh_rollups(interval '0')").fetchone() == (0,)
     assert hourly == (4, 4.0, 7.0, 4.0, 7.0)
     assert daily == (96, 0.0, 95.0, 0.0, 95.0)
+
+
+def test_quarantine_dedup_merges_the_identical_rows_it_finds(empty_db_url, tmp_path, monkeypatch):
+    """0015 on a quarantine written before it: identical rows become the first one, counting
+    them and when the last came; rows that differ in anything (raw, NULL vs empty device or
+    raw, detail) stay apart; then a repeat counts on the merged row."""
+    before = tmp_path / "migrations"
+    shutil.copytree(mig.MIGRATIONS_DIR, before)
+    (before / "0015_quarantine_dedup.sql").unlink()
+    insert = (
+        "INSERT INTO quarantine (received_at, source, address, device_id, reason, detail, raw) "
+        "VALUES (%s, 'mqtt', 't', %s, 'MALFORMED', %s, %s)"
+    )
+    rows = [
+        ("2026-03-02 00:00+00", "AQN1", "d", b"\x00x"),
+        ("2026-03-01 00:00+00", "AQN1", "d", b"\x00x"),  # the first of three
+        ("2026-03-03 00:00+00", "AQN1", "d", b"\x00x"),
+        ("2026-03-01 00:00+00", None, "d", b"\x00x"),
+        ("2026-03-01 00:00+00", "", "d", b"\x00x"),
+        ("2026-03-01 00:00+00", "AQN1", "d", None),
+        ("2026-03-01 00:00+00", "AQN1", "d", b""),
+        ("2026-03-01 00:00+00", "AQN1", "d2", b"\x00x"),
+        ("2026-03-04 00:00+00", "AQN1", "d2", b"\x00x"),
+    ]
+    with psycopg.connect(empty_db_url) as conn:
+        monkeypatch.setattr(mig.discover, "__defaults__", (before,))
+        mig.migrate(conn, timescale="auto")
+        for row in rows:
+            conn.execute(insert, row)
+        conn.commit()
+        monkeypatch.setattr(mig.discover, "__defaults__", (mig.MIGRATIONS_DIR,))
+        applied = mig.migrate(conn, timescale="auto").applied
+        got = conn.execute(
+            "SELECT device_id, detail, raw, occurrences, received_at::date::text, "
+            "last_received_at::date::text FROM quarantine ORDER BY id"
+        ).fetchall()
+        with pytest.raises(psycopg.errors.UniqueViolation):  # a plain INSERT of a repeat
+            conn.execute(insert, ("2026-03-05 00:00+00", "AQN1", "d", b"\x00x"))
+        conn.rollback()
+        repeat = BatchWriter(conn).write(
+            Batch(rejections=[("mqtt", "t", Rejection("MALFORMED", "d", "AQN1", b"\x00x"))])
+        )
+        merged = conn.execute(
+            "SELECT occurrences FROM quarantine WHERE device_id = 'AQN1' AND detail = 'd' "
+            "AND raw = '\\x0078'"
+        ).fetchall()
+    assert repeat.quarantine_repeats == {"MALFORMED": 1} and merged == [(4,)]
+    assert applied == ["0015_quarantine_dedup.sql"]
+    assert [(d, t, None if r is None else bytes(r), n, a, b) for d, t, r, n, a, b in got] == [
+        ("AQN1", "d", b"\x00x", 3, "2026-03-01", "2026-03-03"),
+        (None, "d", b"\x00x", 1, "2026-03-01", "2026-03-01"),
+        ("", "d", b"\x00x", 1, "2026-03-01", "2026-03-01"),
+        ("AQN1", "d", None, 1, "2026-03-01", "2026-03-01"),
+        ("AQN1", "d", b"", 1, "2026-03-01", "2026-03-01"),
+        ("AQN1", "d2", b"\x00x", 2, "2026-03-01", "2026-03-04"),
+    ]

@@ -195,6 +195,65 @@ def test_poison_messages_are_quarantined_acknowledged_and_the_thread_lives(mqtt_
     assert wait_count(db_url, READINGS, 80) == 80  # each valid reading once
 
 
+class CommitWithoutAck:
+    """The real pipeline, but the PUBACKs never leave: a worker killed between its commit and
+    its acknowledgements. ``durable`` counts the frames committed."""
+
+    def __init__(self, pipeline: IngestPipeline) -> None:
+        self.pipeline = pipeline
+        self.durable = 0
+
+    def submit(self, frame: Frame, on_durable: DurableCallback) -> None:
+        def committed(_outcome: object) -> None:
+            self.durable += 1
+
+        self.pipeline.submit(frame, committed)
+
+
+def test_a_redelivered_poison_message_is_one_row_counted_again(mqtt_url, db_url):
+    """QoS 1 redelivery of a poison message committed before its PUBACK was lost: the resumed
+    session gets it again and its quarantine row counts it (occurrences 2) instead of a second
+    row; a device sending the same bad frame once more counts a third time. The valid messages
+    around them are stored once."""
+    garbage = (uplink_topic(ROOT, "aqualink", "AQN00050"), b"\xff\xfe\x00\x80garbage")
+    stray = (f"{ROOT}/aqualink/gw/up", b'{"dev": "AQN00050"}')
+    msgs = [_valid(1), garbage, _valid(2), stray, _valid(3)]
+    client_id = f"aqp-{RUN}-redeliver"
+    first = IngestPipeline(db_url, batch_seconds=0.05).start()
+    sink = CommitWithoutAck(first)
+    crashed = _mqtt(mqtt_url, sink, client_id)
+    publish_all(mqtt_url, msgs)
+    assert _wait(lambda: sink.durable == len(msgs))
+    crashed.client.loop_stop()
+    crashed.client.socket().close()  # abrupt: no DISCONNECT, and no PUBACK was sent
+    first.close()
+    assert wait_count(db_url, QUARANTINE, 2) == 2 and wait_count(db_url, READINGS, 6) == 6
+
+    pipeline = IngestPipeline(db_url, batch_seconds=0.05).start()
+    client = _mqtt(mqtt_url, pipeline, client_id)  # resumes the session: all five come again
+    try:
+        occurrences = "SELECT coalesce(sum(occurrences), 0) FROM quarantine"
+        assert wait_count(db_url, occurrences, 4) == 4
+        publish_all(mqtt_url, [garbage])  # the device retries its bad frame
+        assert wait_count(db_url, occurrences, 5) == 5
+        assert _wait(lambda: client.stats.acked == len(msgs) + 1)
+    finally:
+        client.shutdown(pipeline.close)
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT reason, address, raw, occurrences FROM quarantine ORDER BY id"
+        ).fetchall()
+    assert [(r, a, bytes(raw), n) for r, a, raw, n in rows] == [
+        ("MALFORMED", garbage[0], garbage[1], 3),
+        ("UNKNOWN_TOPIC", stray[0], stray[1], 2),
+    ]
+    assert wait_count(db_url, READINGS, 6) == 6
+    assert pipeline.counters.duplicates == 6 and pipeline.counters.stored == 0
+    assert pipeline.counters.quarantined == {}
+    assert pipeline.counters.quarantine_repeats == {"MALFORMED": 2, "UNKNOWN_TOPIC": 1}
+    assert first.counters.quarantined == {"MALFORMED": 1, "UNKNOWN_TOPIC": 1}
+
+
 def test_an_exception_in_the_handler_becomes_a_processing_error_row(mqtt_url, db_url):
     client_id = f"aqp-{RUN}-raise"
     pipeline = IngestPipeline(db_url, batch_seconds=0.05).start()
@@ -203,7 +262,7 @@ def test_an_exception_in_the_handler_becomes_a_processing_error_row(mqtt_url, db
     msgs = [_valid(1), bad, _valid(2), bad, _valid(3)]
     try:
         publish_all(mqtt_url, msgs)
-        assert wait_count(db_url, QUARANTINE, 2) == 2
+        assert wait_count(db_url, "SELECT coalesce(sum(occurrences), 0) FROM quarantine", 2) == 2
         assert wait_count(db_url, READINGS, 6) == 6
         assert _wait(lambda: client.stats.acked == len(msgs))
         assert client.alive()
@@ -211,7 +270,7 @@ def test_an_exception_in_the_handler_becomes_a_processing_error_row(mqtt_url, db
         client.shutdown(pipeline.close)
     assert (client.stats.errors, client.stats.unprocessable) == (2, 0)
     got = _quarantine(db_url)
-    assert [r[0] for r in got] == ["PROCESSING_ERROR", "PROCESSING_ERROR"]
+    assert [r[0] for r in got] == ["PROCESSING_ERROR"]  # the same message twice: one row, 2 times
     assert all("RecursionError" in r[3] and r[4] == bad[1] for r in got)
     assert _nothing_redelivered(mqtt_url, db_url, client_id) == 0
 

@@ -266,15 +266,17 @@ def test_ingest_pipeline_end_to_end(tsdb_url, conn):
     assert (by_address["a"].accepted, by_address["b"].accepted) == (3, 2)
     assert by_address["c"].reasons == [UNKNOWN_DEVICE]
     assert (counters.stored, counters.duplicates) == (5, 5)
-    assert counters.quarantined[UNKNOWN_DEVICE] == 2
+    assert counters.quarantined[UNKNOWN_DEVICE] == 1
+    assert counters.quarantine_repeats[UNKNOWN_DEVICE] == 1
 
     hi = base + timedelta(minutes=3)
     assert [r[1] for r in stored(conn, flow, base, hi)] == pytest.approx([36.0, 45.0, 39.6])
     assert [r[1] for r in stored(conn, pressure, base, hi)] == pytest.approx([40.788, 41.8077])
     assert conn.execute(
-        "SELECT count(*) FROM quarantine WHERE reason = %s AND source = 'test' AND address = 'c'",
+        "SELECT count(*), sum(occurrences) FROM quarantine "
+        "WHERE reason = %s AND source = 'test' AND address = 'c'",
         (UNKNOWN_DEVICE,),
-    ).fetchone() == (2,)
+    ).fetchone() == (1, 2)
 
 
 def test_compressed_chunk_keeps_rows_and_deduplicates(conn):

@@ -91,3 +91,94 @@ def test_stream_meeting_stored_rows_rolls_back_whole(db_url):
         assert conn.execute("SELECT count(*) FROM readings").fetchone() == (1,)
         redo = writer.write(_batch(ch, datetime(2026, 2, 3, tzinfo=UTC), t))
         assert (redo.inserted, redo.duplicates) == (1, 1)
+
+
+def _quarantine(conn: psycopg.Connection) -> dict[tuple, tuple[int, bool]]:
+    """(source, address, device_id, reason, detail, raw) → (occurrences, repeated later)."""
+    rows = conn.execute(
+        "SELECT source, address, device_id, reason, detail, raw, occurrences, "
+        "last_received_at > received_at FROM quarantine"
+    ).fetchall()
+    return {
+        (s, a, d, r, t, bytes(raw) if raw is not None else None): (n, later)
+        for s, a, d, r, t, raw, n, later in rows
+    }
+
+
+def test_the_same_rejected_input_again_is_one_row_counted(db_url):
+    """A redelivered bad message (or a device retrying its bad frame) adds to its row's
+    occurrences instead of a second row, in the batch write and in the streamed one, and
+    within one batch; another raw, reason, detail or topic is another row; the good readings of
+    both batches are all stored."""
+    topic = "aquameter/v1/aqualink/AQN00001/up"
+    bad = Rejection("MALFORMED", "cannot parse", "AQN00001", b"\xff\x00bad")
+    other_raw = Rejection("MALFORMED", "cannot parse", "AQN00001", b"\xff\x00bae")
+    other_reason = Rejection("UNKNOWN_DEVICE", "cannot parse", "AQN00001", b"\xff\x00bad")
+    other_detail = Rejection("MALFORMED", "cannot parse!", "AQN00001", b"\xff\x00bad")
+    no_device = Rejection("MALFORMED", "cannot parse", None, b"\xff\x00bad")
+    with psycopg.connect(db_url) as conn:
+        ch = conn.execute("SELECT id FROM channels WHERE device_id = 'AQN00001'").fetchone()[0]
+        conn.commit()
+        writer = BatchWriter(conn)
+        first = _batch(ch, datetime(2026, 3, 2, 1, tzinfo=UTC), datetime(2026, 3, 2, 2, tzinfo=UTC))
+        first.rejections = [("mqtt", topic, bad), ("mqtt", topic, bad)]  # twice in one batch
+        one = writer.write(first)
+        stream = CopyStream(writer)
+        t3 = datetime(2026, 3, 2, 3, tzinfo=UTC).timestamp()
+        stream.add([ch], [t3], [3.0], [0])
+        two = stream.commit(
+            [
+                ("mqtt", topic, bad),
+                ("mqtt", topic, other_raw),
+                ("mqtt", topic, other_reason),
+                ("mqtt", topic, other_detail),
+                ("mqtt", topic, no_device),
+                ("mqtt", topic + "x", bad),
+            ]
+        )
+        rows = _quarantine(conn)
+        readings = conn.execute("SELECT count(*) FROM readings").fetchone()
+    assert (one.inserted, one.quarantined, one.quarantine_repeats) == (
+        2,
+        {"MALFORMED": 1},
+        {"MALFORMED": 1},
+    )
+    assert (two.inserted, two.quarantined, two.quarantine_repeats) == (
+        1,
+        {"MALFORMED": 4, "UNKNOWN_DEVICE": 1},
+        {"MALFORMED": 1},
+    )
+    assert readings == (3,)
+    key = ("mqtt", topic, "AQN00001", "MALFORMED", "cannot parse", b"\xff\x00bad")
+    assert rows.pop(key) == (3, True)  # the first time, and again in a later transaction
+    assert sorted(rows.values()) == [(1, False)] * 5
+
+
+def test_a_conflicting_redelivery_again_is_one_row_counted(db_url):
+    """A reading redelivered with another value than the stored one is one CONFLICTING_DUPLICATE
+    row, however often it comes: twice in one batch (two redeliveries queued together) and once
+    more later."""
+    t = datetime(2026, 1, 12, tzinfo=UTC)
+    with psycopg.connect(db_url) as conn:
+        ch = conn.execute("SELECT id FROM channels WHERE device_id = 'AQN00001'").fetchone()[0]
+        conn.commit()  # idle between batches, as the pipeline's: each write commits
+        writer = BatchWriter(conn)
+        writer.write(_batch(ch, t))
+        twice = _batch(ch, t, t)
+        twice.values = [2.0, 2.0]
+        second = writer.write(twice)
+        once = _batch(ch, t)
+        once.values = [2.0]
+        third = writer.write(once)
+        rows = conn.execute(
+            "SELECT reason, occurrences FROM quarantine WHERE reason = 'CONFLICTING_DUPLICATE'"
+        ).fetchall()
+        stored = conn.execute("SELECT value FROM readings").fetchall()
+    assert (second.inserted, second.duplicates) == (0, 0)
+    assert (second.quarantined, second.quarantine_repeats) == (
+        {"CONFLICTING_DUPLICATE": 1},
+        {"CONFLICTING_DUPLICATE": 1},
+    )
+    assert (third.quarantined, third.quarantine_repeats) == ({}, {"CONFLICTING_DUPLICATE": 1})
+    assert rows == [("CONFLICTING_DUPLICATE", 3)]
+    assert stored == [(1.0,)]
