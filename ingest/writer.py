@@ -398,6 +398,8 @@ def fold_quarantine_rows(
 ) -> tuple[list[QuarantineRow], list[list[int]]]:
     """The distinct quarantine rows of ``rejections`` (made safe by :func:`quarantine_row`), in
     first-seen order, and for each the readings of every rejection that makes it (first first).
+    Distinct as migration 0015's digest tells them apart: the detail counts only without raw
+    bytes, and the first one's detail is kept.
 
     Why: an upsert may not touch one row twice in a statement, and a batch can hold the same
     input twice (a message redelivered before the first copy was acknowledged)."""
@@ -406,9 +408,10 @@ def fold_quarantine_rows(
     members: list[list[int]] = []
     for source, address, rej in rejections:
         row = quarantine_row(source, address, rej)
-        i = index.get(row)
+        key = row if row[5] is None else (*row[:4], "", row[5])  # as aq_quarantine_digest
+        i = index.get(key)
         if i is None:
-            index[row] = len(rows)
+            index[key] = len(rows)
             rows.append(row)
             members.append([rej.readings])
         else:

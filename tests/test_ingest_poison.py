@@ -70,6 +70,12 @@ _rejection = st.tuples(
 )
 
 
+def _identity(row: tuple) -> tuple:
+    """A quarantine row's identity as migration 0015's digest has it: the detail counts only
+    for a row without raw bytes."""
+    return row if row[5] is None else (*row[:4], "", row[5])
+
+
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -85,7 +91,11 @@ def test_quarantine_writer_stores_any_content(db_url, rejections, again, split):
     count how often it came; the counters split new rows from repeats."""
     rows = rejections + [rejections[k % len(rejections)] for k in again]
     cut = split % (len(rows) + 1)
-    expected = Counter(quarantine_row(s, a, r) for s, a, r in rows)
+    made = [quarantine_row(s, a, r) for s, a, r in rows]
+    expected = Counter(_identity(row) for row in made)
+    first_detail: dict[tuple, str] = {}
+    for row in made:
+        first_detail.setdefault(_identity(row), row[4])
     results = []
     with psycopg.connect(db_url) as conn:
         conn.execute("DELETE FROM quarantine")
@@ -100,9 +110,11 @@ def test_quarantine_writer_stores_any_content(db_url, rejections, again, split):
             "SELECT source, address, device_id, reason, detail, raw, occurrences FROM quarantine"
         ).fetchall()
         readings = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
-    got = {(*r[:5], None if r[5] is None else bytes(r[5])): r[6] for r in stored}
+    got = {_identity((*r[:5], None if r[5] is None else bytes(r[5]))): r[6] for r in stored}
     assert len(stored) == len(got) == len(expected)
     assert got == dict(expected)
+    kept = {_identity((*r[:5], None if r[5] is None else bytes(r[5]))): r[4] for r in stored}
+    assert kept == first_detail  # a repeat keeps the first arrival's detail
     assert readings == 2 and [r.inserted for r in results] == [1, 1]
     new = sum(n for r in results for n in r.quarantined.values())
     repeats = sum(n for r in results for n in r.quarantine_repeats.values())
@@ -160,6 +172,24 @@ def test_the_same_bad_frame_again_is_one_row_counted_through_the_pipeline(db_url
     assert p.counters.quarantine_repeats == {"MALFORMED": 1}
     assert "quarantined=3 (MALFORMED=2, UNKNOWN_DEVICE=1)" in p.counters.line()
     assert p.counters.line().endswith(" quarantine_repeats=1")
+
+
+def test_a_redelivered_future_reading_is_one_row_though_its_detail_differs(db_url):
+    """FUTURE_TIMESTAMP's detail says how far ahead of *receipt* the reading is, so the same
+    message redelivered a minute later is judged with another detail; it is still the same input
+    and one row (occurrences 2, the first arrival's detail), not two."""
+    future = {"dev": "AQN00001", "ts": NOW + 30 * 86_400, "reg": 2.0}
+    with IngestPipeline(db_url, registry_poll_s=None) as p:
+        first = p.submit_many([_frame(future, received_at=NOW)])
+        again = p.submit_many([_frame(future, received_at=NOW + 60)])
+    assert [o.reasons for o in first + again] == [["FUTURE_TIMESTAMP"], ["FUTURE_TIMESTAMP"]]
+    rows = _rows(db_url, "SELECT reason, detail, occurrences FROM quarantine")
+    assert len(rows) == 1
+    reason, detail, n = rows[0]
+    assert (reason, n) == ("FUTURE_TIMESTAMP", 2)
+    assert detail.endswith(f"is {30 * 86_400:.0f}s ahead")  # measured at the first arrival
+    assert p.counters.quarantined == {"FUTURE_TIMESTAMP": 1}
+    assert p.counters.quarantine_repeats == {"FUTURE_TIMESTAMP": 1}
 
 
 # --- 3: a rolled-back batch must not leave the writer's caches believing what it undid ------

@@ -88,8 +88,10 @@ def test_rollups_refresh_incrementally(db_url):
 
 def test_quarantine_dedup_merges_the_identical_rows_it_finds(empty_db_url, tmp_path, monkeypatch):
     """0015 on a quarantine written before it: identical rows become the first one, counting
-    them and when the last came; rows that differ in anything (raw, NULL vs empty device or
-    raw, detail) stay apart; then a repeat counts on the merged row."""
+    them and when the last came; so do rows that differ only in their detail (how an input was
+    judged, not what came); rows that differ in anything else (raw, NULL vs empty device or
+    raw) stay apart, and so do rows without raw bytes whose details differ; then a repeat
+    counts on the merged row."""
     before = tmp_path / "migrations"
     shutil.copytree(mig.MIGRATIONS_DIR, before)
     (before / "0015_quarantine_dedup.sql").unlink()
@@ -107,6 +109,7 @@ def test_quarantine_dedup_merges_the_identical_rows_it_finds(empty_db_url, tmp_p
         ("2026-03-01 00:00+00", "AQN1", "d", b""),
         ("2026-03-01 00:00+00", "AQN1", "d2", b"\x00x"),
         ("2026-03-04 00:00+00", "AQN1", "d2", b"\x00x"),
+        ("2026-03-01 00:00+00", "AQN1", "d2", None),
     ]
     with psycopg.connect(empty_db_url) as conn:
         monkeypatch.setattr(mig.discover, "__defaults__", (before,))
@@ -130,13 +133,13 @@ def test_quarantine_dedup_merges_the_identical_rows_it_finds(empty_db_url, tmp_p
             "SELECT occurrences FROM quarantine WHERE device_id = 'AQN1' AND detail = 'd' "
             "AND raw = '\\x0078'"
         ).fetchall()
-    assert repeat.quarantine_repeats == {"MALFORMED": 1} and merged == [(4,)]
+    assert repeat.quarantine_repeats == {"MALFORMED": 1} and merged == [(6,)]
     assert applied == ["0015_quarantine_dedup.sql"]
     assert [(d, t, None if r is None else bytes(r), n, a, b) for d, t, r, n, a, b in got] == [
-        ("AQN1", "d", b"\x00x", 3, "2026-03-01", "2026-03-03"),
+        ("AQN1", "d", b"\x00x", 5, "2026-03-01", "2026-03-04"),
         (None, "d", b"\x00x", 1, "2026-03-01", "2026-03-01"),
         ("", "d", b"\x00x", 1, "2026-03-01", "2026-03-01"),
         ("AQN1", "d", None, 1, "2026-03-01", "2026-03-01"),
         ("AQN1", "d", b"", 1, "2026-03-01", "2026-03-01"),
-        ("AQN1", "d2", b"\x00x", 2, "2026-03-01", "2026-03-04"),
+        ("AQN1", "d2", None, 1, "2026-03-01", "2026-03-01"),
     ]

@@ -108,14 +108,17 @@ def _quarantine(conn: psycopg.Connection) -> dict[tuple, tuple[int, bool]]:
 def test_the_same_rejected_input_again_is_one_row_counted(db_url):
     """A redelivered bad message (or a device retrying its bad frame) adds to its row's
     occurrences instead of a second row, in the batch write and in the streamed one, and
-    within one batch; another raw, reason, detail or topic is another row; the good readings of
-    both batches are all stored."""
+    within one batch, even when its detail differs (a detail measured against the time of
+    receipt); another raw, reason or topic is another row, and so is another detail of input
+    without raw bytes; the good readings of both batches are all stored."""
     topic = "aquameter/v1/aqualink/AQN00001/up"
     bad = Rejection("MALFORMED", "cannot parse", "AQN00001", b"\xff\x00bad")
     other_raw = Rejection("MALFORMED", "cannot parse", "AQN00001", b"\xff\x00bae")
     other_reason = Rejection("UNKNOWN_DEVICE", "cannot parse", "AQN00001", b"\xff\x00bad")
     other_detail = Rejection("MALFORMED", "cannot parse!", "AQN00001", b"\xff\x00bad")
     no_device = Rejection("MALFORMED", "cannot parse", None, b"\xff\x00bad")
+    no_raw = Rejection("PROCESSING_ERROR", "boom", "AQN00001", None)
+    no_raw_other_detail = Rejection("PROCESSING_ERROR", "bang", "AQN00001", None)
     with psycopg.connect(db_url) as conn:
         ch = conn.execute("SELECT id FROM channels WHERE device_id = 'AQN00001'").fetchone()[0]
         conn.commit()
@@ -134,6 +137,9 @@ def test_the_same_rejected_input_again_is_one_row_counted(db_url):
                 ("mqtt", topic, other_detail),
                 ("mqtt", topic, no_device),
                 ("mqtt", topic + "x", bad),
+                ("mqtt", topic, no_raw),
+                ("mqtt", topic, no_raw_other_detail),
+                ("mqtt", topic, no_raw),
             ]
         )
         rows = _quarantine(conn)
@@ -145,12 +151,13 @@ def test_the_same_rejected_input_again_is_one_row_counted(db_url):
     )
     assert (two.inserted, two.quarantined, two.quarantine_repeats) == (
         1,
-        {"MALFORMED": 4, "UNKNOWN_DEVICE": 1},
-        {"MALFORMED": 1},
+        {"MALFORMED": 3, "UNKNOWN_DEVICE": 1, "PROCESSING_ERROR": 2},
+        {"MALFORMED": 2, "PROCESSING_ERROR": 1},
     )
     assert readings == (3,)
     key = ("mqtt", topic, "AQN00001", "MALFORMED", "cannot parse", b"\xff\x00bad")
-    assert rows.pop(key) == (3, True)  # the first time, and again in a later transaction
+    assert rows.pop(key) == (4, True)  # the first time, again later, and with another detail
+    assert rows.pop(("mqtt", topic, "AQN00001", "PROCESSING_ERROR", "boom", None)) == (2, False)
     assert sorted(rows.values()) == [(1, False)] * 5
 
 

@@ -2,9 +2,14 @@
 -- MQTT redelivers a message it has no PUBACK for (QoS 1 after a reconnect, a worker killed between
 -- its commit and the PUBACK, the catch-up session handing a message twice) and devices retry the
 -- same bad frame: each used to add an identical row, and the quarantine showed one fault as many.
--- Now a row's identity is what it holds (source, address, device_id, reason, detail and the raw
--- bytes, exactly); a repeat adds to `occurrences` and moves `last_received_at`, so a repetition
--- stays visible while `received_at` keeps the first time it came.
+-- Now a row's identity is what it holds (source, address, device_id, reason and the raw bytes,
+-- exactly; the detail only for a row without raw bytes); a repeat adds to `occurrences` and moves
+-- `last_received_at`, so a repetition stays visible while `received_at` keeps the first time it
+-- came. The detail is how the input was judged when it came, and some details are measured
+-- against the time of receipt (FUTURE_TIMESTAMP's "…s ahead", CLOCK_SKEW, OUTSIDE_WINDOW): in the
+-- identity they would make every redelivery of such a message a row of its own. The row keeps
+-- the first arrival's detail. A reading refused on its own carries its own raw bytes (the
+-- reading as JSON), so two readings of one frame are still two rows.
 --
 -- Race-free across ingest workers: `digest` (SHA-256 of the identity, a generated column, so no
 -- writer can forget or forge it) has a unique index, and ingest writes with INSERT ... ON CONFLICT
@@ -15,7 +20,8 @@
 --
 -- The identity's bytes: the text fields in UTF-8, each followed by a NUL (text cannot hold one, so
 -- the fields cannot run into each other); device_id and raw each start with a byte that tells a
--- NULL (1) from a value (2), so NULL and '' (or empty raw) differ. convert_to() is STABLE only
+-- NULL (1) from a value (2), so NULL and '' (or empty raw) differ; the detail's bytes are empty
+-- when there are raw bytes. convert_to() is STABLE only
 -- because encoding conversions could in principle be redefined; a database's conversion to UTF-8
 -- does not change, which is why the function may be declared IMMUTABLE (a generated column needs
 -- that).
@@ -28,7 +34,8 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
         || convert_to(address, 'UTF8') || '\x00'::bytea
         || coalesce('\x02'::bytea || convert_to(device_id, 'UTF8'), '\x01'::bytea) || '\x00'::bytea
         || convert_to(reason, 'UTF8') || '\x00'::bytea
-        || convert_to(detail, 'UTF8') || '\x00'::bytea
+        || CASE WHEN raw IS NULL THEN convert_to(detail, 'UTF8') ELSE ''::bytea END
+        || '\x00'::bytea
         || coalesce('\x02'::bytea || raw, '\x01'::bytea))
 $$;
 
