@@ -426,10 +426,10 @@ def _refit(
             [fixed] + [column(o, g, ends[k])[:, None] for k, (o, g) in enumerate(shapes)]
         )
         beta, u = _irls(design, y, sig, u, p.refit_huber)
-        if it == p.refit_rounds - 1:
-            break
         w = u / sig**2
         fit = design @ beta
+        if it == p.refit_rounds - 1:
+            break
         for k, e in enumerate(events):
             o, g = shapes[k]
             # The event's column is profiled with its neighbours' refitted beside it (not held
@@ -439,7 +439,12 @@ def _refit(
             partial = y - fit
             for j in [k, *near]:
                 partial = partial + beta[n_fixed + j] * design[:, n_fixed + j]
+            # The neighbours as profiled so far this round (Gauss-Seidel): with the previous
+            # event still at its old, longer shape, this one would be shaped to make up for it
+            # (a step after a ramp moved back onto the ramp's tail, then merged into it).
             nb = design[:, [n_fixed + j for j in near]]
+            if near:
+                nb = np.column_stack([column(shapes[j][0], shapes[j][1], ends[j]) for j in near])
             nwn = nb.T @ (nb * w[:, None])
             nwr = nb.T @ (w * partial)
             lo = max(e.onset - p.refit_onset_back, 0)
@@ -468,6 +473,14 @@ def _refit(
                     if gain > best[0]:
                         best = (gain, o2, g2)
             shapes[k] = (best[1], best[2])
+        # The merge test reads the fit of the shapes just profiled: the fit from before them
+        # would add an event's new column back against its old one.
+        design = np.hstack(
+            [fixed] + [column(o, g, ends[k])[:, None] for k, (o, g) in enumerate(shapes)]
+        )
+        beta, u = _irls(design, y, sig, u, p.refit_huber)
+        w = u / sig**2
+        fit = design @ beta
         if merges < len(events) and _merge_split_ramps(
             events, shapes, ends, drops, y, fit, beta, n_fixed, w, column, p
         ):

@@ -222,10 +222,10 @@ def test_targets_over_simulated_dma_years() -> None:
     """Pooled over 20 DMA-years (400 onsets). Issue 11's targets: ≥ 90 % of onsets detected,
     abrupt ones within 2 nights and ramps within 7, ≤ 1 false alarm per DMA-year, size within
     15 %. Measured on these seeds (``bench/leak_events.py --first 0 --seeds 20``; never tuned on):
-    96.8 % detected, 90.2 % in time (nights with data), 0.35 false alarms and 0.15 duplicate
-    events per DMA-year, median size error 3.8 %, 89.7 % of sizes within 15 %. The asserts hold
+    97.2 % detected, 90.8 % in time (nights with data), 0.30 false alarms and 0.15 duplicate
+    events per DMA-year, median size error 3.8 %, 90.5 % of sizes within 15 %. The asserts hold
     that level with a small margin, so a change that loses ground fails; BENCHMARKS.md states
-    the gap left (sizes)."""
+    the gap left (sizes on the held-out seeds)."""
     scores = []
     for seed in SEEDS:
         year = simulate_dma_year(seed)
@@ -233,13 +233,13 @@ def test_targets_over_simulated_dma_years() -> None:
         scores.append(score_events(events, year))
     onsets = sum(s.onsets for s in scores)
     assert onsets == 20 * len(SEEDS)
-    assert sum(s.detected for s in scores) / onsets >= 0.95
+    assert sum(s.detected for s in scores) / onsets >= 0.96
     assert sum(s.in_time for s in scores) / onsets >= 0.89
     assert sum(s.false_alarms for s in scores) / len(scores) <= 0.6
     assert sum(s.duplicates for s in scores) / len(scores) <= 0.5
     errors = np.asarray([e for s in scores for _, e in s.size_errors])
     assert float(np.median(errors)) <= 0.05
-    assert float(np.mean(errors <= 0.15)) >= 0.88
+    assert float(np.mean(errors <= 0.15)) >= 0.89
     step_delays = [d for s in scores for k, d in s.data_delays if k == "step"]
     assert float(np.median(step_delays)) <= 1
 
