@@ -111,6 +111,7 @@ class LeakEventParams:
     repair_match_rel: a drop closes the event whose size it matches within this fraction.
     we_in_control, we_hold_max: the weekend offset learns only from weekend nights that
         turned out in control, unless ``we_hold_max`` in a row did not.
+    drop_loo_nights: a drop this close after an onset must stand without any one night between.
     holidays: dates whose nights behave like weekend nights.
     """
 
@@ -148,6 +149,7 @@ class LeakEventParams:
     refit_onset_fwd: int = 3
     refit_max_growth: int = 30
     we_in_control: bool = True
+    drop_loo_nights: int = 2
     we_hold_max: int = 4
     size_nights: int = 28
     repair_match_rel: float = 0.35
@@ -415,7 +417,15 @@ def _refit(
         return [-(obs >= d).astype(np.float64)[:, None] for d in ds]
 
     free = _prune_drops(
-        free, base_cols, drop_cols, [column(o, g)[:, None] for o, g in shapes], y, sig, p
+        free,
+        base_cols,
+        drop_cols,
+        [column(o, g)[:, None] for o, g in shapes],
+        y,
+        sig,
+        p,
+        obs,
+        [o for o, _ in shapes],
     )
     fixed = np.hstack(base_cols + drop_cols(free))
     u = np.ones(len(y))
@@ -518,6 +528,8 @@ def _prune_drops(
     y: np.ndarray,
     sig: np.ndarray,
     p: LeakEventParams,
+    obs: np.ndarray | None = None,
+    onsets: Sequence[int] = (),
 ) -> list[int]:
     """The walk's downward alarms that the whole series still supports as changes of level.
 
@@ -526,6 +538,11 @@ def _prune_drops(
     random, so the event is sized short by what the phantom drop took. Backward elimination: the
     drop with the smallest Wald χ² (β² / var β, Huber weights) goes while it is below
     ``drop_chi2``, refitting after each removal; a repair is a large, lasting drop and stays.
+    A drop at most ``drop_loo_nights`` nights with data after an event's onset makes, with that
+    onset, a pulse of those nights, which fits an exceptional night on the onset exactly (the
+    walk's level after such an onset is too high, so the next ordinary night alarms as a drop);
+    its χ² is therefore also taken with each pulse night left out in turn, and the smallest
+    counts: a real burst repaired that fast still shows without any one of its nights.
     """
     free = list(free)
     n_base = sum(c.shape[1] for c in base_cols)
@@ -537,6 +554,21 @@ def _prune_drops(
             float(beta[n_base + j] ** 2 / max(cov[n_base + j, n_base + j], 1e-300))
             for j in range(len(free))
         ]
+        if p.drop_loo_nights > 0 and obs is not None:
+            for j, d in enumerate(free):
+                before = [o for o in onsets if o < d]
+                if not before:
+                    continue
+                pulse = np.flatnonzero((obs >= max(before)) & (obs < d))
+                if not 0 < len(pulse) <= p.drop_loo_nights:
+                    continue
+                for m in pulse:
+                    s2 = sig.copy()
+                    s2[m] = 1e12
+                    b2, u2 = _irls(design, y, s2, np.ones(len(y)), p.refit_huber)
+                    c2 = np.linalg.pinv(design.T @ (design * (u2 / s2**2)[:, None]))
+                    v = float(b2[n_base + j] ** 2 / max(c2[n_base + j, n_base + j], 1e-300))
+                    chi2[j] = min(chi2[j], v)
         j = int(np.argmin(chi2))
         if chi2[j] >= p.drop_chi2:
             break
