@@ -259,6 +259,7 @@ def detect_leak_events(
     we_resid: list[float] = []
     pend_we: list[float] = []
     we_dropped = 0
+    sig_group: dict[bool, float] = {False: 0.0, True: 0.0}  # latest σ of weekday, weekend nights
     seg: list[tuple[int, float]] = []  # in-control (index, adjusted value) of the current segment
     pending: list[tuple[int, float]] = []
     ups = [_Cusum(p.fast_k, p.fast_h, p.fast_cap), _Cusum(p.slow_k, p.slow_h, p.slow_cap)]
@@ -300,6 +301,7 @@ def detect_leak_events(
         mad = _mad_sigma(diffs[g][-p.sigma_diffs :], p.sigma_trim)
         sigma = math.sqrt((p.prior_weight * prior**2 + n_diff * mad**2) / (p.prior_weight + n_diff))
         sigma = max(sigma, 1e-9)
+        sig_group[g] = sigma
         z = (adj - level) / sigma
         k_extra = _MEDIAN_SE / math.sqrt(len(ctrl))
         h_mult = 1.0 + p.cold_h / max(n_diff, 1)
@@ -350,7 +352,7 @@ def detect_leak_events(
                 we_dropped = 0
                 pend_we = []
         _update_current(events, seg, pending, i, p)
-        splits = _check_splits(splits, events, hist, i, sigma, day_no, p)
+        splits = _check_splits(splits, events, hist, i, sig_group, weekend, day_no, p)
     if p.final_sizes and p.refit:
         sigmas = {g: _mad_sigma(diffs[g][-p.sigma_diffs :], p.sigma_trim) for g in (False, True)}
         _refit(events, drops, x, weekend, day_no, sigmas, p)
@@ -615,7 +617,8 @@ def _check_splits(
     events: list[LeakEvent],
     hist: list[tuple[int, float]],
     i: int,
-    sigma: float,
+    sig_group: dict[bool, float],
+    weekend: list[bool],
     day_no: np.ndarray,
     p: LeakEventParams,
 ) -> list[tuple[LeakEvent, int, int]]:
@@ -624,8 +627,12 @@ def _check_splits(
     plus a step at the alarmed run's onset than by the ramp alone — a likelihood-ratio test of
     nested linear models, gain in σ² above ``split_chi2`` — the run is a new leak, an event of
     its own alarmed *tonight* (the night the split became visible, so the alarm stays what a
-    daily run would have reported). Candidates older than ``split_nights`` are the same ramp."""
-    if not splits or sigma <= 0:
+    daily run would have reported). Candidates older than ``split_nights`` are the same ramp.
+    Each night counts with its own group's σ (weekend and holiday nights are noisier, and their
+    offset is an estimate): one σ for all, tonight's, made the test change with the weekday."""
+    wd = sig_group[False] or sig_group[True]
+    we = sig_group[True] or sig_group[False]
+    if not splits or wd <= 0:
         return splits
     keep: list[tuple[LeakEvent, int, int]] = []
     for ev, run_onset, alarm in splits:
@@ -633,8 +640,10 @@ def _check_splits(
             continue
         lo = ev.onset - p.split_pre
         others = [float(day_no[o.onset]) for o in events if o is not ev and lo < o.onset < ev.onset]
-        pts = [(float(day_no[j]), v) for j, v in hist if lo <= j <= i]
-        gain = _split_gain(pts, float(day_no[ev.onset]), float(day_no[run_onset]), sigma, p, others)
+        near = [(j, v) for j, v in hist if lo <= j <= i]
+        pts = [(float(day_no[j]), v) for j, v in near]
+        sig = np.asarray([we if weekend[j] else wd for j, _ in near])
+        gain = _split_gain(pts, float(day_no[ev.onset]), float(day_no[run_onset]), sig, p, others)
         if gain < p.split_chi2:
             keep.append((ev, run_onset, alarm))
             continue
@@ -645,7 +654,7 @@ def _check_splits(
             alarm=i,
             level_before=base,
             n_before=max(len(before), 1),
-            sigma=sigma,
+            sigma=wd,
             detector="split",
             last_alarm=i,
             seg_start=ev.seg_start,
@@ -664,7 +673,7 @@ def _split_gain(
     pts: list[tuple[float, float]],
     t1: float,
     t2: float,
-    sigma: float,
+    sigma: float | np.ndarray,
     p: LeakEventParams,
     others: Sequence[float] = (),
 ) -> float:
@@ -678,7 +687,7 @@ def _split_gain(
     n_after2 = int(np.sum(t >= t2))
     if n_after2 < 1:
         return 0.0
-    sig = np.full(len(y), sigma)
+    sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), y.shape)
     step2 = (t >= t2).astype(np.float64)
     prior = [(t >= o).astype(np.float64) for o in others]
     best1 = best2 = math.inf
@@ -687,7 +696,7 @@ def _split_gain(
         for k, cols in enumerate(((np.ones_like(t), ramp), (np.ones_like(t), ramp, step2))):
             design = np.column_stack([*cols, *prior])
             beta, u = _irls(design, y, sig, np.ones(len(y)), p.refit_huber)
-            r = (y - design @ beta) / sigma
+            r = (y - design @ beta) / sig
             rho = float(
                 np.sum(
                     np.where(
