@@ -485,6 +485,12 @@ def _refit(
                     if gain > best[0]:
                         best = (gain, o2, g2)
             shapes[k] = (best[1], best[2])
+        # Columns in onset order: when an event's profiled onset moved before its predecessor's,
+        # the two had swapped roles (the earlier event kept a sliver, the later one the leak),
+        # and the event dated first is the one an operator reads as that leak.
+        order = sorted(range(len(shapes)), key=lambda j: shapes[j][0])
+        shapes[:] = [shapes[j] for j in order]
+        ends[:] = [ends[j] for j in order]
         # The merge test reads the fit of the shapes just profiled: the fit from before them
         # would add an event's new column back against its old one.
         design = np.hstack(
