@@ -161,7 +161,9 @@ def _copy_readings(
 
 def load_dmas(conn: psycopg.Connection, dma_ids: Sequence[str] | None = None) -> pl.DataFrame:
     """``DMAS`` for all DMAs or the ones named, plus ``holidays`` (list of dates, see
-    :func:`load_dma_holidays`): estimation profiles a holiday as a Sunday."""
+    :func:`load_dma_holidays`): estimation profiles a holiday as a Sunday, and the night-floor
+    rule of meter anomalies leaves holiday nights out (``pipelines.estimation.meter_holidays``
+    turns them into per-meter days)."""
     where = "" if dma_ids is None else "WHERE id = ANY(%s)"
     frame = copy_frame(
         conn,

@@ -37,6 +37,7 @@ from pipelines.anomalies import (
     detect_meter_anomalies,
     with_class_overrides,
 )
+from pipelines.estimation import meter_holidays
 from sql.connect import connect
 
 FLOW = "meter_anomalies"
@@ -158,6 +159,9 @@ def compute_meter_chunk(
         params = with_class_overrides(
             settings.anomalies, {c: v["anomaly"] for c, v in load_meter_classes(conn).items()}
         )
+        # Each meter's DMA's public holidays (registry [[calendar]] / [[dma]] holidays): the
+        # night-floor rule leaves their nights out, so a Christmas at home is no floor rise.
+        holidays = meter_holidays(meters, dmas)
         n_reads = 0
         # The window in slices, each evaluated as a run at its end would be: with context_days
         # of history and the alerts the slice before left (episodes carry across slices as they
@@ -179,6 +183,7 @@ def compute_meter_chunk(
                 previous_alerts=alerts,
                 uplinks=reads.select("meter_id", "ts"),
                 failures=series.failures,
+                holidays=holidays,
             )
             n_reads += reads.height
             del reads, series

@@ -24,6 +24,7 @@ from typing import Any, Final, Literal
 import numpy as np
 import polars as pl
 
+from pipelines.consumption import meter_timezones, with_meter_local_time
 from pipelines.episodes import (
     EpisodeParams,
     Evidence,
@@ -282,6 +283,7 @@ def detect_meter_anomalies(
     uplinks: pl.DataFrame | None = None,
     voltages: pl.DataFrame | None = None,
     failures: pl.DataFrame | None = None,
+    holidays: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Every meter code, each meter judged with its class's parameters (``meters.meter_class``,
     default residential); see :func:`detect_class_anomalies` for the arguments.
@@ -297,7 +299,7 @@ def detect_meter_anomalies(
         cls = present[0] if present else DEFAULT_METER_CLASS
         return detect_class_anomalies(
             intervals, meters, p.for_class(cls), as_of, previous_alerts,
-            uplinks=uplinks, voltages=voltages, failures=failures,
+            uplinks=uplinks, voltages=voltages, failures=failures, holidays=holidays,
         )  # fmt: skip
     if as_of is None:
         last = intervals.get_column("ts").max()
@@ -332,6 +334,7 @@ def detect_meter_anomalies(
                 uplinks=None if uplinks is None else uplinks.filter(mine),
                 voltages=None if voltages is None else voltages.filter(mine),
                 failures=None if failures is None else failures.filter(mine),
+                holidays=holidays,
             )
         )
     return pl.concat(parts, how="vertical").sort("code", "subject_id", "start_ts")
@@ -347,6 +350,7 @@ def detect_class_anomalies(
     uplinks: pl.DataFrame | None = None,
     voltages: pl.DataFrame | None = None,
     failures: pl.DataFrame | None = None,
+    holidays: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Every meter code for the intervals up to ``as_of``, merged with ``previous_alerts``, all
     meters judged with the one parameter set ``params``.
@@ -357,8 +361,10 @@ def detect_class_anomalies(
     ``voltages`` (``meter_id, ts, voltage``) enables the LOW_BATTERY voltage rule. ``failures``
     (``pipelines.vee.VEE_FAILURES`` of the same reads) lets OVER_CAPACITY see the reads VEE dropped
     as over Q4: after VEE the series holds only their estimated replacement, which spreads the
-    volume under Q4. Returns the ALERTS state of the meter codes (stored alerts of other codes are
-    not returned).
+    volume under Q4. ``holidays`` (``meter_id, day``: each meter's DMA's public holidays, see
+    ``pipelines.estimation.meter_holidays``) are left out of the night-floor rule's nights (see
+    :func:`floor_rise`); the other codes do not depend on the day. Returns the ALERTS state of the
+    meter codes (stored alerts of other codes are not returned).
     """
     p = params or MeterAnomalyParams()
     if as_of is None:
@@ -372,7 +378,7 @@ def detect_class_anomalies(
         )
     window_start = prepared.get_column("start").min()
     parts = [
-        leak_continuous(prepared, meters, p, previous_alerts),
+        leak_continuous(prepared, meters, p, previous_alerts, holidays=holidays),
         burst(prepared, meters, p, previous_alerts),
         reverse_flow(prepared, meters, p, previous_alerts),
         stuck_meter(prepared, meters, p, previous_alerts),
@@ -518,6 +524,8 @@ def leak_continuous(
     meters: pl.DataFrame,
     params: MeterAnomalyParams | None = None,
     previous_alerts: pl.DataFrame | None = None,
+    *,
+    holidays: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """LEAK_CONTINUOUS: a stretch of at least 24 h without a zero-flow interval, whose night flow
     never falls under the floor.
@@ -526,11 +534,13 @@ def leak_continuous(
     turns it into "no zero interval for 24 h" and dates the alert from the first interval of the
     stretch. Any 24 h stretch contains a whole night window, so the night floor can be judged on
     the episode (evidence ``min_night_flow_m3h``). With ``leak_rule = "floor_rise"`` (meter classes
-    whose flow never stops) the code is raised by :func:`floor_rise` instead.
+    whose flow never stops) the code is raised by :func:`floor_rise` instead, which leaves out the
+    meters' ``holidays`` nights; the domain rule has no use for them (a holiday's night at home
+    still has its zero intervals).
     """
     p = params or MeterAnomalyParams()
     if p.leak_rule == LEAK_RULE_FLOOR_RISE:
-        return floor_rise(intervals, meters, p, previous_alerts)
+        return floor_rise(intervals, meters, p, previous_alerts, holidays=holidays)
     frame = prepare_intervals(intervals, meters, p)
     seen = pl.lit(True) if p.leak_use_estimated else pl.col("flag") != "E"
     frame = _openable(frame, ~pl.col("zero") & seen, LEAK_CONTINUOUS, p, previous_alerts)
@@ -572,7 +582,11 @@ NIGHT_FLOORS = {
 
 
 def night_floors(
-    intervals: pl.DataFrame, meters: pl.DataFrame, params: MeterAnomalyParams | None = None
+    intervals: pl.DataFrame,
+    meters: pl.DataFrame,
+    params: MeterAnomalyParams | None = None,
+    *,
+    holidays: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Each meter's night floor (``NIGHT_FLOORS``): the lowest hourly flow of each local night.
 
@@ -581,6 +595,13 @@ def night_floors(
     night whose actual intervals cover less than ``floor_min_coverage`` of the window is left
     out. Night rows of a meter less than six hours apart are one night, so a window that crosses
     UTC midnight stays one night.
+
+    The nights of the meter's public holidays (``holidays``: ``meter_id, day``, the day a date or
+    days since 1970-01-01 as ``pipelines.estimation.meter_holidays`` gives them) are left out
+    too, like a night without data: residents at home use water later into the night, so such a
+    night's floor says nothing about the building's normal floor. A night is named by the local
+    date of its morning, as the DMA night flow names it (for the default 00-05 h window, the date
+    of its samples): Christmas Day's night is the one that ends on the morning of the 25th.
     """
     p = params or MeterAnomalyParams()
     frame = prepare_intervals(intervals, meters, p)
@@ -606,7 +627,52 @@ def night_floors(
         )
         .filter(pl.col("_covered") >= p.floor_min_coverage * window_h)
         .select(list(NIGHT_FLOORS))
+        .pipe(_without_holidays, meters, holidays, p)
         .sort("subject_id", "night_start")
+    )
+
+
+def _holiday_days(holidays: pl.DataFrame | None) -> pl.DataFrame:
+    """``meter_id, day`` (days since 1970-01-01, Int64) of a holidays frame whose ``day`` is a
+    date or already a day number; empty without one."""
+    empty = pl.DataFrame(schema={"meter_id": pl.String, "day": pl.Int64})
+    if holidays is None or holidays.height == 0:
+        return empty
+    day = pl.col("day")
+    if holidays.schema["day"] == pl.Date:
+        day = day.cast(pl.Int32)
+    return holidays.select(pl.col("meter_id").cast(pl.String), day.cast(pl.Int64)).unique()
+
+
+def _without_holidays(
+    floors: pl.DataFrame,
+    meters: pl.DataFrame,
+    holidays: pl.DataFrame | None,
+    p: MeterAnomalyParams,
+) -> pl.DataFrame:
+    """``floors`` less the nights whose morning is one of the meter's holidays.
+
+    The night's date is taken from its first row in the meter's own zone (``meters.timezone``,
+    else ``p.timezone``, as the night window itself): the local date of that row, or the next
+    date when the window crosses midnight and the row is before it."""
+    days = _holiday_days(holidays)
+    if days.height == 0 or floors.height == 0:
+        return floors
+    zones = meter_timezones(meters, None, p.timezone)
+    local = with_meter_local_time(
+        floors.with_columns(pl.col("subject_id").alias("meter_id")),
+        "night_start",
+        zones,
+        "_local",
+        p.timezone,
+    )
+    day = pl.col("_local").dt.date().cast(pl.Int32).cast(pl.Int64)
+    if p.night_start_hour > p.night_end_hour:  # e.g. 22-05 h: the evening's night is tomorrow's
+        day = day + (pl.col("_local").dt.hour() >= p.night_start_hour).cast(pl.Int64)
+    return (
+        local.with_columns(_day=day)
+        .join(days, left_on=["subject_id", "_day"], right_on=["meter_id", "day"], how="anti")
+        .select(list(NIGHT_FLOORS))
     )
 
 
@@ -615,6 +681,8 @@ def floor_rise(
     meters: pl.DataFrame,
     params: MeterAnomalyParams | None = None,
     previous_alerts: pl.DataFrame | None = None,
+    *,
+    holidays: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """LEAK_CONTINUOUS judged against the meter's own history: a new, sustained rise of its
     night floor.
@@ -630,9 +698,26 @@ def floor_rise(
     alert that began before the window resumes with its stored baseline, so a leak older than the
     loaded history stays open. The sequential scan runs only on meters whose floor could rise at
     all (a superset found column-wise) and those with a stored alert.
+
+    Public holidays (``holidays``: each meter's DMA's, ``meter_id, day``) are skipped. A block of
+    them (Christmas, a holiday next to a weekend) is three or more nights in a row with residents
+    at home and up late, which is exactly what a sustained rise looks like; and a holiday night
+    in the baseline would lift it. So a holiday night is treated as a night without data
+    (:func:`night_floors` leaves it out): it neither counts towards the consecutive nights nor
+    enters the baseline, and it does not break a run either: a leak that starts two nights before
+    Christmas keeps its run across the holiday, opens on the next ordinary night and is dated at
+    its first night. While a rise is open, a holiday night neither closes it nor adds to its
+    evidence. Weekend nights are judged like any other, unlike in the DMA leak-event detector
+    (which judges every single night against a noise of about 1 % of MNF, so a weekend's
+    different night would read as a step there): this rule takes a building's *lowest* hour of
+    the night, which people at home late on a Saturday barely move; a weekend is two nights,
+    fewer than ``floor_rise_nights``; and the baseline is a median of two weeks, so its four
+    weekend nights cannot shift it. Skipping them would drop two nights in seven of a leak's
+    evidence and date a leak that starts on a Friday night at the Monday. (A class that sets
+    ``floor_rise_nights`` to 2 should keep that in mind.)
     """
     p = params or MeterAnomalyParams()
-    floors = night_floors(intervals, meters, p)
+    floors = night_floors(intervals, meters, p, holidays=holidays)
     stored = _stored_floor_baselines(previous_alerts, floors)
     # Superset: the rolling median of the previous nights (unfrozen) plus the two fixed parts of
     # the threshold; the MAD part can only raise it.
@@ -685,7 +770,10 @@ def floor_rise(
 def _stored_floor_baselines(
     previous_alerts: pl.DataFrame | None, floors: pl.DataFrame
 ) -> dict[str, float]:
-    """Baseline floor of each open floor-rise alert that began before the meter's first night."""
+    """Baseline floor of each open floor-rise alert that began before the meter's first night.
+
+    ``floors`` are the nights the scan sees (holidays already left out), so "before" agrees with
+    the episode machinery, whose window starts at the same first night."""
     if previous_alerts is None or previous_alerts.height == 0 or floors.height == 0:
         return {}
     first = floors.group_by("subject_id").agg(pl.col("night_start").min().alias("_first"))
