@@ -98,15 +98,18 @@ def device_params(dev: Device) -> dict[str, Any]:
 
 
 # What a meter's alerts and a DMA's leak events are judged by, beyond their readings: the meter's
-# class with that class's registry settings; the DMA's effective holidays. One row per subject.
-_METER_JUDGED_BY = """
-    SELECT m.id, m.meter_class || ':' || coalesce(c.anomaly::text, '') || ':'
-                 || coalesce(c.hold_codes::text, '')
-    FROM meters m LEFT JOIN meter_classes c ON c.id = m.meter_class"""
+# class with that class's registry settings, and its DMA's effective holidays (estimation profiles
+# a holiday as a Sunday, the night-floor rule leaves holiday nights out); the DMA's effective
+# holidays. One row per subject.
 _DMA_JUDGED_BY = """
     SELECT d.id, array_to_string(ARRAY(
         SELECT DISTINCT h FROM unnest(d.holidays || coalesce(c.holidays, '{}')) h ORDER BY h), ',')
     FROM dmas d LEFT JOIN holiday_calendars c ON c.id = coalesce(d.calendar, 'default')"""
+_METER_JUDGED_BY = f"""
+    SELECT m.id, m.meter_class || ':' || coalesce(c.anomaly::text, '') || ':'
+                 || coalesce(c.hold_codes::text, '') || ':' || coalesce(h.days, '')
+    FROM meters m LEFT JOIN meter_classes c ON c.id = m.meter_class
+    LEFT JOIN ({_DMA_JUDGED_BY}) h (dma_id, days) ON h.dma_id = m.dma_id"""
 
 
 def _analysis_inputs(cur: psycopg.Cursor[Any]) -> dict[str, dict[str, str]]:

