@@ -359,29 +359,27 @@ class _IngestCollector(Collector):
             value = snap.get(key, 0)
             assert isinstance(value, int)
             yield _counter(name, doc, value)
-        q = CounterMetricFamily(
-            "aquameter_quarantined",
-            "Readings quarantined into a new quarantine row, by reason",
-            labels=["reason"],
-        )
-        quarantined = snap["quarantined"]
-        assert isinstance(quarantined, dict)
-        for reason, n in sorted(quarantined.items()):
-            q.add_metric([str(reason)], n)
-        yield q
         # As aquameter_duplicates to aquameter_readings_stored: the same rejected input again (a
-        # redelivered poison message, a retried bad frame) counts here, not as a new row above.
-        r = CounterMetricFamily(
-            "aquameter_quarantine_repeats",
-            "Readings of rejected input already in the quarantine (its row counted again), "
-            "by reason",
-            labels=["reason"],
-        )
-        repeats = snap["quarantine_repeats"]
-        assert isinstance(repeats, dict)
-        for reason, n in sorted(repeats.items()):
-            r.add_metric([str(reason)], n)
-        yield r
+        # redelivered poison message, a retried bad frame) counts in the second, not as a new row.
+        for key, name, doc in (
+            (
+                "quarantined",
+                "aquameter_quarantined",
+                "Readings quarantined into a new quarantine row, by reason",
+            ),
+            (
+                "quarantine_repeats",
+                "aquameter_quarantine_repeats",
+                "Readings of rejected input already in the quarantine (its row counted again), "
+                "by reason",
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["reason"])
+            counts = snap[key]
+            assert isinstance(counts, dict)
+            for reason, n in sorted(counts.items()):
+                family.add_metric([str(reason)], n)
+            yield family
 
     def _mqtt(self) -> Iterator[Metric]:
         s = self.sources

@@ -5,9 +5,11 @@ mosquitto: 3.1.1 only)."""
 from __future__ import annotations
 
 import functools
+import json
 import threading
 import time
 import uuid
+from typing import Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -104,3 +106,35 @@ def create_session(
     assert done.wait(10), "broker did not acknowledge the subscription"
     c.disconnect()
     c.loop_stop()
+
+
+def register_messages(root: str, t0: int, first: int = 1, n: int = 40) -> list[tuple[str, bytes]]:
+    """One JSON register reading of each example AQN meter ``first`` .. ``first + n - 1``."""
+    from protocols.mqtt import uplink_topic
+
+    return [
+        (
+            uplink_topic(root, "aqualink", f"AQN{i:05d}"),
+            json.dumps({"dev": f"AQN{i:05d}", "t0": t0, "step": 900, "reg": [float(i)]}).encode(),
+        )
+        for i in range(first, first + n)
+    ]
+
+
+def shared_worker(url: str, sink: object, root: str) -> Any:
+    """An MQTT v5 ingest worker on a shared subscription of its own group (so with a catch-up
+    session), the example registry's vendors, not started."""
+    from aquameter.registry import load_registry
+    from ingest.service import vendor_formats
+    from protocols.mqtt import MqttIngest
+    from tests.servers import EXAMPLE_REGISTRY
+
+    return MqttIngest(
+        url,
+        sink,  # type: ignore[arg-type]
+        vendor_formats(load_registry(EXAMPLE_REGISTRY)),
+        client_id=f"ingest-{uuid.uuid4().hex[:8]}",
+        shared_group=f"g{uuid.uuid4().hex[:6]}",
+        topic_root=root,
+        v5=True,
+    )

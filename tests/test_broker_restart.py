@@ -181,33 +181,14 @@ def test_shared_subscription_restart_loses_nothing(tmp_path: Path, db_url: str) 
     every reading still arrives: through the catch-up session (protocols/mqtt.py)."""
     if find_mosquitto() is None or os.environ.get("AQUAMETER_EMBEDDED_BROKER") == "amqtt":
         pytest.skip("needs mosquitto (MQTT v5 shared subscriptions)")
-    from aquameter.registry import load_registry
     from ingest.pipeline import IngestPipeline
-    from ingest.service import vendor_formats
-    from protocols.mqtt import MqttIngest, uplink_topic
-    from tests.mqtt_helpers import wait_count
-    from tests.servers import EXAMPLE_REGISTRY
+    from tests.mqtt_helpers import register_messages, shared_worker, wait_count
 
     b = start_broker(tmp_path / "broker", prefer="mosquitto")
     root = f"aqr-{uuid.uuid4().hex[:8]}/v1"
-    t0 = int(time.time()) // 900 * 900 - 2 * 86400
-    msgs = [
-        (
-            uplink_topic(root, "aqualink", f"AQN{i:05d}"),
-            json.dumps({"dev": f"AQN{i:05d}", "t0": t0, "step": 900, "reg": [float(i)]}).encode(),
-        )
-        for i in range(1, 41)
-    ]
+    msgs = register_messages(root, int(time.time()) // 900 * 900 - 2 * 86400)
     pipeline = IngestPipeline(db_url, batch_seconds=0.05).start()
-    client = MqttIngest(
-        b.url,
-        pipeline,
-        vendor_formats(load_registry(EXAMPLE_REGISTRY)),
-        client_id=f"ingest-{uuid.uuid4().hex[:8]}",
-        shared_group=f"g{uuid.uuid4().hex[:6]}",
-        topic_root=root,
-        v5=True,
-    ).start()
+    client = shared_worker(b.url, pipeline, root).start()
     try:
         assert client.connected.wait(10)
         publish_all(b.url, msgs[:20])

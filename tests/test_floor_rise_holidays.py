@@ -270,10 +270,9 @@ def _register_reads(block: Collection[date]) -> pl.DataFrame:
     )
 
 
-@pytest.mark.parametrize("declared", [False, True])
-def test_flow_passes_the_dmas_holidays_to_the_floor_rule(db_url: str, declared: bool) -> None:
-    """meter_anomalies on a multi-dwelling meter with a 4-night holiday block: the DMA's holidays
-    synced from the registry keep it from raising LEAK_CONTINUOUS; undeclared, it raises one."""
+def _building_with_a_holiday_block(db_url: str, declared: bool) -> tuple[list[date], Any]:
+    """BUILDING a multi-dwelling meter with a 4-night holiday block of high night use, its
+    registry synced (the block declared as DMA-NORTH's holidays or not) and its reads stored."""
     block = dates(FLOW_START.date() + timedelta(days=12), 4)
     registry = load_registry(EXAMPLE_REGISTRY)
     north = next(g for g in registry.meter_groups if g.id_format.startswith("AQN"))
@@ -285,7 +284,14 @@ def test_flow_passes_the_dmas_holidays_to_the_floor_rule(db_url: str, declared: 
         sync_registry(conn, registry)
     with IngestPipeline(db_url, batch_seconds=0.05) as pipeline:
         assert sum(o.accepted for o in pipeline.submit_many(register_frames(reads))) == reads.height
+    return block, registry
 
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_flow_passes_the_dmas_holidays_to_the_floor_rule(db_url: str, declared: bool) -> None:
+    """meter_anomalies on a multi-dwelling meter with a 4-night holiday block: the DMA's holidays
+    synced from the registry keep it from raising LEAK_CONTINUOUS; undeclared, it raises one."""
+    block, _ = _building_with_a_holiday_block(db_url, declared)
     settings = MeterAnomaliesSettings()
     since, until, as_of = FLOW_START, FLOW_START + timedelta(days=FLOW_DAYS), datetime.now(UTC)
     for chunk in plan_meter_days.fn(db_url, since, until, as_of, False, settings):
@@ -306,15 +312,7 @@ def test_declaring_the_holidays_later_recomputes_the_meters_alerts(db_url: str) 
     stale (their analysis is judged by their DMA's holidays), the next incremental plan holds
     the building, and after it ran no LEAK_CONTINUOUS is left open; syncing the same registry
     again invalidates nothing."""
-    block = dates(FLOW_START.date() + timedelta(days=12), 4)
-    registry = load_registry(EXAMPLE_REGISTRY)
-    north = next(g for g in registry.meter_groups if g.id_format.startswith("AQN"))
-    north.meter_class = MULTI_DWELLING
-    reads = _register_reads(block)
-    with psycopg.connect(db_url) as conn:
-        sync_registry(conn, registry)
-    with IngestPipeline(db_url, batch_seconds=0.05) as pipeline:
-        assert sum(o.accepted for o in pipeline.submit_many(register_frames(reads))) == reads.height
+    block, registry = _building_with_a_holiday_block(db_url, declared=False)
     settings = MeterAnomaliesSettings()
     since, until, as_of = FLOW_START, FLOW_START + timedelta(days=FLOW_DAYS), datetime.now(UTC)
 

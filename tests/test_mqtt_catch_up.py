@@ -6,18 +6,19 @@ duplicate). Real mosquitto (MQTT v5 shared subscriptions), real PostgreSQL."""
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 import uuid
 from collections.abc import Callable
 
-from aquameter.registry import load_registry
 from ingest.pipeline import IngestPipeline
-from ingest.service import vendor_formats
-from protocols.mqtt import MqttIngest, uplink_topic
-from tests.mqtt_helpers import publish_all, skip_unless_v5, wait_count
-from tests.servers import EXAMPLE_REGISTRY
+from tests.mqtt_helpers import (
+    publish_all,
+    register_messages,
+    shared_worker,
+    skip_unless_v5,
+    wait_count,
+)
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
@@ -29,30 +30,12 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
     return condition()
 
 
-def _messages(root: str, first: int, n: int, t0: int) -> list[tuple[str, bytes]]:
-    return [
-        (
-            uplink_topic(root, "aqualink", f"AQN{i:05d}"),
-            json.dumps({"dev": f"AQN{i:05d}", "t0": t0, "step": 900, "reg": [float(i)]}).encode(),
-        )
-        for i in range(first, first + n)
-    ]
-
-
 def test_catch_up_session_dropped_alone_closes_its_window_again(mqtt_url: str, db_url: str) -> None:
     skip_unless_v5(mqtt_url)
     root = f"aqc-{uuid.uuid4().hex[:8]}/v1"
     t0 = int(time.time()) // 900 * 900 - 2 * 86400
     pipeline = IngestPipeline(db_url, batch_seconds=0.05).start()
-    client = MqttIngest(
-        mqtt_url,
-        pipeline,
-        vendor_formats(load_registry(EXAMPLE_REGISTRY)),
-        client_id=f"ingest-{uuid.uuid4().hex[:8]}",
-        shared_group=f"g{uuid.uuid4().hex[:6]}",
-        topic_root=root,
-        v5=True,
-    ).start(wait_s=30)
+    client = shared_worker(mqtt_url, pipeline, root).start(wait_s=30)
     try:
         assert client.connected.is_set(), "the worker never became ready"
         assert client.stats.fences == 1
@@ -69,7 +52,7 @@ def test_catch_up_session_dropped_alone_closes_its_window_again(mqtt_url: str, d
         assert client.stats.connects == connects  # the main connection stayed up throughout
 
         handed = client.stats.catch_up
-        msgs = _messages(root, 1, 40, t0)
+        msgs = register_messages(root, t0)
         publish_all(mqtt_url, msgs)
         assert wait_count(db_url, "SELECT count(*) FROM readings", 40, timeout=60) == 40
         assert _wait_for(lambda: client.stats.catch_up_skipped >= 40)
