@@ -109,8 +109,8 @@ class LeakEventParams:
         reaches this (0 keeps every one).
     final_sizes: once the walk is over, size each event again between its neighbouring changes.
     repair_match_rel: a drop closes the event whose size it matches within this fraction.
-    we_in_control, we_hold_max: the weekend offset learns only from weekend nights that
-        turned out in control, unless ``we_hold_max`` in a row did not.
+    we_hold_max: the weekend offset learns only from weekend nights that turned out in control,
+        unless this many in a row did not (0: from every weekend night, the earlier rule).
     drop_loo_nights: a drop this close after an onset must stand without any one night between.
     holidays: dates whose nights behave like weekend nights.
     """
@@ -148,7 +148,6 @@ class LeakEventParams:
     refit_onset_back: int = 8
     refit_onset_fwd: int = 3
     refit_max_growth: int = 30
-    we_in_control: bool = True
     drop_loo_nights: int = 2
     we_hold_max: int = 4
     size_nights: int = 28
@@ -307,7 +306,7 @@ def detect_leak_events(
         h_mult = 1.0 + p.cold_h / max(n_diff, 1)
         up_hit = [c.step(z, i, k_extra, h_mult) for c in ups]
         down_hit = [c.step(-z, i, k_extra, h_mult) for c in downs]
-        held = g and p.we_in_control and we_dropped < p.we_hold_max
+        held = g and we_dropped < p.we_hold_max
         if g and not held:
             we_resid.append(xi - level)
             we_dropped = 0
@@ -430,18 +429,18 @@ def _refit(
         [o for o, _ in shapes],
     )
     fixed = np.hstack(base_cols + drop_cols(free))
-    u = np.ones(len(y))
+    n_fixed = fixed.shape[1]
+
+    def fit_shapes(u0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        d = np.hstack([fixed] + [column(o, g, ends[k])[:, None] for k, (o, g) in enumerate(shapes)])
+        b, u1 = _irls(d, y, sig, u0, p.refit_huber)
+        return d, b, u1
+
+    design, beta, u = fit_shapes(np.ones(len(y)))
     it = merges = 0
-    while True:
-        n_fixed = fixed.shape[1]
-        design = np.hstack(
-            [fixed] + [column(o, g, ends[k])[:, None] for k, (o, g) in enumerate(shapes)]
-        )
-        beta, u = _irls(design, y, sig, u, p.refit_huber)
+    while it < p.refit_rounds - 1:
         w = u / sig**2
         fit = design @ beta
-        if it == p.refit_rounds - 1:
-            break
         for k, e in enumerate(events):
             o, g = shapes[k]
             # The event's column is profiled with its neighbours' refitted beside it (not held
@@ -491,30 +490,26 @@ def _refit(
         order = sorted(range(len(shapes)), key=lambda j: shapes[j][0])
         shapes[:] = [shapes[j] for j in order]
         ends[:] = [ends[j] for j in order]
-        # The merge test reads the fit of the shapes just profiled: the fit from before them
-        # would add an event's new column back against its old one.
-        design = np.hstack(
-            [fixed] + [column(o, g, ends[k])[:, None] for k, (o, g) in enumerate(shapes)]
-        )
-        beta, u = _irls(design, y, sig, u, p.refit_huber)
+        # The merge test reads the fit of the shapes just profiled (the fit from before them
+        # would add an event's new column back against its old one); the next round starts
+        # from it too.
+        design, beta, u = fit_shapes(u)
         w = u / sig**2
-        fit = design @ beta
         if merges < len(events) and _merge_split_ramps(
-            events, shapes, ends, drops, y, fit, beta, n_fixed, w, column, p
+            events, shapes, ends, drops, y, design @ beta, beta, n_fixed, w, column, p
         ):
             merges += 1
-            continue
-        it += 1
-    design = np.hstack(
-        [fixed] + [column(o, g, ends[k])[:, None] for k, (o, g) in enumerate(shapes)]
-    )
+        else:
+            it += 1
+        # Four more Huber iterations on the same shapes before the next round: the results are
+        # tuned with them (dropping them moves a few knife-edge decisions of the profile).
+        design, beta, u = fit_shapes(u)
     w = u / sig**2
     xtwx = design.T @ (design * w[:, None])
     try:
         cov = np.linalg.pinv(xtwx)
     except np.linalg.LinAlgError:
         return
-    n_fixed = fixed.shape[1]
     for k, e in enumerate(events):
         j = n_fixed + k
         e.size = float(beta[j])
@@ -536,8 +531,8 @@ def _prune_drops(
     y: np.ndarray,
     sig: np.ndarray,
     p: LeakEventParams,
-    obs: np.ndarray | None = None,
-    onsets: Sequence[int] = (),
+    obs: np.ndarray,
+    onsets: Sequence[int],
 ) -> list[int]:
     """The walk's downward alarms that the whole series still supports as changes of level.
 
@@ -562,7 +557,7 @@ def _prune_drops(
             float(beta[n_base + j] ** 2 / max(cov[n_base + j, n_base + j], 1e-300))
             for j in range(len(free))
         ]
-        if p.drop_loo_nights > 0 and obs is not None:
+        if p.drop_loo_nights > 0:
             for j, d in enumerate(free):
                 before = [o for o in onsets if o < d]
                 if not before:
