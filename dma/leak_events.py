@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, cast
@@ -149,6 +149,8 @@ class LeakEventParams:
     refit_onset_fwd: int = 3
     refit_max_growth: int = 30
     drop_loo_nights: int = 2
+    refit_positive: bool = True
+    refit_pair_nights: int = 15
     we_hold_max: int = 4
     size_nights: int = 28
     repair_match_rel: float = 0.35
@@ -478,9 +480,12 @@ def _refit(
                     a[1:, 1:] = nwn
                     rhs = np.concatenate([[float(np.sum(wc * partial))], nwr])
                     try:
-                        gain = float(rhs @ np.linalg.solve(a, rhs))
+                        sol = np.linalg.solve(a, rhs)
                     except np.linalg.LinAlgError:
                         continue
+                    if p.refit_positive and sol[0] <= 0.0:
+                        continue
+                    gain = float(rhs @ sol)
                     if gain > best[0]:
                         best = (gain, o2, g2)
             shapes[k] = (best[1], best[2])
@@ -495,6 +500,11 @@ def _refit(
         # from it too.
         design, beta, u = fit_shapes(u)
         w = u / sig**2
+        if p.refit_pair_nights > 0 and _profile_pairs(
+            events, shapes, ends, y - design @ beta, beta, n_fixed, w, day_no, x, column, p
+        ):
+            design, beta, u = fit_shapes(u)
+            w = u / sig**2
         if merges < len(events) and _merge_split_ramps(
             events, shapes, ends, drops, y, design @ beta, beta, n_fixed, w, column, p
         ):
@@ -521,6 +531,80 @@ def _refit(
             if len(base_cols) > 1:
                 row[trend.shape[1]] = 0.0  # the weekday level
             e.level_before = float(row @ beta)
+
+
+def _profile_pairs(
+    events: list[LeakEvent],
+    shapes: list[tuple[int, int]],
+    ends: list[int | None],
+    resid: np.ndarray,
+    beta: np.ndarray,
+    n_fixed: int,
+    w: np.ndarray,
+    day_no: np.ndarray,
+    x: np.ndarray,
+    column: Callable[..., np.ndarray],
+    p: LeakEventParams,
+) -> bool:
+    """Profile two close events' shapes jointly (one grid over both onsets and growths).
+
+    Why: one event at a time, the shape of a leak a few nights after another is chosen with the
+    first one held at its own shape, so a step and the ramp that follows can settle as one long
+    ramp and a sliver (a coordinate-wise search stuck in a corner of the joint profile).
+    """
+    changed = False
+    for k in range(len(shapes) - 1):
+        if day_no[shapes[k + 1][0]] - day_no[shapes[k][0]] > p.refit_pair_nights:
+            continue
+        partial = (
+            resid
+            + beta[n_fixed + k] * column(*shapes[k], ends[k])
+            + beta[n_fixed + k + 1] * column(*shapes[k + 1], ends[k + 1])
+        )
+        cand: list[list[tuple[int, int]]] = [[], []]
+        cols: list[list[np.ndarray]] = [[], []]
+        for side in (0, 1):
+            e = events[k + side]
+            g_cap = p.refit_max_growth
+            if side == 1 and k + 2 < len(shapes):
+                g_cap = max(1, int(day_no[shapes[k + 2][0]] - day_no[shapes[k + 1][0]]))
+            for o2 in range(
+                max(e.onset - p.refit_onset_back, 0),
+                min(e.onset + p.refit_onset_fwd, len(x) - 1) + 1,
+            ):
+                if o2 != e.onset and not math.isfinite(float(x[o2])):
+                    continue
+                for g2 in range(1, g_cap + 1):
+                    cand[side].append((o2, g2))
+                    cols[side].append(column(o2, g2, ends[k + side]))
+        if not cand[0] or not cand[1]:
+            continue
+        ca = np.column_stack(cols[0])
+        cb = np.column_stack(cols[1])
+        wa = ca * w[:, None]
+        aa = np.sum(wa * ca, axis=0)
+        bb = np.sum(cb * cb * w[:, None], axis=0)
+        ab = wa.T @ cb
+        ra = wa.T @ partial
+        rb = (cb * w[:, None]).T @ partial
+        det = aa[:, None] * bb[None, :] - ab**2
+        ok = det > 1e-9 * aa[:, None] * bb[None, :]
+        det = np.where(ok, det, 1.0)
+        sa = (bb[None, :] * ra[:, None] - ab * rb[None, :]) / det
+        sb = (aa[:, None] * rb[None, :] - ab * ra[:, None]) / det
+        gain = ra[:, None] * sa + rb[None, :] * sb
+        oa = np.asarray([day_no[o] + g for o, g in cand[0]])
+        ob = np.asarray([day_no[o] for o, _ in cand[1]])
+        ok &= (sa > 0) & (sb > 0) & (oa[:, None] <= ob[None, :])
+        if not ok.any():
+            continue
+        gain = np.where(ok, gain, -np.inf)
+        i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
+        if (cand[0][i], cand[1][j]) != (shapes[k], shapes[k + 1]):
+            shapes[k] = cand[0][i]
+            shapes[k + 1] = cand[1][j]
+            changed = True
+    return changed
 
 
 def _prune_drops(
@@ -762,11 +846,15 @@ def _merge_split_ramps(
             a.kind = "ramp"
             a.last_alarm = max(a.last_alarm, b.last_alarm)
             a.end = b.end
+            end_b = ends[k + 1]
             del events[k + 1]
             del shapes[k + 1]
             del ends[k + 1]
             shapes[k] = (shapes[k][0], g1)
-            ends[k] = a.end
+            # The refit's column ends where the tested one did (repairs are its free drops),
+            # not at the walk's repair night for the later event: a drop the refit pruned as
+            # noise would otherwise cut the ramp short there and hand its size to the next rise.
+            ends[k] = end_b
             return True
     return False
 
