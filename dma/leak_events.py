@@ -823,7 +823,10 @@ def _merge_split_ramps(
         return False
     for k in range(len(events) - 1):
         a, b = events[k], events[k + 1]
-        if a.end is not None or b.onset - a.onset > p.merge_nights:
+        # A ramp the walk closed at a drop after the next alarm may still be that ramp alarmed
+        # twice: the refit reads repairs as its own free drops, so only a repair dated before
+        # the later onset keeps the two apart.
+        if (a.end is not None and a.end <= b.onset) or b.onset - a.onset > p.merge_nights:
             continue
         if any(a.onset < d <= b.onset for d in drops):
             continue
@@ -845,7 +848,7 @@ def _merge_split_ramps(
         if gain2 - gain1 < p.merge_chi2:
             a.kind = "ramp"
             a.last_alarm = max(a.last_alarm, b.last_alarm)
-            a.end = b.end
+            a.end = min([v for v in (a.end, b.end) if v is not None], default=None)
             end_b = ends[k + 1]
             del events[k + 1]
             del shapes[k + 1]
