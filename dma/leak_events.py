@@ -430,6 +430,11 @@ def _refit(
         obs,
         [o for o, _ in shapes],
     )
+    # A repair is a drop the whole series supports: an event the walk closed at a drop pruned
+    # here (a weekend swing, an exceptional night) is still running, and reads open again.
+    for e in events:
+        if e.end is not None and e.end not in free:
+            e.end = None
     fixed = np.hstack(base_cols + drop_cols(free))
     n_fixed = fixed.shape[1]
 
