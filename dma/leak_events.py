@@ -511,7 +511,7 @@ def _refit(
             design, beta, u = fit_shapes(u)
             w = u / sig**2
         if merges < len(events) and _merge_split_ramps(
-            events, shapes, ends, drops, y, design @ beta, beta, n_fixed, w, column, p
+            events, shapes, ends, free, y, design @ beta, beta, n_fixed, w, column, p
         ):
             merges += 1
         else:
@@ -823,7 +823,9 @@ def _merge_split_ramps(
     """Join two consecutive events into one ramp when, with the whole series seen, one ramp
     column from the first onset (growth nights profiled) explains their nights within
     ``merge_chi2`` (σ²) of two columns: a ramp the walk alarmed twice, not two leaks. The later
-    event is removed; the earlier keeps its onset and alarm. True when one pair was joined."""
+    event is removed; the earlier keeps its onset and alarm. True when one pair was joined.
+    ``drops`` are the refit's (the walk's downward alarms the series supports): one between the
+    two onsets keeps them apart, a pruned one does not."""
     if p.merge_chi2 <= 0:
         return False
     for k in range(len(events) - 1):
