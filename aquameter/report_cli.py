@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
-import polars as pl
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -71,6 +70,8 @@ def report_cmd(
         raise typer.BadParameter("--until must be after --since")
     url = database_url(Settings())
     written = write_report(url, out, start, end, manifest=truth)
+    import polars as pl  # here, not at the top: `aquameter ingest` imports this module too
+
     outcomes = written.faults.group_by("outcome").agg(pl.col("count").sum()).sort("outcome").rows()
     console.print(
         f"report {written.page}: window {start:%Y-%m-%d %H:%M} → {end:%Y-%m-%d %H:%M} UTC, "
