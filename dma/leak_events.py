@@ -112,6 +112,8 @@ class LeakEventParams:
     we_hold_max: the weekend offset learns only from weekend nights that turned out in control,
         unless this many in a row did not (0: from every weekend night, the earlier rule).
     drop_loo_nights: a drop this close after an onset must stand without any one night between.
+    refit_positive: the refit's profile takes no shape that would size its event ≤ 0.
+    refit_pair_nights: events whose onsets lie this close are profiled jointly (0: never).
     holidays: dates whose nights behave like weekend nights.
     """
 
@@ -409,12 +411,10 @@ def _refit(
         (e.onset, 1 if e.kind == "step" else max(1, e.last_alarm - e.onset + 1)) for e in events
     ]
 
-    ends: list[int | None] = [None] * len(events)
     free = sorted(set(drops))
 
-    def column(onset: int, g: int, end: int | None = None) -> np.ndarray:
-        c = np.clip((t - (day_no[onset] - day_no[obs[0]]) + 1.0) / g, 0.0, 1.0)
-        return c if end is None else c * (obs < end)
+    def column(onset: int, g: int) -> np.ndarray:
+        return np.clip((t - (day_no[onset] - day_no[obs[0]]) + 1.0) / g, 0.0, 1.0)
 
     def drop_cols(ds: list[int]) -> list[np.ndarray]:
         return [-(obs >= d).astype(np.float64)[:, None] for d in ds]
@@ -439,7 +439,7 @@ def _refit(
     n_fixed = fixed.shape[1]
 
     def fit_shapes(u0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        d = np.hstack([fixed] + [column(o, g, ends[k])[:, None] for k, (o, g) in enumerate(shapes)])
+        d = np.hstack([fixed] + [column(o, g)[:, None] for o, g in shapes])
         b, u1 = _irls(d, y, sig, u0, p.refit_huber)
         return d, b, u1
 
@@ -462,22 +462,18 @@ def _refit(
             # (a step after a ramp moved back onto the ramp's tail, then merged into it).
             nb = design[:, [n_fixed + j for j in near]]
             if near:
-                nb = np.column_stack([column(shapes[j][0], shapes[j][1], ends[j]) for j in near])
+                nb = np.column_stack([column(*shapes[j]) for j in near])
             nwn = nb.T @ (nb * w[:, None])
             nwr = nb.T @ (w * partial)
-            lo = max(e.onset - p.refit_onset_back, 0)
-            hi = min(e.onset + p.refit_onset_fwd, len(x) - 1)
             best = (-math.inf, o, g)
-            for o2 in range(lo, hi + 1):
-                if o2 != e.onset and not math.isfinite(float(x[o2])):
-                    continue
+            for o2 in _onset_candidates(e, x, p):
                 # A ramp is taken to have stopped growing by the next event's onset: past it
                 # the two cannot be told apart and the first would swallow the second.
                 g_max = p.refit_max_growth
                 if k + 1 < len(shapes):
                     g_max = min(g_max, max(1, int(day_no[shapes[k + 1][0]] - day_no[o2])))
                 for g2 in range(1, g_max + 1):
-                    c = column(o2, g2, ends[k])
+                    c = column(o2, g2)
                     wc = w * c
                     a = np.empty((len(near) + 1, len(near) + 1))
                     a[0, 0] = float(np.sum(wc * c))
@@ -499,19 +495,18 @@ def _refit(
         # and the event dated first is the one an operator reads as that leak.
         order = sorted(range(len(shapes)), key=lambda j: shapes[j][0])
         shapes[:] = [shapes[j] for j in order]
-        ends[:] = [ends[j] for j in order]
         # The merge test reads the fit of the shapes just profiled (the fit from before them
         # would add an event's new column back against its old one); the next round starts
         # from it too.
         design, beta, u = fit_shapes(u)
         w = u / sig**2
         if p.refit_pair_nights > 0 and _profile_pairs(
-            events, shapes, ends, y - design @ beta, beta, n_fixed, w, day_no, x, column, p
+            events, shapes, y - design @ beta, beta, n_fixed, w, day_no, x, column, p
         ):
             design, beta, u = fit_shapes(u)
             w = u / sig**2
         if merges < len(events) and _merge_split_ramps(
-            events, shapes, ends, free, y, design @ beta, beta, n_fixed, w, column, p
+            events, shapes, free, y, design @ beta, beta, n_fixed, w, column, p
         ):
             merges += 1
         else:
@@ -538,10 +533,18 @@ def _refit(
             e.level_before = float(row @ beta)
 
 
+def _onset_candidates(e: LeakEvent, x: np.ndarray, p: LeakEventParams) -> list[int]:
+    """The nights the refit's profile may move an event's onset to: ``refit_onset_back`` before
+    the walk's onset to ``refit_onset_fwd`` after it, nights with a value only (the walk's own
+    onset always)."""
+    lo = max(e.onset - p.refit_onset_back, 0)
+    hi = min(e.onset + p.refit_onset_fwd, len(x) - 1)
+    return [o for o in range(lo, hi + 1) if o == e.onset or math.isfinite(float(x[o]))]
+
+
 def _profile_pairs(
     events: list[LeakEvent],
     shapes: list[tuple[int, int]],
-    ends: list[int | None],
     resid: np.ndarray,
     beta: np.ndarray,
     n_fixed: int,
@@ -563,8 +566,8 @@ def _profile_pairs(
             continue
         partial = (
             resid
-            + beta[n_fixed + k] * column(*shapes[k], ends[k])
-            + beta[n_fixed + k + 1] * column(*shapes[k + 1], ends[k + 1])
+            + beta[n_fixed + k] * column(*shapes[k])
+            + beta[n_fixed + k + 1] * column(*shapes[k + 1])
         )
         cand: list[list[tuple[int, int]]] = [[], []]
         cols: list[list[np.ndarray]] = [[], []]
@@ -573,15 +576,10 @@ def _profile_pairs(
             g_cap = p.refit_max_growth
             if side == 1 and k + 2 < len(shapes):
                 g_cap = max(1, int(day_no[shapes[k + 2][0]] - day_no[shapes[k + 1][0]]))
-            for o2 in range(
-                max(e.onset - p.refit_onset_back, 0),
-                min(e.onset + p.refit_onset_fwd, len(x) - 1) + 1,
-            ):
-                if o2 != e.onset and not math.isfinite(float(x[o2])):
-                    continue
+            for o2 in _onset_candidates(e, x, p):
                 for g2 in range(1, g_cap + 1):
                     cand[side].append((o2, g2))
-                    cols[side].append(column(o2, g2, ends[k + side]))
+                    cols[side].append(column(o2, g2))
         if not cand[0] or not cand[1]:
             continue
         ca = np.column_stack(cols[0])
@@ -810,7 +808,6 @@ def _split_gain(
 def _merge_split_ramps(
     events: list[LeakEvent],
     shapes: list[tuple[int, int]],
-    ends: list[int | None],
     drops: list[int],
     y: np.ndarray,
     fit: np.ndarray,
@@ -837,8 +834,8 @@ def _merge_split_ramps(
             continue
         if any(a.onset < d <= b.onset for d in drops):
             continue
-        ca = column(shapes[k][0], shapes[k][1], ends[k])
-        cb = column(shapes[k + 1][0], shapes[k + 1][1], ends[k + 1])
+        ca = column(*shapes[k])
+        cb = column(*shapes[k + 1])
         r = y - fit + beta[n_fixed + k] * ca + beta[n_fixed + k + 1] * cb
         two = np.column_stack([ca, cb])
         sw = np.sqrt(w)
@@ -846,7 +843,7 @@ def _merge_split_ramps(
         gain2 = float(np.sum(w * r * r) - np.sum(w * (r - two @ coef) ** 2))
         gain1, g1 = -1.0, shapes[k][1]
         for g in range(1, p.refit_max_growth + 1):
-            c = column(shapes[k][0], g, ends[k + 1])
+            c = column(shapes[k][0], g)
             den = float(np.sum(w * c * c))
             if den > 0:
                 gain = float(np.sum(w * r * c)) ** 2 / den
@@ -856,15 +853,12 @@ def _merge_split_ramps(
             a.kind = "ramp"
             a.last_alarm = max(a.last_alarm, b.last_alarm)
             a.end = min([v for v in (a.end, b.end) if v is not None], default=None)
-            end_b = ends[k + 1]
             del events[k + 1]
             del shapes[k + 1]
-            del ends[k + 1]
+            # The merged ramp's column runs on (repairs are the refit's free drops): ending it
+            # at the walk's repair night for the later event, a drop the refit may have pruned
+            # as noise, cut the ramp short there and handed its size to the next rise.
             shapes[k] = (shapes[k][0], g1)
-            # The refit's column ends where the tested one did (repairs are its free drops),
-            # not at the walk's repair night for the later event: a drop the refit pruned as
-            # noise would otherwise cut the ramp short there and hand its size to the next rise.
-            ends[k] = end_b
             return True
     return False
 
