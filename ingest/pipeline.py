@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from aquameter.backoff import Backoff
 from aquameter.settings import Settings
 from ingest.channels import ChannelIndex
 from ingest.counters import IngestCounters
@@ -526,7 +527,7 @@ class IngestPipeline:
         be written the frame is left unacknowledged and the pipeline reports ``failure``.
         """
         batch = self._batch(items)
-        delay = 0.1
+        backoff = Backoff(0.1, self.retry_max_s)
         failures = 0
         while True:
             try:
@@ -535,6 +536,7 @@ class IngestPipeline:
                 break
             except psycopg.OperationalError as err:
                 self.counters.add(db_errors=1)
+                delay = backoff.failed()
                 log.warning("database unavailable (%s); retrying in %.1fs", err, delay)
             except Exception as err:
                 self.counters.add(db_errors=1)
@@ -556,8 +558,8 @@ class IngestPipeline:
                     log.critical("%s; frame left unacknowledged", self.failure)
                     self._release(items)
                     return
+                delay = backoff.failed()
             time.sleep(delay)
-            delay = min(delay * 2, self.retry_max_s)
         self._acknowledge(items, result)
 
     def _reset_if_broken(self) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import psycopg
 
+from aquameter.backoff import Backoff
 from ingest.registry_sync import REGISTRY_CHANNEL
 from sql.connect import connect
 
@@ -75,7 +76,7 @@ class RegistryWatch:
         self._failed_for: int | None = None  # version whose on_change raised (logged once)
         self._baseline_taken = False
         self._outage_since: float | None = None  # monotonic start of the current outage
-        self._backoff = 0.5
+        self._backoff = Backoff(0.5, max_backoff_s)
         self._outage_before_baseline = False
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -138,8 +139,7 @@ class RegistryWatch:
     def _failed(self, err: BaseException) -> None:
         """Note a failure, then wait the backoff (doubling, capped at ``max_backoff_s``)."""
         self._outage_since = self._outage(self._outage_since, err)
-        self._stop.wait(self._backoff)
-        self._backoff = min(self._backoff * 2, self.max_backoff_s)
+        self._stop.wait(self._backoff.failed())
 
     def _recovered(self) -> None:
         """Listening and the version read: the outage, if any, is over. Only here, not at
@@ -149,7 +149,7 @@ class RegistryWatch:
                 "registry watch: database back after %.1f s", time.monotonic() - self._outage_since
             )
             self._outage_since = None
-        self._backoff = 0.5
+        self._backoff.succeeded()
 
     def _outage(self, since: float | None, err: BaseException) -> float:
         """Log the first failure of an outage as a warning, the rest at debug level."""

@@ -46,6 +46,7 @@ from multiprocessing.synchronize import Event as MpEvent
 from types import FrameType
 from typing import Literal
 
+from aquameter.backoff import backoff_delay
 from aquameter.logs import setup_logging
 from aquameter.settings import Settings
 from ingest.counters import IngestCounters
@@ -105,12 +106,6 @@ def effective_workers(requested: int, *, v5: bool, shared_group: str | None) -> 
         )
         return 1
     return requested
-
-
-def restart_delay(failures_in_a_row: int, min_s: float, max_s: float) -> float:
-    """Exponential backoff: a worker that fails at once (database or broker away, bad
-    configuration) is not respawned in a tight loop, one that ran fine comes back quickly."""
-    return float(min(max_s, min_s * 2 ** max(0, failures_in_a_row - 1)))
 
 
 def worker_client_id(base: str, index: int) -> str:
@@ -582,7 +577,7 @@ class MqttWorkers:
             return
         lived = time.monotonic() - slot.started_at
         slot.failures_in_a_row = 1 if lived >= self.stable_after_s else slot.failures_in_a_row + 1
-        delay = restart_delay(slot.failures_in_a_row, self.restart_min_s, self.restart_max_s)
+        delay = backoff_delay(slot.failures_in_a_row, self.restart_min_s, self.restart_max_s)
         slot.restart_at = time.monotonic() + delay
         last = slot.reports.get(slot.incarnation)
         why = f" ({last.problem})" if last is not None and last.problem else ""
@@ -631,7 +626,7 @@ class MqttWorkers:
                         except Exception:  # e.g. out of file descriptors: try again later
                             log.exception("could not restart MQTT worker %d", slot.index)
                             slot.failures_in_a_row += 1
-                            slot.restart_at = now + restart_delay(
+                            slot.restart_at = now + backoff_delay(
                                 slot.failures_in_a_row, self.restart_min_s, self.restart_max_s
                             )
                 self._changed.notify_all()

@@ -100,6 +100,7 @@ from aiocoap.credentials import DTLS, CredentialsMap
 from aiocoap.error import RenderableError
 from aiocoap.numbers.codes import Code
 
+from aquameter.backoff import Backoff
 from aquameter.registry import Device, Registry
 from aquameter.secrets import SecretError
 from protocols.payloads import BAD_CRC, MALFORMED, UNSUPPORTED_FORMAT, decode
@@ -599,19 +600,19 @@ class CoapIngest:
 
     async def run(self) -> None:
         """Serve until cancelled."""
-        delay = 0.5
+        backoff = Backoff(0.5, self.bind_retry_max_s)
         while True:
             try:
                 await self.start()
                 break
             except OSError as err:  # the port is still held, the address not up yet, ...
                 self.stats.bind_failures += 1
+                delay = backoff.failed()
                 ports = f"{self.port}" + (f"/{self.dtls_port}" if self.dtls_port else "")
                 log.error(
                     "CoAP cannot bind %s:%s (%s); retry in %.1fs", self.host, ports, err, delay
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.bind_retry_max_s)
         try:
             while True:
                 await asyncio.sleep(self.sweep_every_s)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from typing import Any
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
+from aquameter.backoff import backoff_delay
 from aquameter.registry import Device, Registry
 from protocols.modbus_decode import (
     BIT_TABLES,
@@ -312,8 +312,9 @@ class _DevicePoller:
                 else:
                     self.status.consecutive_failures += 1
                     n = self.status.consecutive_failures
-                    backoff = min(self.plan.backoff_max_s, self.plan.backoff_min_s * 2 ** (n - 1))
-                    backoff *= random.uniform(0.9, 1.1)
+                    backoff = backoff_delay(
+                        n, self.plan.backoff_min_s, self.plan.backoff_max_s, jitter=0.1
+                    )
                     self.status.retry_in_s = backoff
                     next_due = now + backoff
         finally:

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import socket
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from asyncua.common.subscription import (
 from asyncua.crypto import security_policies
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from aquameter.backoff import Backoff
 from aquameter.registry import Device, Registry
 from protocols.opcua_decode import convert_batch
 from protocols.params import (
@@ -582,7 +582,7 @@ class OpcUaSubscriber:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
 
     async def _device_loop(self, cfg: DeviceConfig) -> None:
-        delay = self.reconnect_min_s
+        backoff = Backoff(self.reconnect_min_s, self.reconnect_max_s, jitter=0.2)
         had_session = False
         while True:
             session = _Session(cfg, self)
@@ -596,15 +596,14 @@ class OpcUaSubscriber:
                 log.warning("opcua %s: connect to %s failed: %r", cfg.device, cfg.endpoint, err)
                 session.lost = "connect failed"
                 await session.close()
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, self.reconnect_max_s)
+                await asyncio.sleep(backoff.failed())
                 continue
             self.stats.connects += 1
             if had_session:
                 self.stats.reconnects += 1
                 log.info("opcua %s: reconnected and re-subscribed", cfg.device)
             had_session = True
-            delay = self.reconnect_min_s
+            backoff.succeeded()
             self.connected[cfg.device] = True
             try:
                 why = await session.pump()
@@ -620,7 +619,7 @@ class OpcUaSubscriber:
             self.stats.connection_losses += 1
             log.warning("opcua %s: %s; reconnecting", cfg.device, why)
             await session.close()
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            await asyncio.sleep(backoff.failed())
 
     # --- hand-over to ingest ---------------------------------------------------------------
     async def hand_over(self, frame: Frame) -> None:

@@ -19,7 +19,7 @@ import psycopg
 from aquameter.registry import load_registry
 from aquameter.settings import Settings
 from ingest.service import vendor_formats
-from ingest.workers import MqttWorkers, effective_workers, restart_delay, worker_client_id
+from ingest.workers import MqttWorkers, effective_workers, worker_client_id
 from protocols.mqtt import uplink_topic
 from protocols.payloads import encode_binary_v1
 from tests.mqtt_helpers import create_session, publish_all, skip_unless_v5, wait_count
@@ -142,10 +142,6 @@ def test_two_workers_split_the_load_and_store_each_reading_once(mqtt_url, db_url
     finally:
         again.stop()
     assert again.mqtt_totals()["messages"] == 0
-
-
-def test_restart_backoff_doubles_up_to_its_cap():
-    assert [restart_delay(k, 0.5, 5.0) for k in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
 
 
 def test_a_worker_that_cannot_start_is_restarted_with_backoff(mqtt_url, db_url):
