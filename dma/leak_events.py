@@ -114,6 +114,10 @@ class LeakEventParams:
     drop_loo_nights: a drop this close after an onset must stand without any one night between.
     refit_positive: the refit's profile takes no shape that would size its event ≤ 0.
     refit_pair_nights: events whose onsets lie this close are profiled jointly (0: never).
+    refit_knot_nights: the refit's level is a polyline with knots this many nights apart,
+    refit_harmonics, refit_season_min_nights, refit_season_knot_nights: or, once the series
+        spans ``refit_season_min_nights``, a polyline with knots ``refit_season_knot_nights``
+        apart plus ``refit_harmonics`` yearly harmonics (sine and cosine pairs; 0: none).
     holidays: dates whose nights behave like weekend nights.
     """
 
@@ -145,6 +149,9 @@ class LeakEventParams:
     final_sizes: bool = True
     refit: bool = True
     refit_knot_nights: float = 120.0
+    refit_harmonics: int = 1
+    refit_season_min_nights: float = 240.0
+    refit_season_knot_nights: float = 365.0
     refit_huber: float = 1.345
     refit_rounds: int = 3
     refit_onset_back: int = 8
@@ -375,15 +382,15 @@ def _refit(
 ) -> None:
     """Size every event again once the walk is over, all at once, by a robust joint regression.
 
-    Why: the walk sizes an event from the nights between its onset and the next change, against
-    a running median, so a leak followed soon by another, a ramp still growing when the next one
+    Why: the walk sizes an event from the nights between its onset and the next change, against a
+    running median, so a leak followed soon by another, a ramp still growing when the next one
     began, or a season drifting under it all bias the size. Here the whole series is one
     least-squares model (as in segmented / intervention regression, G. E. P. Box & G. C. Tiao,
     "Intervention analysis with applications to economic and environmental problems", JASA 70,
-    1975): a smooth level (piecewise-linear hat functions every ``refit_knot_nights``), a
-    weekend/holiday offset, one column per event — a ramp clip((t − onset + 1)/g, 0, 1), g = 1 a
-    step — and one free downward step per detected drop (a repair or a change of demand, so a
-    drop attributed to the wrong event at alarm time does not bias either event). Outlying nights
+    1975): a smooth level (a polyline; a yearly harmonic as well once the series spans eight
+    months), a weekend/holiday offset, one column per event — a ramp clip((t − onset + 1)/g, 0, 1),
+    g = 1 a step — and one free downward step per detected drop (a repair or a change of demand, so
+    a drop attributed to the wrong event at alarm time does not bias either event). Outlying nights
     (a pool filled) are down-weighted by Huber's M-estimator (P. J. Huber, "Robust estimation of a
     location parameter", Ann. Math. Statist. 35, 1964) by iteratively reweighted least squares,
     weekday and weekend nights weighted by their own σ. Each event's onset and growth nights g are
@@ -399,14 +406,20 @@ def _refit(
     we = np.asarray([weekend[i] for i in obs], dtype=np.float64)
     sig = np.where(we > 0, sigmas[True] or sigmas[False], sigmas[False] or sigmas[True])
     sig = np.maximum(sig, 1e-9)
+    # The level. Night flow follows the year (garden watering, temperature), and a 120-night
+    # polyline's corners misfit a seasonal swing by up to half its amplitude (h²f''/8), a misfit
+    # the leaks' columns took into their sizes. From eight months of nights on it is a yearly
+    # polyline plus a yearly harmonic, as many terms (the season-trend model of BFAST: J.
+    # Verbesselt, R. Hyndman, G. Newnham, D. Culvenor, "Detecting trend and seasonal changes in
+    # satellite image time series", Remote Sens. Environ. 114, 2010). On a shorter series a
+    # yearly harmonic is barely told apart from a smooth trend: the polyline stays.
     span = float(t[-1]) if len(t) else 0.0
-    n_knots = max(2, int(round(span / p.refit_knot_nights)) + 1)
-    knots = np.linspace(0.0, max(span, 1.0), n_knots)
-    h = knots[1] - knots[0]
-    trend = np.maximum(0.0, 1.0 - np.abs(t[:, None] - knots[None, :]) / h)
-    base_cols = [trend]
-    if we.any() and not we.all():
-        base_cols.append(we[:, None])
+    if p.refit_harmonics > 0 and span >= p.refit_season_min_nights:
+        trend = _level_basis(t, day_no[obs], p.refit_season_knot_nights, p.refit_harmonics)
+    else:
+        trend = _level_basis(t, day_no[obs], p.refit_knot_nights, 0)
+    weekend_col = [we[:, None]] if we.any() and not we.all() else []
+    base_cols = [trend, *weekend_col]
     shapes = [
         (e.onset, 1 if e.kind == "step" else max(1, e.last_alarm - e.onset + 1)) for e in events
     ]
@@ -531,6 +544,21 @@ def _refit(
             if len(base_cols) > 1:
                 row[trend.shape[1]] = 0.0  # the weekday level
             e.level_before = float(row @ beta)
+
+
+def _level_basis(t: np.ndarray, days: np.ndarray, spacing: float, harmonics: int) -> np.ndarray:
+    """The refit's smooth level: piecewise-linear hat functions with knots ``spacing`` nights
+    apart over ``t`` (nights since the first), then ``harmonics`` yearly sine/cosine pairs of the
+    day number ``days``."""
+    span = float(t[-1]) if len(t) else 0.0
+    n_knots = max(2, int(round(span / spacing)) + 1)
+    knots = np.linspace(0.0, max(span, 1.0), n_knots)
+    h = knots[1] - knots[0]
+    cols = [np.maximum(0.0, 1.0 - np.abs(t[:, None] - knots[None, :]) / h)]
+    for k in range(1, harmonics + 1):
+        ang = 2.0 * np.pi * k * (days % 365.25) / 365.25
+        cols.append(np.column_stack([np.sin(ang), np.cos(ang)]))
+    return np.hstack(cols)
 
 
 def _onset_candidates(e: LeakEvent, x: np.ndarray, p: LeakEventParams) -> list[int]:

@@ -117,6 +117,33 @@ def test_a_ramp_is_one_event_of_its_final_size() -> None:
     assert e["size_m3h"] == pytest.approx(4.0, rel=0.1)
 
 
+def test_leaks_on_a_seasonal_swing_are_sized_against_the_season() -> None:
+    """A year of weekday nights whose level swings ±10 % with the seasons, four steps of
+    0.5–0.8 m³/h (5–8 σ). Once the series spans 240 nights the refit's level has a yearly
+    harmonic: each size within 5 %. The 120-night polyline alone (``refit_harmonics=0``, the
+    earlier rule) misses one by more than 15 %: its corners lend the season to the leaks."""
+    steps = [(40, 0.6), (100, 0.8), (150, 0.5), (210, 0.7)]
+    nights = weekdays(260)
+    values = [
+        10.0
+        + np.sin(2 * np.pi * (d - FIRST).days / 365.0)
+        + PATTERN[i % 5]
+        + sum(size for at, size in steps if i >= at)
+        for i, d in enumerate(nights)
+    ]
+
+    def sizes(params: LeakEventParams) -> list[float]:
+        found = {
+            index(e, "onset_night"): e["size_m3h"]
+            for e in leak_events(frame(values), params).iter_rows(named=True)
+        }
+        assert all(at in found for at, _ in steps), found
+        return [abs(found[at] - size) / size for at, size in steps]
+
+    assert max(sizes(LeakEventParams())) <= 0.05
+    assert max(sizes(LeakEventParams(refit_harmonics=0))) > 0.15
+
+
 def test_cold_start_detects_a_leak_three_nights_in() -> None:
     ev = leak_events(frame(series(30, (3, 3.0))))
     assert ev.height == 1
@@ -222,8 +249,8 @@ def test_targets_over_simulated_dma_years() -> None:
     """Pooled over 20 DMA-years (400 onsets). Issue 11's targets: ≥ 90 % of onsets detected,
     abrupt ones within 2 nights and ramps within 7, ≤ 1 false alarm per DMA-year, size within
     15 %. Measured on these seeds (``bench/leak_events.py --first 0 --seeds 20``; never tuned on):
-    97.2 % detected, 91.0 % in time (nights with data), 0.30 false alarms and 0.15 duplicate
-    events per DMA-year, median size error 3.7 %, 91.8 % of sizes within 15 %. Closed events:
+    97.2 % detected, 91.0 % in time (nights with data), 0.25 false alarms and 0.15 duplicate
+    events per DMA-year, median size error 3.5 %, 92.0 % of sizes within 15 %. Closed events:
     106 end within 3 nights of a real repair, 2 at none (7 before the refit reopened events
     closed at a drop it pruned). The asserts hold that level with a small margin, so a change
     that loses ground fails; BENCHMARKS.md states the gap left (sizes on the held-out seeds)."""
