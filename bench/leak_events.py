@@ -5,10 +5,11 @@ Precision = matched events / all events (duplicates and false alarms both count 
 Runs ``dma.leak_events`` on ``simulators.dma_year`` years (seeds ``--first`` .. ``--first +
 --seeds − 1``; the tests use seeds 0–19, parameters were tuned on seeds 100–199) and prints one
 table, plus the same at ``--noise`` times the night-use and logger noise (how the targets degrade
-on a noisier DMA), the same on the earlier years whose repairs may fall while a ramp grows, the
-same scored with the earlier matching rule (nearest onset only), rows by kind and size class,
-and the size error left when the refit is handed the true change points (the noise ceiling of
-the size target). Asserts the row counts it scored (every seed, every onset).
+on a noisier DMA), the same on the earlier years whose repairs may fall while a ramp grows, with
+the refit's earlier level (a 120-night polyline), on a season that is not one sine wave (with
+either level), the same scored with the earlier matching rule (nearest onset only), rows by kind
+and size class, and the size error left when the refit is handed the true change points (the
+noise ceiling of the size target). Asserts the row counts it scored (every seed, every onset).
 
     .venv/bin/python bench/leak_events.py --seeds 20 --first 1000
 """
@@ -21,6 +22,7 @@ import sys
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -105,14 +107,19 @@ def known_change_size_errors(year: DmaYear) -> list[tuple[str, float, float]]:
 
 
 def run(
-    seeds: list[int], sim: DmaYearParams, detector: str = "events", prefer_in_time: bool = True
+    seeds: list[int],
+    sim: DmaYearParams,
+    detector: str = "events",
+    prefer_in_time: bool = True,
+    **params: Any,
 ) -> list[LeakScore]:
-    """Score every seed's year; the event detector is told the year's holidays."""
+    """Score every seed's year; the event detector is told the year's holidays (``params``
+    override its other settings)."""
     scores = []
     for s in seeds:
         year = simulate_dma_year(s, sim)
         if detector == "events":
-            events = leak_events(year.series, LeakEventParams(holidays=year.holidays))
+            events = leak_events(year.series, LeakEventParams(holidays=year.holidays, **params))
         else:
             events = single_episode_events(year.series)
         scores.append(score_events(events, year, prefer_in_time=prefer_in_time))
@@ -202,6 +209,16 @@ def main() -> None:
     confounded = run(seeds, replace(base, repair_clear_of_growth=False))
     assert sum(s.onsets for s in confounded) == a.seeds * base.leaks
     print(summary("default, repairs also while a ramp grows (the earlier simulation)", confounded))
+    polyline = run(seeds, base, refit_harmonics=0)
+    print(summary("default, the refit's level a 120-night polyline (the earlier rule)", polyline))
+    # The refit's yearly harmonic matches the simulated season, one sine wave; a season with a
+    # half-year harmonic on top shows what it costs where the year is not one sine wave.
+    lopsided = replace(base, half_year_rel=0.02)
+    for label, over in (("", {}), (", polyline level", {"refit_harmonics": 0})):
+        scores = run(seeds, lopsided, **over)
+        assert sum(s.onsets for s in scores) == a.seeds * base.leaks
+        name = f"season not one sine wave (+ half-year harmonic, 2 % of MNF){label}"
+        print(summary(name, scores))
     old_rule = run(seeds, base, prefer_in_time=False)
     print(summary("default, scored with the earlier nearest-onset matching", old_rule))
     baseline = run(seeds, base, detector="single-episode")

@@ -31,6 +31,8 @@ class DmaYearParams:
     night_use_rel: σ of night-to-night variation of night use; logger_rel: σ of logger noise.
     weekend_rel: extra night use on weekend and holiday nights (range of the DMA's mean), with
     its own night-to-night σ ``weekend_sigma_rel``. seasonal_rel: amplitude of the yearly swing.
+    half_year_rel: amplitude of a half-year harmonic on top (a season that is not one sine
+    wave; its phase follows the yearly one, so the rest of the year draws the same).
     outlier_prob, outlier_rel: exceptional nights and their size range.
     missing_prob: single missing nights; gap_prob, gap_nights: runs of missing nights.
     holidays: number of weekday holidays (one of them a 3-day block).
@@ -58,6 +60,7 @@ class DmaYearParams:
     weekend_rel: tuple[float, float] = (0.02, 0.08)
     weekend_sigma_rel: float = 0.01
     seasonal_rel: float = 0.04
+    half_year_rel: float = 0.0
     outlier_prob: float = 0.02
     outlier_rel: tuple[float, float] = (0.03, 0.15)
     missing_prob: float = 0.03
@@ -144,6 +147,8 @@ def simulate_dma_year(
     t = np.arange(n, dtype=np.float64)
     phase = rng.uniform(0, 2 * np.pi)
     level = base * (1.0 + p.seasonal_rel * np.sin(2 * np.pi * t / 365.0 + phase))
+    if p.half_year_rel:
+        level = level + base * p.half_year_rel * np.sin(4 * np.pi * t / 365.0 + 2 * phase + 1.0)
     use = rng.normal(0.0, p.night_use_rel * base, n)
     we_mean = rng.uniform(*p.weekend_rel) * base
     use[weekend] = we_mean + rng.normal(0.0, p.weekend_sigma_rel * base, int(weekend.sum()))
