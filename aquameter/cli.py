@@ -242,6 +242,7 @@ def _workers_table(workers: object) -> Table:
         "stored",
         "duplicates",
         "quarantined",
+        "repeats",
         title="MQTT workers",
     )
     for r in workers.rows():
@@ -256,6 +257,7 @@ def _workers_table(workers: object) -> Table:
             f"{r.counters['stored']:,}",
             f"{r.counters['duplicates']:,}",
             f"{sum(r.quarantined.values()):,}",
+            f"{sum(r.quarantine_repeats.values()):,}",
         )
     return table
 

@@ -269,7 +269,9 @@ def test_cli_mqtt_workers_flag_drains_a_backlog(mqtt_url, db_url):
             expiry_s=300,
         )
     msgs, n = _messages(range(2), 3)
-    publish_all(mqtt_url, msgs)
+    # One malformed uplink, sent twice (a device retrying it): one quarantine row, one repeat.
+    bad = (uplink_topic(ROOT, "aqualink", "AQN00001"), b"{not json")
+    publish_all(mqtt_url, [*msgs, bad, bad])
     env = {
         **os.environ,
         "AQUAMETER_DATABASE_URL": db_url,
@@ -299,18 +301,29 @@ def test_cli_mqtt_workers_flag_drains_a_backlog(mqtt_url, db_url):
     # Both workers drained their part of the backlog, acknowledged it, and stored each reading once.
     assert all(table[k]["stored"] > 0 for k in (0, 1)), proc.stdout
     assert sum(table[k]["stored"] for k in (0, 1)) == n
-    assert sum(table[k]["messages"] for k in (0, 1)) == len(msgs)
-    assert sum(table[k]["acked"] for k in (0, 1)) == len(msgs)
+    assert sum(table[k]["messages"] for k in (0, 1)) == len(msgs) + 2
+    assert sum(table[k]["acked"] for k in (0, 1)) == len(msgs) + 2
+    assert sum(table[k]["quarantined"] for k in (0, 1)) == 1, proc.stdout
+    assert sum(table[k]["repeats"] for k in (0, 1)) == 1, proc.stdout
     assert _count(db_url, ROWS) == n
 
 
 def _worker_rows(stdout: str) -> dict[int, dict[str, int]]:
     """The CLI's "MQTT workers" table, parsed back: worker -> numeric columns."""
-    names = ["restarts", "messages", "acked", "readings", "stored", "duplicates", "quarantined"]
+    names = [
+        "restarts",
+        "messages",
+        "acked",
+        "readings",
+        "stored",
+        "duplicates",
+        "quarantined",
+        "repeats",
+    ]
     rows: dict[int, dict[str, int]] = {}
     for line in stdout.split("MQTT workers", 1)[-1].splitlines():
         cells = [c.strip() for c in line.replace("|", "│").strip("│ ").split("│")]
-        if len(cells) == 9 and cells[0].isdigit():
+        if len(cells) == 10 and cells[0].isdigit():
             values = [int(v.replace(",", "")) for v in cells[2:]]
             rows[int(cells[0])] = dict(zip(names, values, strict=True))
     return rows
