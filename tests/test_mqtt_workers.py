@@ -309,21 +309,16 @@ def test_cli_mqtt_workers_flag_drains_a_backlog(mqtt_url, db_url):
 
 
 def _worker_rows(stdout: str) -> dict[int, dict[str, int]]:
-    """The CLI's "MQTT workers" table, parsed back: worker -> numeric columns."""
-    names = [
-        "restarts",
-        "messages",
-        "acked",
-        "readings",
-        "stored",
-        "duplicates",
-        "quarantined",
-        "repeats",
-    ]
+    """The CLI's "MQTT workers" table, parsed back: worker -> numeric columns by header."""
     rows: dict[int, dict[str, int]] = {}
+    names: list[str] = []
     for line in stdout.split("MQTT workers", 1)[-1].splitlines():
-        cells = [c.strip() for c in line.replace("|", "│").strip("│ ").split("│")]
-        if len(cells) == 10 and cells[0].isdigit():
+        cells = [
+            c.strip() for c in line.replace("|", "│").strip("│┃ ").replace("┃", "│").split("│")
+        ]
+        if cells[:2] == ["worker", "pid"]:
+            names = cells[2:]
+        elif names and len(cells) == len(names) + 2 and cells[0].isdigit():
             values = [int(v.replace(",", "")) for v in cells[2:]]
             rows[int(cells[0])] = dict(zip(names, values, strict=True))
     return rows
