@@ -253,7 +253,7 @@ def test_targets_over_simulated_dma_years() -> None:
     events per DMA-year, median size error 3.5 %, 92.8 % of sizes within 15 %. Closed events:
     106 end within 3 nights of a real repair, 2 at none (7 before the refit reopened events
     closed at a drop it pruned). The asserts hold that level with a small margin, so a change
-    that loses ground fails; BENCHMARKS.md states the gap left (sizes on the held-out seeds)."""
+    that loses ground fails; BENCHMARKS.md has the same figures on held-out seeds."""
     scores = []
     closed_at_repair = closed_at_none = 0
     for seed in SEEDS:
